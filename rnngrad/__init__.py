@@ -1,0 +1,20 @@
+"""rnngrad: gradients of recurrent networks by every method, behind one PyTorch API."""
+
+from . import tasks
+from .algorithms import Algorithm, StepOutput, bptt
+from .errors import ConvergenceError
+from .gradient import gradient, write_grads
+from .model import RNN
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RNN",
+    "gradient",
+    "write_grads",
+    "bptt",
+    "Algorithm",
+    "StepOutput",
+    "ConvergenceError",
+    "tasks",
+]

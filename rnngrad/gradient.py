@@ -1,0 +1,141 @@
+"""``rnngrad.gradient``: the loss and its gradient by any algorithm.
+
+The loss is pinned (see ``rnngrad.readouts``)::
+
+    L = (1/B) * sum_{t,b} mask[t,b] * l(t,b)       and, with a reward R(h_1..h_T),  L - R
+
+``gradient`` validates the input, then either runs the algorithm's whole-sequence
+fast path or drives its ``init`` / ``step`` / ``flush`` functions over the sequence
+and sums what they emit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_h0, check_inputs, check_mask, check_params_finite, check_targets
+from .algorithms.base import PARAM_NAMES, Algorithm, Grads, add_grads
+from .algorithms.bptt import bptt, reward_grad
+from .model import unroll
+from .readouts import check_loss
+
+__all__ = ["gradient", "write_grads"]
+
+
+def gradient(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None = None,
+    *,
+    algorithm: Algorithm | None = None,
+    loss: str = "mse",
+    mask: Tensor | None = None,
+    h0: Tensor | None = None,
+    reward: Callable[[Tensor], Tensor] | None = None,
+    set_grad: bool = False,
+) -> tuple[Tensor, Grads]:
+    """The pinned loss and its gradients with respect to the model's parameters.
+
+    Args:
+        model: an ``rnngrad.RNN``.
+        inputs: (T, B, D).
+        targets: (T, B, K) float for "mse" and "bce", (T, B) class indices for
+            "cross_entropy"; None for no supervised loss (then a reward is required).
+        algorithm: ``rnngrad.bptt()`` (default), ``rnngrad.rtrl()``, ``rnngrad.tbptt(k)``, ...
+        loss: "mse" | "cross_entropy" | "bce".
+        mask: (T, B) or (T,) weights of the steps; None: every step counts.
+            Many-to-one is a mask with only the last step set.
+        h0: (B, H) or (H,) initial state (zeros if None). When given, ``grads["h0"]``
+            is its gradient, of the same shape.
+        reward: a callable ``R(h)`` of the whole (T, B, H) trajectory returning a scalar
+            to be maximised; the returned loss is then ``L - R``. ``dR/dh_t`` comes from
+            autograd on R alone; the recurrence is the algorithm's.
+        set_grad: also write the gradients into the parameters' ``.grad``
+            (replacing what is there), so a ``torch.optim`` optimizer can step.
+
+    Returns:
+        ``(loss, grads)``: a 0-dim tensor and a dict keyed like
+        ``model.named_parameters()`` (plus "h0" when h0 is given, and whatever extra the
+        algorithm was asked for, such as ``bptt(sensitivities=True)``'s "u").
+    """
+    algorithm = bptt() if algorithm is None else algorithm
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError(f"algorithm must be an rnngrad algorithm such as rnngrad.bptt(), got "
+                        f"{type(algorithm).__name__}")
+    if not all(hasattr(model, n) for n in PARAM_NAMES):
+        raise TypeError(f"model must be an rnngrad.RNN (parameters {', '.join(PARAM_NAMES)}), "
+                        f"got {type(model).__name__}")
+    T, B = check_inputs(model, inputs)
+    check_loss(loss, model.readout)
+    if targets is None and reward is None:
+        raise ValueError("nothing to differentiate: give targets, a reward, or both")
+    if targets is not None:
+        targets = check_targets(model, targets, loss, T, B)
+    if reward is not None and not callable(reward):
+        raise TypeError(f"reward must be a callable R(h) of the (T, B, H) trajectory, got "
+                        f"{type(reward).__name__}")
+    mask = check_mask(model, mask, T, B)
+    shared_h0 = h0 is not None and h0.dim() == 1
+    track_h0 = h0 is not None
+    h0 = check_h0(model, h0, B)
+    check_params_finite(model)
+
+    if algorithm.sequence is not None:
+        value, grads = algorithm.sequence(model, inputs, targets, mask, h0, loss, reward)
+    else:
+        value, grads = _step_loop(algorithm, model, inputs, targets, mask, h0, loss, reward,
+                                  track_h0)
+
+    if track_h0:
+        grads["h0"] = grads["h0"].sum(0) if shared_h0 else grads["h0"]
+    else:
+        grads.pop("h0", None)
+    if set_grad:
+        write_grads(model, grads)
+    return value, grads
+
+
+def _step_loop(algorithm: Algorithm, model, inputs, targets, mask, h0, loss, reward, track_h0):
+    """Drive init / step / flush over the sequence and sum what is emitted."""
+    T, B, _ = inputs.shape
+    dh = None
+    value = inputs.new_zeros(())
+    if reward is not None:
+        with torch.no_grad():
+            hs, _ = unroll(model, inputs, h0, need_deriv=False)
+        R, dR = reward_grad(reward, hs)
+        value = value - R
+        dh = -dR
+    state = algorithm.init(model, B, h0=h0 if track_h0 else None)
+    total: Grads | None = None
+    for t in range(T):
+        target_t = None if targets is None else targets[t]
+        state, out, g = algorithm.step(model, state, inputs[t], target_t, mask_t=mask[t],
+                                       loss=loss, dh_t=None if dh is None else dh[t])
+        value = value + out.loss
+        total = add_grads(total, g)
+    state, g = algorithm.flush(model, state)
+    total = add_grads(total, g)
+    if total is None:  # an algorithm that never emitted: the gradient is zero
+        total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    return value, total
+
+
+def write_grads(model: nn.Module, grads: Grads, *, accumulate: bool = False) -> None:
+    """Write ``grads`` into the parameters' ``.grad`` (keys that are not parameters are
+    ignored), replacing what is there, or adding to it with ``accumulate=True``."""
+    params = dict(model.named_parameters())
+    for name, g in grads.items():
+        p = params.get(name)
+        if p is None:
+            continue
+        if g.shape != p.shape:
+            raise ValueError(f"gradient {name!r} has shape {tuple(g.shape)} but the parameter "
+                             f"has shape {tuple(p.shape)}")
+        if accumulate and p.grad is not None:
+            p.grad.add_(g)
+        else:
+            p.grad = g.detach().clone()

@@ -1,0 +1,53 @@
+"""One registry from CLI names to algorithm factories.
+
+``get_algorithm("tbptt:10")`` -> ``tbptt(10)``; ``get_algorithm("bptt")`` -> ``bptt()``.
+A name may carry one integer argument after a colon. Adding an algorithm means
+adding its factory here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .algorithms import Algorithm, bptt
+
+__all__ = ["ALGORITHMS", "get_algorithm", "parse_algorithms"]
+
+# name -> (factory, takes an integer argument, help text)
+ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], bool, str]] = {
+    "bptt": (bptt, False, "exact backpropagation through time (hand-derived)"),
+}
+
+
+def get_algorithm(spec: str) -> Algorithm:
+    """Build an algorithm from a CLI spec such as ``"bptt"`` or ``"tbptt:10"``."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"algorithm spec must be a non-empty string, got {spec!r}")
+    name, _, arg = spec.partition(":")
+    if name not in ALGORITHMS:
+        known = ", ".join(f"{n}:K" if ALGORITHMS[n][1] else n for n in ALGORITHMS)
+        raise ValueError(f"unknown algorithm {spec!r}; known algorithms: {known}")
+    factory, takes_arg, _ = ALGORITHMS[name]
+    if takes_arg:
+        if not arg:
+            raise ValueError(f"algorithm {name!r} needs an integer argument, e.g. {name}:10")
+        try:
+            k = int(arg)
+        except ValueError:
+            raise ValueError(f"algorithm {spec!r}: {arg!r} is not an integer") from None
+        return factory(k)
+    if arg:
+        raise ValueError(f"algorithm {name!r} takes no argument, got {spec!r}")
+    return factory()
+
+
+def parse_algorithms(specs: str) -> list[tuple[str, Algorithm]]:
+    """``"bptt,tbptt:10"`` -> [("bptt", bptt()), ("tbptt:10", tbptt(10))]."""
+    out = []
+    for s in specs.split(","):
+        s = s.strip()
+        if s:
+            out.append((s, get_algorithm(s)))
+    if not out:
+        raise ValueError(f"no algorithm named in {specs!r}")
+    return out

@@ -1,0 +1,6 @@
+"""Tasks on real and standard data, each yielding seeded ``(inputs, targets, mask)`` batches."""
+
+from .base import Batch, make_generator
+from .digits import Digits, load_digits
+
+__all__ = ["Batch", "make_generator", "Digits", "load_digits"]
