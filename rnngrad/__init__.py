@@ -1,7 +1,7 @@
 """rnngrad: gradients of recurrent networks by every method, behind one PyTorch API."""
 
-from . import tasks
-from .algorithms import Algorithm, StepOutput, bptt
+from . import check, tasks
+from .algorithms import Algorithm, StepOutput, bptt, rtrl, tbptt
 from .errors import ConvergenceError
 from .gradient import gradient, write_grads
 from .model import RNN
@@ -18,3 +18,4 @@ __all__ = [
     "ConvergenceError",
     "tasks",
 ]
+__all__ += ["rtrl", "tbptt", "check"]

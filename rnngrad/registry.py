@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .algorithms import Algorithm, bptt
+from .algorithms import Algorithm, bptt, rtrl, tbptt
 
 __all__ = ["ALGORITHMS", "get_algorithm", "parse_algorithms"]
 
@@ -17,6 +17,14 @@ __all__ = ["ALGORITHMS", "get_algorithm", "parse_algorithms"]
 ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], bool, str]] = {
     "bptt": (bptt, False, "exact backpropagation through time (hand-derived)"),
 }
+ALGORITHMS.update({
+    "rtrl": (rtrl, False, "exact real-time recurrent learning, structured influence (seed 001)"),
+    "rtrl_generic": (lambda: rtrl(generic=True), False,
+                     "exact RTRL for any cell, Jacobians by torch.func (slow; an oracle)"),
+    "tbptt": (tbptt, True, "truncated BPTT, streaming, one gradient every K steps"),
+    "bptt_ckpt": (lambda c: bptt(checkpoint=c), True,
+                  "exact BPTT storing h every C steps, recomputed backward (memory ~T/C + C)"),
+})
 
 
 def get_algorithm(spec: str) -> Algorithm:

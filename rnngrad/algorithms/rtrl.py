@@ -1,0 +1,262 @@
+"""Real-time recurrent learning (seed 001; Williams & Zipser 1989).
+
+The influence matrix ``M_t = dh_t/dW`` of the recurrent parameters, stacked as
+``W = [W_in | W_rec | b_rec]`` of shape (H, P), ``P = D + H + 1``, with the input
+of step t ``pre_t = [x_t; h_{t-1}; 1]`` (P,)::
+
+    a_t = W pre_t,   h_t = (1 - alpha) h_{t-1} + alpha phi(a_t)
+
+    Mbar_t[k, i, j] = delta_ki pre_t[j]                         immediate term, seed 001
+    J_t             = (1 - alpha) I + alpha diag(phi'(a_t)) W_rec   dh_t/dh_{t-1}
+    M_t             = (1 - alpha) M_{t-1} + alpha phi'(a_t) * (W_rec @ M_{t-1} + Mbar_t)
+
+    q_t    = dl_t/dh_t = W_out^T dl_t/dz_t (+ dh_t, e.g. -dR/dh_t)   seed 001's q
+    dL/dW  = sum_t q_t^T M_t,  dL/dW_out = sum_t dl_t/dz_t h_t^T,  dL/db_out = sum_t dl_t/dz_t
+
+For alpha = 1 this is seed 001's ``M_t = J_t M_{t-1} + Mbar_t`` with ``J_t = D_t W_rec``.
+``Mbar_t`` is only a diagonal add (the sensitivity lemma: ``da_k/dW_ij = delta_ki pre_j``);
+the whole batch's ``W_rec @ M`` is one batched GEMM in which ``alpha phi'(a_t)`` is
+folded into the left factor (``(alpha phi'(a_t) * W_rec) @ M``, (B, H, H) x (B, H, H P)),
+and the leak ``(1 - alpha) M_{t-1}`` is the GEMM's accumulate term (``baddbmm``).
+
+With an initial state h0 the sensitivity ``G_t = dh_t/dh_0`` (B, H, H) is carried too,
+``G_t = J_t G_{t-1}``, ``G_0 = I``, and ``grads["h0"] = q_t^T G_t`` per example.
+
+Layout: ``M`` is (B, H, H, P): ``M[b, k, i, j] = dh_t[b, k] / dW[i, j]``.
+
+Exact, online: emits the gradient of step t's loss at step t. Time O(B H^2 (D + H + 1) H)
+per step (O(H^4) per example), memory O(B H^2 (D + H + 1)) (O(H^3) per example),
+both constant in T.
+
+``rtrl(generic=True)`` (or ``rtrl(cell=f)``) is the same recursion for any one-step
+cell ``f(params, h, x) -> h_new`` with ``J_t`` and ``Mbar_t`` from ``torch.func``
+(``vmap(jacrev(f))``), the influence stored flat as (B, H, N) over the N recurrent
+parameters: the fallback for cells without a hand-derived path, and a second oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..cells import cell_step, get_activation
+from .base import Algorithm, Grads, StepOutput, output_grads, readout_step
+
+__all__ = ["rtrl", "RTRLState", "GenericRTRLState", "default_cell", "READOUT_PARAMS"]
+
+READOUT_PARAMS = ("W_out", "b_out")
+
+
+class RTRLState(NamedTuple):
+    h: Tensor  # (B, H) h_t
+    M: Tensor  # (B, H, H, P) influence dh_t/d[W_in | W_rec | b_rec]
+    M_spare: Tensor  # (B, H, H, P) the buffer the next step writes M_{t+1} into
+    G: Tensor | None  # (B, H, H) dh_t/dh_0, or None when h0 is not tracked
+    G_spare: Tensor | None  # (B, H, H) its spare buffer
+
+
+class GenericRTRLState(NamedTuple):
+    h: Tensor  # (B, H) h_t
+    M: Tensor  # (B, H, N) influence dh_t/dtheta over the flattened recurrent parameters
+    G: Tensor | None  # (B, H, H) dh_t/dh_0, or None when h0 is not tracked
+    names: tuple  # the recurrent parameters' names, in the order M's columns use
+    cell: Callable  # the one-example cell f(params, h (H,), x (D,)) -> h_new (H,)
+
+
+def default_cell(model) -> Callable[[dict, Tensor, Tensor], Tensor]:
+    """The model's (leaky) vanilla cell for one example, written for ``torch.func``.
+
+    ``f(params, h (H,), x (D,)) -> h_new (H,)`` with params W_in, W_rec, b_rec.
+    """
+    act = get_activation(model.activation)
+    alpha = model.alpha
+
+    def cell(params: dict, h: Tensor, x: Tensor) -> Tensor:
+        a = params["W_in"] @ x + params["W_rec"] @ h + params["b_rec"]
+        fa = act.fn(a)
+        return fa if alpha == 1.0 else h + alpha * (fa - h)
+
+    return cell
+
+
+def _check_x(model, x_t: Tensor, h: Tensor) -> None:
+    B, D = h.shape[0], model.input_size
+    if x_t.dim() != 2 or tuple(x_t.shape) != (B, D):
+        raise ValueError(f"x_t has shape {tuple(x_t.shape)} but the state expects ({B}, {D})")
+
+
+def _q(model, h: Tensor, target_t, mask_t, loss: str, dh_t: Tensor | None):
+    """Readout, the step's loss, dl/dz_t (B, K) and q_t = dl_t/dh_t (B, H)."""
+    z, value, dz = readout_step(model, h, target_t, mask_t, loss)
+    if dz is None:
+        dz = torch.zeros_like(z)
+    q = dz @ model.W_out
+    if dh_t is not None:
+        q = q + dh_t
+    return z, value, dz, q
+
+
+def rtrl(*, generic: bool = False, cell: Callable | None = None) -> Algorithm:
+    """Exact real-time recurrent learning.
+
+    Args:
+        generic: use the ``torch.func`` path (Jacobians by ``vmap(jacrev(cell))``)
+            instead of the hand-derived structured influence.
+        cell: a one-example cell ``f(params: dict[str, Tensor], h (H,), x (D,)) ->
+            h_new (H,)``, where params are the model's parameters other than
+            W_out and b_out (implies ``generic=True``). Default: the model's own
+            (leaky) vanilla cell, ``default_cell(model)``.
+
+    ``step`` emits the gradient of the step's loss every step (RTRL is online);
+    ``flush`` has nothing pending. With ``init(model, B, h0=h0)`` it also emits
+    ``grads["h0"]`` (B, H) every step.
+    """
+    if cell is not None and not callable(cell):
+        raise TypeError(f"cell must be a callable f(params, h, x) -> h_new, got "
+                        f"{type(cell).__name__}")
+    if cell is not None or generic:
+        return _generic_rtrl(cell)
+
+    def init(model, batch_size: int, *, h0: Tensor | None = None) -> RTRLState:
+        p = model.W_rec
+        H, D = model.hidden_size, model.input_size
+        P = D + H + 1
+        kw = {"dtype": p.dtype, "device": p.device}
+        if h0 is None:
+            h, G, G_spare = torch.zeros(batch_size, H, **kw), None, None
+        else:
+            if tuple(h0.shape) != (batch_size, H):
+                raise ValueError(f"h0 has shape {tuple(h0.shape)} but expected ({batch_size}, {H})")
+            h = h0
+            G = torch.eye(H, **kw).expand(batch_size, H, H).contiguous()
+            G_spare = torch.empty_like(G)
+        M = torch.zeros(batch_size, H, H, P, **kw)
+        return RTRLState(h, M, torch.empty_like(M), G, G_spare)
+
+    def step(model, state: RTRLState, x_t: Tensor, target_t: Tensor | None = None, *,
+             mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        _check_x(model, x_t, state.h)
+        with torch.no_grad():
+            h_prev, M, M_new = state.h, state.M, state.M_spare
+            B, H, _, P = M.shape
+            D = P - H - 1
+            alpha = model.alpha
+            act = get_activation(model.activation)
+            h, a, fa = cell_step(model.W_in, model.W_rec, model.b_rec, h_prev, x_t,
+                                 activation=act, alpha=alpha)
+            s = act.deriv(a, fa) * alpha  # (B, H) alpha phi'(a_t)
+            sW = s.unsqueeze(2) * model.W_rec  # (B, H, H) alpha diag(phi'(a_t)) W_rec
+            Mv, Nv = M.view(B, H, H * P), M_new.view(B, H, H * P)
+            if alpha != 1.0:  # M_t = (1 - alpha) M_{t-1} + sW @ M_{t-1}
+                torch.baddbmm(Mv, sW, Mv, beta=1.0 - alpha, out=Nv)
+            else:
+                torch.bmm(sW, Mv, out=Nv)
+            # + alpha phi'(a_t)_k Mbar_t[k, i, j] = alpha phi'(a_t)_k delta_ki pre_t[j]
+            pre = torch.cat([x_t, h_prev, torch.ones_like(h_prev[:, :1])], dim=1)  # (B, P)
+            M_new.diagonal(dim1=1, dim2=2).add_(pre.unsqueeze(2) * s.unsqueeze(1))  # (B, P, H)
+
+            G = None
+            if state.G is not None:
+                G = state.G_spare
+                if alpha != 1.0:
+                    torch.baddbmm(state.G, sW, state.G, beta=1.0 - alpha, out=G)
+                else:
+                    torch.bmm(sW, state.G, out=G)
+
+            z, value, dz, q = _q(model, h, target_t, mask_t, loss, dh_t)
+            gW = (q.view(1, B * H) @ M_new.view(B * H, H * P)).view(H, P)  # sum_b q^T M
+            grads: Grads = {
+                "W_in": gW[:, :D].contiguous(),
+                "W_rec": gW[:, D:D + H].contiguous(),
+                "b_rec": gW[:, D + H].contiguous(),
+            }
+            grads.update(output_grads(dz, h))
+            if G is not None:
+                grads["h0"] = torch.bmm(q.unsqueeze(1), G).squeeze(1)  # (B, H)
+        new = RTRLState(h, M_new, M, G, state.G)
+        return new, StepOutput(h, z, value), grads
+
+    def flush(model, state: RTRLState):
+        return state, None
+
+    return Algorithm(
+        name="rtrl()",
+        init=init,
+        step=step,
+        flush=flush,
+        exact=True,
+        online=True,
+        cost="time O(B H^3 (D + H + 1)) per step; memory O(B H^2 (D + H + 1)), constant in T",
+    )
+
+
+def _generic_rtrl(cell: Callable | None) -> Algorithm:
+    from torch.func import jacrev, vmap
+
+    def init(model, batch_size: int, *, h0: Tensor | None = None) -> GenericRTRLState:
+        p = model.W_rec
+        H = model.hidden_size
+        kw = {"dtype": p.dtype, "device": p.device}
+        names = tuple(n for n, _ in model.named_parameters() if n not in READOUT_PARAMS)
+        N = sum(q.numel() for n, q in model.named_parameters() if n not in READOUT_PARAMS)
+        if h0 is None:
+            h, G = torch.zeros(batch_size, H, **kw), None
+        else:
+            if tuple(h0.shape) != (batch_size, H):
+                raise ValueError(f"h0 has shape {tuple(h0.shape)} but expected ({batch_size}, {H})")
+            h = h0
+            G = torch.eye(H, **kw).expand(batch_size, H, H).contiguous()
+        f = default_cell(model) if cell is None else cell
+        return GenericRTRLState(h, torch.zeros(batch_size, H, N, **kw), G, names, f)
+
+    def step(model, state: GenericRTRLState, x_t: Tensor, target_t: Tensor | None = None, *,
+             mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        _check_x(model, x_t, state.h)
+        with torch.no_grad():
+            B, H, N = state.M.shape
+            named = dict(model.named_parameters())
+            params = {n: named[n].detach() for n in state.names}
+
+            def f(params, h, x):
+                h_new = state.cell(params, h, x)
+                return h_new, h_new
+
+            # J_t (B, H, H) = dh_t/dh_{t-1}; Mbar_t: per parameter (B, H, *shape)
+            (dparams, J), h = vmap(jacrev(f, argnums=(0, 1), has_aux=True),
+                                   in_dims=(None, 0, 0))(params, state.h, x_t)
+            if h.shape != state.h.shape:
+                raise ValueError(f"cell returned h_new of shape {tuple(h.shape[1:])} per "
+                                 f"example but the model's hidden size is ({H},)")
+            Mbar = torch.cat([dparams[n].reshape(B, H, -1) for n in state.names], dim=2)
+            M = torch.baddbmm(Mbar, J, state.M)  # M_t = J_t M_{t-1} + Mbar_t
+            G = None if state.G is None else torch.bmm(J, state.G)
+
+            z, value, dz, q = _q(model, h, target_t, mask_t, loss, dh_t)
+            g = q.view(1, B * H) @ M.view(B * H, N)
+            grads: Grads = {}
+            offset = 0
+            for n in state.names:
+                size = named[n].numel()
+                grads[n] = g[0, offset:offset + size].reshape(named[n].shape).clone()
+                offset += size
+            grads.update(output_grads(dz, h))
+            if G is not None:
+                grads["h0"] = torch.bmm(q.unsqueeze(1), G).squeeze(1)
+        return state._replace(h=h, M=M, G=G), StepOutput(h, z, value), grads
+
+    def flush(model, state: GenericRTRLState):
+        return state, None
+
+    return Algorithm(
+        name="rtrl(generic=True)",
+        init=init,
+        step=step,
+        flush=flush,
+        exact=True,
+        online=True,
+        cost="time O(B H^2 N) per step plus the torch.func Jacobians (N recurrent "
+             "parameters); memory O(B H N), constant in T",
+    )
