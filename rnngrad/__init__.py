@@ -1,7 +1,7 @@
 """rnngrad: gradients of recurrent networks by every method, behind one PyTorch API."""
 
 from . import check, tasks
-from .algorithms import Algorithm, StepOutput, bptt, rtrl, tbptt
+from .algorithms import Algorithm, StepOutput, bptt, eprop, kf_rtrl, rflo, rtrl, snap1, tbptt, uoro
 from .errors import ConvergenceError
 from .gradient import gradient, write_grads
 from .model import RNN
@@ -18,4 +18,5 @@ __all__ = [
     "ConvergenceError",
     "tasks",
 ]
+__all__ += ["eprop", "rflo", "snap1", "uoro", "kf_rtrl"]
 __all__ += ["rtrl", "tbptt", "check"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .algorithms import Algorithm, bptt, rtrl, tbptt
+from .algorithms import Algorithm, bptt, eprop, kf_rtrl, rflo, rtrl, snap1, tbptt, uoro
 
 __all__ = ["ALGORITHMS", "get_algorithm", "parse_algorithms"]
 
@@ -17,6 +17,15 @@ __all__ = ["ALGORITHMS", "get_algorithm", "parse_algorithms"]
 ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], bool, str]] = {
     "bptt": (bptt, False, "exact backpropagation through time (hand-derived)"),
 }
+ALGORITHMS.update({
+    "eprop": (eprop, False, "e-prop, symmetric feedback (Bellec et al. 2020)"),
+    "eprop_rand": (lambda: eprop("random"), False, "e-prop, random feedback (Bellec et al. 2020)"),
+    "rflo": (rflo, False, "random-feedback local online learning (Murray 2019)"),
+    "snap1": (snap1, False, "SnAp-1, RTRL on each unit's own parameters (Menick et al. 2021)"),
+    "uoro": (uoro, False, "unbiased rank-one RTRL (Tallec & Ollivier 2018)"),
+    "kf_rtrl": (kf_rtrl, False, "Kronecker-factored RTRL (Mujika et al. 2018)"),
+})
+
 ALGORITHMS.update({
     "rtrl": (rtrl, False, "exact real-time recurrent learning, structured influence (seed 001)"),
     "rtrl_generic": (lambda: rtrl(generic=True), False,

@@ -1,0 +1,110 @@
+"""KF-RTRL: Kronecker-factored RTRL (Mujika, Meier & Steger 2018, "Approximating real-time
+recurrent learning with random Kronecker factors", NeurIPS).
+
+For theta = [W_rec | W_in | b_rec] (H x P) the immediate influence is a Kronecker product,
+``Mbar_t[k, i, j] = pre_t^j D_t[k, i]`` with ``D_t = diag(alpha phi'(a_t))``, and J_t acts
+on the unit axis only. KF-RTRL carries, per example, ``M_t[k, i, j] ~ u_t^j A_t[k, i]``
+(u: (P,), A: (H, H)) and folds the two Kronecker terms of
+``M_t = u_{t-1} (x) J_t A_{t-1} + pre_t (x) D_t`` into one with random signs::
+
+    c1, c2 ~ independent +-1 signs
+    p1  = sqrt((||J_t A_{t-1}|| + eps) / (||u_{t-1}|| + eps))
+    p2  = sqrt((||D_t|| + eps) / (||pre_t|| + eps))
+    u_t = c1 p1 u_{t-1} + c2 p2 pre_t
+    A_t = c1 / p1 J_t A_{t-1} + c2 / p2 D_t
+    grad[i, j] = sum_t (A_t^T q_t)^i u_t^j,    q_t = W_out^T dl_t/dz_t (+ dl_t/dh_t)
+
+with ``J_t A = (1 - alpha) A + alpha diag(phi'(a_t)) W_rec A``; u_0 = 0, A_0 = 0.
+``E[c1 c2] = 0`` removes the cross terms, so ``E[u_t (x) A_t] = M_t`` (unbiased); p1, p2
+balance the norms of the two factors, which minimises the variance (Mujika et al.,
+Lemma 1). ``W_rec A`` for the whole batch is one (H, H) x (H, B H) GEMM (A is stored
+(H, B, H) for that); ``W_out`` and ``b_out`` get their exact gradient.
+
+Approximate (unbiased, lower variance than UORO). Online. Cost per step:
+time O(B H^3 + B H (D + K)), memory O(B H (H + D)), constant in T.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._online import check_seed, emit, forward, generator_for, learning_signal, random_signs
+from .base import Algorithm, StepOutput
+
+__all__ = ["kf_rtrl", "KFState"]
+
+
+class KFState(NamedTuple):
+    h: Tensor  # (B, H) h_t
+    u: Tensor  # (B, P) u_t, the factor over the columns of [W_rec | W_in | b_rec]
+    A: Tensor  # (H, B, H) A_t[k, b, i]: example b's factor over (unit k, row i)
+
+
+def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
+    """KF-RTRL (Mujika et al. 2018): an unbiased Kronecker-factored estimate of RTRL.
+
+    Args:
+        seed: seeds the random signs c1, c2 (per example, per step). The generator is
+            seeded once and continues across ``init`` calls.
+        eps: regulariser of the scale factors p1, p2 (> 0).
+
+    The gradient w.r.t. an initial state is not estimated: ``init`` with ``h0`` raises.
+    """
+    check_seed(seed)
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    gens: dict = {}
+
+    def init(model, batch_size: int, *, h0: Tensor | None = None) -> KFState:
+        if h0 is not None:
+            raise ValueError("kf_rtrl() does not estimate the gradient w.r.t. the initial "
+                             "state h0; call init without h0 (the state then starts at zero)")
+        p = model.W_rec
+        H, D = model.hidden_size, model.input_size
+        kw = {"dtype": p.dtype, "device": p.device}
+        return KFState(torch.zeros(batch_size, H, **kw),
+                       torch.zeros(batch_size, H + D + 1, **kw),
+                       torch.zeros(H, batch_size, H, **kw))
+
+    def step(model, state: KFState, x_t: Tensor, target_t: Tensor | None = None, *,
+             mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        alpha = model.alpha
+        with torch.no_grad():
+            f = forward(model, state.h, x_t, target_t, mask_t, loss)
+            B, H = f.h.shape
+            c = random_signs((2, B), generator_for(gens, f.h.device, seed), f.h)
+            A = state.A
+            WA = (model.W_rec @ A.view(H, B * H)).view(H, B, H)
+            JA = WA.mul_(f.d.T.unsqueeze(2))  # alpha phi'(a_t^k) (W_rec A)[k, b, i]
+            if alpha != 1.0:
+                JA = JA.add_(A, alpha=1.0 - alpha)
+            norm_JA = JA.square().sum((0, 2)).sqrt_()  # (B,)
+            p1 = ((norm_JA + eps) / (state.u.norm(dim=1) + eps)).sqrt_()
+            p2 = ((f.d.norm(dim=1) + eps) / (f.pre.norm(dim=1) + eps)).sqrt_()
+            u = torch.addcmul((c[1] * p2).unsqueeze(1) * f.pre, (c[0] * p1).unsqueeze(1),
+                              state.u)
+            A_new = JA.mul_((c[0] / p1).view(1, B, 1))
+            A_new.diagonal(dim1=0, dim2=2).add_(f.d * (c[1] / p2).unsqueeze(1))  # + D_t
+            q = learning_signal(f.dz, model.W_out, dh_t)
+            G = None
+            if q is not None:
+                r = (q.T.unsqueeze(2) * A_new).sum(0)  # (A_t^T q_t), (B, H)
+                G = r.T @ u
+            grads = emit(model, f, G)
+        return KFState(f.h, u, A_new), StepOutput(f.h, f.z, f.loss), grads
+
+    def flush(model, state: KFState):
+        return state, None
+
+    return Algorithm(
+        name=f"kf_rtrl(seed={seed})",
+        init=init,
+        step=step,
+        flush=flush,
+        exact=False,
+        online=True,
+        cost="time O(B H^3 + B H (D + K)) per step; memory O(B H (H + D))",
+    )

@@ -1,0 +1,90 @@
+"""SnAp-1: the sparse n-step approximation of RTRL with n = 1 (Menick, Elsen, Evci,
+Osindero, Simonyan & Graves 2021, "Practical real time recurrent learning with a sparse
+approximation", ICLR).
+
+RTRL's influence ``M_t[k, i, j] = dh_t^k / dtheta_ij`` obeys
+``M_t = J_t M_{t-1} + Mbar_t`` with ``J_t = (1 - alpha) I + alpha diag(phi'(a_t)) W_rec``
+and ``Mbar_t[k, i, j] = delta_ki alpha phi'(a_t^i) pre_t^j``. SnAp-1 keeps M only on
+the sparsity pattern of ``Mbar`` (k = i: a parameter's influence on its own unit),
+so only the diagonal of ``J_t``, the self-recurrence ``W_rec[i, i]`` included, acts::
+
+    pre_t   = [h_{t-1}; x_t; 1]
+    Jd_t^i  = (1 - alpha) + alpha phi'(a_t^i) W_rec[i, i]
+    M_t[i,j] = Jd_t^i M_{t-1}[i,j] + alpha phi'(a_t^i) pre_t^j
+             (alpha = 1: phi'(a_t^i) (W_rec[i, i] M_{t-1}[i,j] + pre_t^j))
+    q_t     = W_out^T dl_t/dz_t  (+ dl_t/dh_t of a reward)      exact immediate signal
+    grad[i,j] = sum_t q_t^i M_t[i,j]     over [W_rec | W_in | b_rec]
+
+and the exact gradient for ``W_out``, ``b_out``. Where ``W_rec`` is diagonal, ``J_t`` is
+diagonal, the dropped entries are zero, and SnAp-1 equals RTRL. Compared with e-prop,
+SnAp-1 keeps ``alpha phi' W_rec[i, i]`` in the self-path and uses the exact signal.
+
+Approximate. Online. Cost per step for dense ``W_rec``: time O(B H (H + D + K)),
+memory O(B H (H + D + 1)), constant in T.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._online import emit, forward, learning_signal
+from .base import Algorithm, StepOutput
+
+__all__ = ["snap1", "SnapState"]
+
+
+class SnapState(NamedTuple):
+    h: Tensor  # (B, H) h_t
+    M: Tensor  # (B, H, P) M_t[b, i, j] = dh_t^i / dtheta_ij (the kept entries)
+    c: Tensor | None  # (B, H) dh_t^i / dh_0^i (same sparsity); None unless h0 is tracked
+
+
+def snap1() -> Algorithm:
+    """SnAp-1 (Menick et al. 2021): RTRL restricted to each unit's own parameters.
+
+    With ``init(model, B, h0=h0)`` it emits ``grads["h0"] = sum_t q_t * c_t`` with
+    ``c_t = Jd_t c_{t-1}``, ``c_0 = 1``: the same diagonal approximation of
+    ``dh_t/dh_0``.
+    """
+
+    def init(model, batch_size: int, *, h0: Tensor | None = None) -> SnapState:
+        p = model.W_rec
+        H, D = model.hidden_size, model.input_size
+        kw = {"dtype": p.dtype, "device": p.device}
+        h = torch.zeros(batch_size, H, **kw) if h0 is None else h0
+        M = torch.zeros(batch_size, H, H + D + 1, **kw)
+        c = None if h0 is None else torch.ones(batch_size, H, **kw)
+        return SnapState(h, M, c)
+
+    def step(model, state: SnapState, x_t: Tensor, target_t: Tensor | None = None, *,
+             mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        alpha = model.alpha
+        with torch.no_grad():
+            f = forward(model, state.h, x_t, target_t, mask_t, loss)
+            Jd = f.d * model.W_rec.diagonal()  # alpha phi'(a_t^i) W_rec[i, i]
+            if alpha != 1.0:
+                Jd = Jd + (1.0 - alpha)
+            M = state.M.mul_(Jd.unsqueeze(2)).baddbmm_(f.d.unsqueeze(2), f.pre.unsqueeze(1))
+            c = None if state.c is None else state.c * Jd
+            q = learning_signal(f.dz, model.W_out, dh_t)
+            G = None if q is None else torch.einsum("bi,bij->ij", q, M)
+            grads = emit(model, f, G)
+            if grads is not None and c is not None:
+                grads["h0"] = q * c if q is not None else torch.zeros_like(f.h)
+        return SnapState(f.h, M, c), StepOutput(f.h, f.z, f.loss), grads
+
+    def flush(model, state: SnapState):
+        return state, None
+
+    return Algorithm(
+        name="snap1()",
+        init=init,
+        step=step,
+        flush=flush,
+        exact=False,
+        online=True,
+        cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1))",
+    )

@@ -1,0 +1,114 @@
+"""UORO: unbiased online recurrent optimization (Tallec & Ollivier 2018, "Unbiased online
+recurrent optimization", ICLR; arXiv 2017).
+
+RTRL's influence ``M_t = dh_t/dtheta`` (H x |theta|, theta = [W_rec | W_in | b_rec]) obeys
+``M_t = J_t M_{t-1} + Mbar_t``. UORO carries, per example, a rank-one estimate
+``M_t ~ h~_t theta~_t^T`` that is unbiased (``E[h~ theta~^T] = M``)::
+
+    nu        ~ independent +-1 signs                                   (H,)
+    Mbar^T nu = (nu * alpha phi'(a_t)) pre_t^T                          rank one, (H, P)
+    rho0 = sqrt((||theta~_{t-1}|| + eps) / (||J_t h~_{t-1}|| + eps))
+    rho1 = sqrt((||Mbar^T nu|| + eps) / (||nu|| + eps))
+    h~_t     = rho0 J_t h~_{t-1} + rho1 nu
+    theta~_t = theta~_{t-1} / rho0 + (Mbar^T nu) / rho1
+    grad     = sum_t (q_t . h~_t) theta~_t,   q_t = W_out^T dl_t/dz_t (+ dl_t/dh_t)
+
+with ``J_t h~ = (1 - alpha) h~ + alpha phi'(a_t) * (W_rec h~)`` (one GEMM for the batch),
+h~_0 = 0, theta~_0 = 0. Unbiasedness: given the past, the cross terms of
+``h~_t theta~_t^T`` carry one factor nu and vanish in expectation, and
+``E[nu nu^T] = I`` turns the last term into ``Mbar_t``. The scale factors rho0, rho1
+minimise the variance of that estimate (Tallec & Ollivier, Prop. 1) and do not depend
+on the current nu (``||Mbar^T nu|| = ||alpha phi'|| ||pre||`` for signs), so they keep
+it unbiased. The noise is independent across the batch; ``W_out`` and ``b_out`` get
+their exact gradient.
+
+Approximate (unbiased, high variance). Online. Cost per step: time O(B H (H + D + K)),
+memory O(B H (H + D + 1)) (theta~ per example), constant in T.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._online import check_seed, emit, forward, generator_for, learning_signal, random_signs
+from .base import Algorithm, StepOutput
+
+__all__ = ["uoro", "UOROState"]
+
+
+class UOROState(NamedTuple):
+    h: Tensor  # (B, H) h_t
+    h_tilde: Tensor  # (B, H) h~_t
+    theta_tilde: Tensor  # (B, H, P) theta~_t, over [W_rec | W_in | b_rec]
+
+
+def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
+    """UORO (Tallec & Ollivier 2018): an unbiased rank-one estimate of RTRL's influence.
+
+    Args:
+        seed: seeds the random signs nu. The generator is seeded once and continues
+            across ``init`` calls, so successive sequences draw fresh signs.
+        eps: the regulariser of the scale factors rho0, rho1 (> 0); it keeps them finite
+            when h~ or theta~ vanish (at the start) and does not bias the estimate.
+
+    The gradient w.r.t. an initial state is not estimated: ``init`` with ``h0`` raises.
+    """
+    check_seed(seed)
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    gens: dict = {}
+
+    def init(model, batch_size: int, *, h0: Tensor | None = None) -> UOROState:
+        if h0 is not None:
+            raise ValueError("uoro() does not estimate the gradient w.r.t. the initial state h0; "
+                             "call init without h0 (the state then starts at zero)")
+        p = model.W_rec
+        H, D = model.hidden_size, model.input_size
+        kw = {"dtype": p.dtype, "device": p.device}
+        return UOROState(torch.zeros(batch_size, H, **kw), torch.zeros(batch_size, H, **kw),
+                         torch.zeros(batch_size, H, H + D + 1, **kw))
+
+    def step(model, state: UOROState, x_t: Tensor, target_t: Tensor | None = None, *,
+             mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        alpha = model.alpha
+        with torch.no_grad():
+            f = forward(model, state.h, x_t, target_t, mask_t, loss)
+            B, H = f.h.shape
+            nu = random_signs((B, H), generator_for(gens, f.h.device, seed), f.h)
+            h_t, th = state.h_tilde, state.theta_tilde
+            Jh = f.d * (h_t @ model.W_rec.T)  # J_t h~ = (1 - alpha) h~ + alpha phi' W_rec h~
+            if alpha != 1.0:
+                Jh = Jh.add_(h_t, alpha=1.0 - alpha)
+            u = nu * f.d  # Mbar^T nu = u pre^T
+            norm_th = th.flatten(1).norm(dim=1)
+            norm_Jh = Jh.norm(dim=1)
+            norm_Mnu = f.d.norm(dim=1) * f.pre.norm(dim=1)
+            rho0 = ((norm_th + eps) / (norm_Jh + eps)).sqrt_()  # (B,)
+            rho1 = ((norm_Mnu + eps) / (math.sqrt(H) + eps)).sqrt_()  # (B,)
+            h_new = torch.addcmul(rho1.unsqueeze(1) * nu, rho0.unsqueeze(1), Jh)
+            th = th.mul_((1.0 / rho0).view(B, 1, 1)).baddbmm_(
+                (u / rho1.unsqueeze(1)).unsqueeze(2), f.pre.unsqueeze(1))
+            q = learning_signal(f.dz, model.W_out, dh_t)
+            G = None
+            if q is not None:
+                s = (q * h_new).sum(1)  # q_t . h~_t, (B,)
+                G = (s @ th.view(B, -1)).view(H, -1)
+            grads = emit(model, f, G)
+        return UOROState(f.h, h_new, th), StepOutput(f.h, f.z, f.loss), grads
+
+    def flush(model, state: UOROState):
+        return state, None
+
+    return Algorithm(
+        name=f"uoro(seed={seed})",
+        init=init,
+        step=step,
+        flush=flush,
+        exact=False,
+        online=True,
+        cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1))",
+    )
