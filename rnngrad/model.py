@@ -21,7 +21,7 @@ from .readouts import check_readout, readout
 
 __all__ = ["RNN", "unroll"]
 
-INITS = ("uniform", "orthogonal", "normal")
+INITS = ("uniform", "orthogonal", "normal", "identity")
 
 
 class RNN(nn.Module):
@@ -36,7 +36,8 @@ class RNN(nn.Module):
         readout: g, one of identity, softmax, sigmoid.
         init: how W_rec is drawn: "uniform" (PyTorch's U(-1/sqrt(H), 1/sqrt(H)), as for all
             other parameters), "orthogonal" (a random orthogonal matrix, Marschall et al. 2020),
-            or "normal" (N(0, 1/H)).
+            "normal" (N(0, 1/H)), or "identity" (the identity matrix, with relu the IRNN
+            of Le, Jaitly & Hinton 2015).
 
     Parameters: ``W_in (H, D)``, ``W_rec (H, H)``, ``b_rec (H,)``, ``W_out (K, H)``, ``b_out (K,)``.
     """
@@ -98,8 +99,10 @@ class RNN(nn.Module):
                 self.W_rec.uniform_(-bound, bound)
             elif self.init == "orthogonal":
                 nn.init.orthogonal_(self.W_rec)
-            else:
+            elif self.init == "normal":
                 self.W_rec.normal_(0.0, bound)
+            else:
+                self.W_rec.copy_(torch.eye(H, dtype=self.W_rec.dtype))
 
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "

@@ -1,0 +1,55 @@
+"""The copy task: memorise a sequence of symbols and reproduce it after a delay.
+
+Input alphabet: ``n_symbols`` data symbols, a blank and a go cue, one-hot
+(D = n_symbols + 2). The sequence is ``length`` random symbols, then ``delay``
+blanks, then the go cue, then ``length - 1`` blanks while the network answers. The
+targets are the symbols, as class indices, on the ``length`` answer steps starting
+at the go cue; only those steps count (mask). Chance is ``log(n_symbols)`` in
+cross-entropy and ``1/n_symbols`` in accuracy. Many-to-many classification.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Batch, make_generator
+
+__all__ = ["Copy"]
+
+
+class Copy:
+    """Copy task: T = 2 * length + delay, K = n_symbols, cross-entropy on the answer steps."""
+
+    name = "copy"
+    loss = "cross_entropy"
+    readout = "softmax"
+    classification = True
+
+    def __init__(self, length: int = 5, delay: int = 5, n_symbols: int = 4, *,
+                 test_size: int = 1000, test_seed: int = 12345) -> None:
+        for name, v, lo in (("length", length, 1), ("delay", delay, 0), ("n_symbols", n_symbols, 2)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"copy task needs {name} >= {lo}, got {v!r}")
+        self.length, self.delay, self.n_symbols = length, delay, n_symbols
+        self.input_size = n_symbols + 2
+        self.output_size = n_symbols
+        self.seq_len = 2 * length + delay
+        self._test = self.batch(test_size, generator=test_seed)
+
+    def batch(self, batch_size: int, *, generator: torch.Generator | int | None = None) -> Batch:
+        g = make_generator(generator)
+        L, Dl, S, B, T = self.length, self.delay, self.n_symbols, batch_size, self.seq_len
+        symbols = torch.randint(0, S, (L, B), generator=g)
+        blank, go = S, S + 1
+        codes = torch.full((T, B), blank, dtype=torch.int64)
+        codes[:L] = symbols
+        codes[L + Dl] = go
+        inputs = torch.nn.functional.one_hot(codes, S + 2).float()
+        targets = torch.zeros(T, B, dtype=torch.int64)
+        targets[L + Dl:] = symbols
+        mask = torch.zeros(T, B)
+        mask[L + Dl:] = 1.0
+        return Batch(inputs, targets, mask)
+
+    def test_batch(self) -> Batch:
+        return self._test
