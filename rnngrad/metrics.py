@@ -135,6 +135,7 @@ def alignment_metrics(
     loss: str = "mse",
     approx: Grads | None = None,
     reference: Algorithm | None = None,
+    params: Iterable[str] | None = None,
     per_param: bool = False,
 ) -> dict[str, float]:
     """A flat dict of floats for a training log, e.g. every N steps.
@@ -145,10 +146,12 @@ def alignment_metrics(
         approx: its gradient on this batch when already computed (then it is not run
             again: a stochastic algorithm's noise stream is left untouched).
         reference: the exact algorithm (default ``bptt()``).
+        params: the parameters compared (default all; ``("W_in", "W_rec", "b_rec")`` for
+            the recurrent part, where the approximations differ).
         per_param: also report each parameter (keys like ``"cosine/W_rec"``).
 
     Returns:
-        ``{"cosine": ..., "sign_agreement": ..., "norm_ratio": ...}`` over all parameters
+        ``{"cosine": ..., "sign_agreement": ..., "norm_ratio": ...}`` over the parameters
         concatenated (and per parameter when asked).
     """
     inputs, targets, mask = batch[0], batch[1], batch[2]
@@ -156,7 +159,7 @@ def alignment_metrics(
     _, exact = gradient(model, inputs, targets, algorithm=reference, loss=loss, mask=mask)
     if approx is None:
         _, approx = gradient(model, inputs, targets, algorithm=algorithm, loss=loss, mask=mask)
-    a = alignment(approx, exact)
+    a = alignment(approx, exact, params=params)
     out = dict(a["all"])
     if per_param:
         for n, d in a.items():

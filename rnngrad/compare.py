@@ -1,0 +1,397 @@
+"""Train several gradient algorithms side by side and compare them.
+
+Every algorithm starts from the same initial weights and sees the same data stream
+(the same seed gives the same initialisation and the same batches to all), so the
+differences in the learning curves come from the gradients alone. Per training step
+(one batch)::
+
+    per-sequence tasks   g = sum of what the algorithm emits over the batch's sequences
+                         (``rnngrad.gradient``), then one optimizer step
+    streaming tasks      (``task.streaming``: consecutive batches continue one stream) the
+                         hidden state and the algorithm's own state (influence, traces)
+                         are carried across batches; BPTT is cut at batch boundaries
+    update_every = k     an optimizer step every k time steps inside the batch, the
+                         algorithm's state carried across the updates (online learning)
+
+Recorded per run: the test loss (mean loss per counted step, ``sum(mask l) / sum(mask)``,
+on ``task.test_batch()`` from h0 = 0) every ``eval_every`` steps; wall time of the gradient
+and update (evaluation and alignment excluded) divided by the time steps processed; the
+algorithm's memory, measured as the bytes of the tensors in its state at its peak over
+one batch (the stored trajectory for BPTT, the influence for RTRL, the traces for
+e-prop; the honest figure for what an algorithm keeps, independent of the allocator and
+of the process); and every ``track_every`` steps the alignment (``rnngrad.metrics``) of
+the gradient it used with the reference's (``bptt()`` by default) on the same batch and
+weights. For streaming tasks the reference is BPTT over the batch from the carried state,
+i.e. truncated at the batch start; with ``update_every`` it uses the weights of the
+batch start while the algorithm's updates inside the batch move them.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .algorithms.base import Algorithm, Grads, add_grads
+from .algorithms.bptt import bptt
+from .gradient import gradient, write_grads
+from .metrics import METRICS, alignment
+from .model import RNN, unroll
+from .readouts import loss_and_grad
+
+__all__ = ["compare", "evaluate_loss", "state_bytes", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "adam")
+# alignment is measured on the recurrent parameters: every algorithm here has the exact
+# readout gradient, which would otherwise dominate the cosine
+RECURRENT = ("W_in", "W_rec", "b_rec")
+TABLE_FIELDS = ("algorithm", "final_test_loss_mean", "final_test_loss_std", "ms_per_time_step",
+                "state_kib", "cosine_mean", "sign_agreement_mean", "norm_ratio_mean", "seeds",
+                "steps")
+
+
+def evaluate_loss(model: RNN, batch, *, loss: str) -> float:
+    """Mean loss per counted step, ``sum(mask l) / sum(mask)``, from h0 = 0."""
+    inputs, targets, mask = batch[0], batch[1], batch[2]
+    T, B, _ = inputs.shape
+    with torch.no_grad():
+        h0 = inputs.new_zeros(B, model.hidden_size)
+        hs, _ = unroll(model, inputs, h0, need_deriv=False)
+        z = torch.addmm(model.b_out, hs.reshape(T * B, -1), model.W_out.T).view(T, B, -1)
+        value, _ = loss_and_grad(z, targets, mask, loss=loss, readout_name=model.readout)
+        return float(value / mask.sum())
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held by the tensors of an algorithm state (NamedTuple, lists, tuples)."""
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(s) for s in state)
+    if isinstance(state, dict):
+        return sum(state_bytes(s) for s in state.values())
+    return 0
+
+
+def _peak_state_bytes(model, algo: Algorithm, batch, loss: str) -> int:
+    """The largest the algorithm's state gets over one batch (before its flush)."""
+    m = copy.deepcopy(model)
+    inputs, targets, mask = batch[0], batch[1], batch[2]
+    state = algo.init(m, inputs.shape[1])
+    peak = state_bytes(state)
+    for t in range(inputs.shape[0]):
+        state, _, _ = algo.step(m, state, inputs[t], targets[t], mask_t=mask[t], loss=loss)
+        peak = max(peak, state_bytes(state))
+    algo.flush(m, state)
+    return peak
+
+
+def _named(algorithms) -> list[tuple[str, Algorithm]]:
+    from .registry import get_algorithm
+
+    out = []
+    for a in algorithms:
+        if isinstance(a, str):
+            out.append((a, get_algorithm(a)))
+        elif isinstance(a, Algorithm):
+            out.append((a.name, a))
+        elif isinstance(a, tuple) and len(a) == 2 and isinstance(a[1], Algorithm):
+            out.append((str(a[0]), a[1]))
+        else:
+            raise TypeError("algorithms must be CLI names ('eprop'), Algorithms or (name, "
+                            f"Algorithm) pairs; got {a!r}")
+    if not out:
+        raise ValueError("algorithms is empty: give at least one")
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"algorithm names must be distinct, got {names}")
+    return out
+
+
+def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+def _apply(model, opt, grads: Grads, clip: float | None) -> None:
+    write_grads(model, grads)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+
+
+def _online_pass(model, opt, algo: Algorithm, batch, state, loss: str, update_every: int | None,
+                 clip: float | None):
+    """Step through one batch with the step interface, updating every ``update_every``
+    steps (or once at the end). Returns (state, grads summed over the batch)."""
+    inputs, targets, mask = batch[0], batch[1], batch[2]
+    T = inputs.shape[0]
+    total = pending = None
+    for t in range(T):
+        state, _, g = algo.step(model, state, inputs[t], targets[t], mask_t=mask[t], loss=loss)
+        pending = add_grads(pending, g)
+        if update_every is not None and (t + 1) % update_every == 0 and t + 1 < T:
+            if not algo.online:  # BPTT-like: emit what is stored, cut there
+                state, g = algo.flush(model, state)
+                pending = add_grads(pending, g)
+            if pending is not None:
+                _apply(model, opt, pending, clip)
+                total = add_grads(total, pending)
+                pending = None
+    state, g = algo.flush(model, state)
+    pending = add_grads(pending, g)
+    if pending is not None:
+        _apply(model, opt, pending, clip)
+        total = add_grads(total, pending)
+    return state, total
+
+
+def compare(
+    task,
+    algorithms: Sequence,
+    *,
+    seeds: Sequence[int] = (0,),
+    steps: int = 200,
+    hidden: int = 32,
+    lr: float = 1e-2,
+    optimizer: str = "adam",
+    batch_size: int = 16,
+    update_every: int | None = None,
+    track_every: int | None = 20,
+    eval_every: int | None = None,
+    out_dir: str | Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+    alpha: float = 1.0,
+    activation: str = "tanh",
+    init: str = "uniform",
+    reference: Algorithm | None = None,
+    clip: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[dict]:
+    """Train each algorithm from the same weights on the same data; tabulate and plot.
+
+    Args:
+        task: a task object (``rnngrad.tasks``) or its name for ``rnngrad.tasks.get_task``.
+        algorithms: CLI names (``"eprop"``), Algorithms, or (name, Algorithm) pairs.
+        seeds: one run per seed and algorithm; a seed fixes the initial weights and data.
+        steps: training steps (batches) per run.
+        hidden, alpha, activation, init: the ``rnngrad.RNN`` (readout from the task).
+        lr, optimizer ("sgd" | "adam"), clip (max gradient norm or None): the update.
+        batch_size: sequences (streams, for a streaming task) per batch.
+        update_every: optimizer step every k time steps inside a batch (None: once per batch).
+        track_every: alignment with ``reference`` every so many steps (None: never).
+        eval_every: test loss every so many steps (default: about 20 points per curve).
+        out_dir: where to write ``compare.csv``, ``curves.csv``, ``alignment.csv``,
+            ``learning_curves.png``, ``alignment.png`` (None: write nothing).
+        progress: called with a dict (algorithm, seed, step, steps, test_loss) at each
+            evaluation; the library prints nothing.
+        reference: the exact algorithm for alignment (default ``bptt()``).
+        dtype: of the model and data.
+
+    Returns:
+        One dict per algorithm with the keys of ``TABLE_FIELDS``: final test loss mean and
+        std over seeds, ms per time step, state memory (KiB), mean alignment (cosine, sign
+        agreement, norm ratio) over the tracked steps and seeds.
+    """
+    if isinstance(task, str):
+        from .tasks import get_task
+
+        task = get_task(task)
+    named = _named(algorithms)
+    for name, v in (("steps", steps), ("hidden", hidden), ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
+        raise ValueError(f"update_every must be a positive int or None, got {update_every!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one")
+    reference = bptt() if reference is None else reference
+    eval_every = eval_every or max(1, steps // 20)
+    streaming = bool(getattr(task, "streaming", False))
+    loss = task.loss
+    test = task.test_batch().to(dtype=dtype)
+
+    curves: list[dict] = []
+    aligns: list[dict] = []
+    times: dict[str, list[float]] = {n: [] for n, _ in named}
+    mem: dict[str, int] = {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model0 = RNN(task.input_size, hidden, task.output_size, activation=activation,
+                     alpha=alpha, readout=task.readout, init=init, dtype=dtype)
+        for name, algo in named:
+            model = copy.deepcopy(model0)
+            opt = _optimizer(optimizer, model.parameters(), lr)
+            data = torch.Generator().manual_seed(1_000_003 * seed + 17)
+            if hasattr(task, "reset"):
+                task.reset()
+            state = None
+            elapsed, processed = 0.0, 0
+
+            def record(step: int, _name=name, _seed=seed, _model=model) -> None:
+                value = evaluate_loss(_model, test, loss=loss)
+                curves.append({"algorithm": _name, "seed": _seed, "step": step,
+                               "test_loss": value})
+                if progress is not None:
+                    progress({"algorithm": _name, "seed": _seed, "step": step, "steps": steps,
+                              "test_loss": value})
+
+            record(0)
+            for step in range(1, steps + 1):
+                batch = task.batch(batch_size, generator=data).to(dtype=dtype)
+                inputs, targets, mask = batch
+                if name not in mem:
+                    mem[name] = _peak_state_bytes(model, algo, batch, loss)
+                track = track_every is not None and step % track_every == 0
+                online_mode = streaming or update_every is not None
+                # the weights the batch starts from, for the reference (online updates move them)
+                snapshot = copy.deepcopy(model) if track and online_mode else model
+                h_start = state.h if (streaming and state is not None) else None
+                t0 = time.perf_counter()
+                if online_mode:
+                    if state is None or not streaming:
+                        state = algo.init(model, batch_size)
+                    state, used = _online_pass(model, opt, algo, batch, state, loss,
+                                               update_every, clip)
+                    elapsed += time.perf_counter() - t0
+                else:
+                    _, used = gradient(model, inputs, targets, algorithm=algo, loss=loss,
+                                       mask=mask)
+                    elapsed += time.perf_counter() - t0
+                if track and used is not None:
+                    _, exact = gradient(snapshot, inputs, targets, algorithm=reference,
+                                        loss=loss, mask=mask, h0=h_start)
+                    a = alignment(used, exact, params=RECURRENT)["all"]
+                    aligns.append({"algorithm": name, "seed": seed, "step": step, **a})
+                if not online_mode:
+                    t1 = time.perf_counter()
+                    _apply(model, opt, used, clip)
+                    elapsed += time.perf_counter() - t1
+                processed += inputs.shape[0]
+                if step % eval_every == 0 or step == steps:
+                    record(step)
+            times[name].append(1e3 * elapsed / processed)
+
+    rows = _table(named, seeds, steps, curves, aligns, times, mem)
+    if out_dir is not None:
+        _write(Path(out_dir), rows, curves, aligns, task)
+    return rows
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _table(named, seeds, steps, curves, aligns, times, mem) -> list[dict]:
+    rows = []
+    for name, _ in named:
+        final = [c["test_loss"] for c in curves if c["algorithm"] == name and c["step"] == steps]
+        al = [a for a in aligns if a["algorithm"] == name]
+        row = {
+            "algorithm": name,
+            "final_test_loss_mean": _mean(final),
+            "final_test_loss_std": _std(final),
+            "ms_per_time_step": _mean(times[name]),
+            "state_kib": mem.get(name, 0) / 1024.0,
+        }
+        for m in METRICS:
+            row[f"{m}_mean"] = _mean([a[m] for a in al])
+        row["seeds"] = len(seeds)
+        row["steps"] = steps
+        rows.append(row)
+    return rows
+
+
+def _write(out: Path, rows, curves, aligns, task) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "compare.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(TABLE_FIELDS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    for fname, recs, fields in (("curves.csv", curves, ["algorithm", "seed", "step", "test_loss"]),
+                                ("alignment.csv", aligns,
+                                 ["algorithm", "seed", "step", *METRICS])):
+        with open(out / fname, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in recs:
+                w.writerow(r)
+    _plot(out, rows, curves, aligns, task)
+
+
+def _band(recs: list[dict], name: str, key: str):
+    steps = sorted({r["step"] for r in recs if r["algorithm"] == name})
+    mean, lo, hi = [], [], []
+    for s in steps:
+        v = [r[key] for r in recs if r["algorithm"] == name and r["step"] == s
+             and not math.isnan(r[key])]
+        m, sd = (_mean(v), _std(v)) if v else (float("nan"), 0.0)
+        mean.append(m)
+        lo.append(m - sd)
+        hi.append(m + sd)
+    return steps, mean, lo, hi
+
+
+def _plot(out: Path, rows, curves, aligns, task) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["algorithm"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        s, m, lo, hi = _band(curves, name, "test_loss")
+        (line,) = ax.plot(s, m, label=name)
+        ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.2)
+    for attr, label in (("loss_no_memory", "no memory"), ("loss_first_dependency", "t1 only"),
+                        ("loss_optimal", "optimal")):
+        if hasattr(task, attr):
+            ax.axhline(getattr(task, attr), color="gray", ls=":", lw=1)
+            ax.text(0, getattr(task, attr), label, color="gray", fontsize=7, va="bottom")
+    ax.set_xlabel("training step (batch)")
+    ax.set_ylabel("test loss per counted step")
+    ax.set_title(f"{getattr(task, 'name', 'task')}: mean +- std over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        if not any(a["algorithm"] == name for a in aligns):
+            continue
+        s, m, lo, hi = _band(aligns, name, "cosine")
+        (line,) = ax.plot(s, m, label=name)
+        ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_ylim(-0.2, 1.05)
+    ax.set_xlabel("training step (batch)")
+    ax.set_ylabel("cosine with the exact gradient")
+    ax.set_title("gradient alignment over training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "alignment.png", dpi=120)
+    plt.close(fig)
