@@ -148,6 +148,15 @@ def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True
     # a_t = (W_in x_t + b_rec) + W_rec h_{t-1}: the first term for all t at once
     A = torch.addmm(model.b_rec, inputs.reshape(T * B, D), model.W_in.T).view(T, B, H)
     leaky = alpha != 1.0
+    if not leaky and act.deriv_from_output and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
+        # no graph to build: write each step straight into the output (tanh, sigmoid)
+        h_all = torch.empty_like(A)
+        h = h0
+        for t in range(T):
+            torch.addmm(A[t], h, W_rec_T, out=h_all[t])
+            h = act.fn(h_all[t], out=h_all[t])
+        return h_all, (act.deriv(None, h_all) if need_deriv else None)
     a_s: list[Tensor] = []
     f_s: list[Tensor] = []
     hs: list[Tensor] = []

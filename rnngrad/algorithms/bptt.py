@@ -96,7 +96,7 @@ def backward(
     else:
         torch.mul(dphi[T - 1], hbar[T - 1], out=u[T - 1])
         for t in range(T - 2, -1, -1):
-            torch.mul(dphi[t], torch.addmm(hbar[t], u[t + 1], W_rec), out=u[t])
+            torch.addmm(hbar[t], u[t + 1], W_rec, out=u[t]).mul_(dphi[t])
         dh0 = u[0] @ W_rec
     u2 = u.view(T * B, H)
     # dW_rec = sum_t u_t h_{t-1}^T: h_0 pairs with u_1, h_{1..T-1} with u_{2..T}
@@ -357,7 +357,7 @@ def checkpointed_bptt(c: int, *, sensitivities: bool = False) -> Algorithm:
                     dz2 = dz.view((e - s) * B, K)
                     dW_out.addmm_(dz2.T, h2)
                     db_out += dz2.sum(0)
-                h = hs[-1]
+                h = hs[-1].clone()  # a view would keep the whole segment alive
                 del hs
             dR = None
             if reward is not None:  # R needs the whole trajectory
