@@ -1,10 +1,11 @@
 """rnngrad: gradients of recurrent networks by every method, behind one PyTorch API."""
 
-from . import check, tasks
+from . import check, steady, tasks
 from .algorithms import Algorithm, StepOutput, bptt, eprop, kf_rtrl, rflo, rtrl, snap1, tbptt, uoro
 from .errors import ConvergenceError
 from .gradient import gradient, write_grads
 from .model import RNN
+from .steady import SteadyClassifier, SteadyState
 
 __version__ = "0.1.0"
 
@@ -20,3 +21,4 @@ __all__ = [
 ]
 __all__ += ["eprop", "rflo", "snap1", "uoro", "kf_rtrl"]
 __all__ += ["rtrl", "tbptt", "check"]
+__all__ += ["SteadyState", "SteadyClassifier", "steady"]

@@ -82,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train an rnngrad.RNN on a built-in task with any gradient "
                                    "algorithm; writes metrics.csv, curve.png, model.pt.")
     _add_task_flags(p)
-    p.add_argument("--algorithm", default="bptt",
-                   help=f"gradient algorithm: {algos} (default: bptt)")
+    p.add_argument("--algorithm", default=None,
+                   help=f"gradient algorithm: {algos} (default: bptt); with --model steady: "
+                        f"{', '.join(STEADY_ALGORITHMS)} (default: rbp)")
+    p.add_argument("--model", default="rnn", choices=["rnn", "steady"],
+                   help="rnn: the recurrent network rnngrad.RNN run over the sequence; steady: "
+                        "a network x = f(Wx + U image + c) trained at its steady state by "
+                        "recurrent backprop (digits only; default: rnn)")
     _add_model_flags(p)
     _add_training_flags(p)
     g = p.add_argument_group("output")
@@ -94,8 +99,72 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write DIR/checkpoint.pt atomically every N steps")
     g.add_argument("--resume", action="store_true",
                    help="continue from DIR/checkpoint.pt if it exists")
+    g.add_argument("--track-alignment", type=int, default=None, metavar="N",
+                   help="every N steps, log the cosine, sign agreement and norm ratio of the "
+                        "gradient used against exact BPTT on the same batch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several algorithms side by side",
+                       description="Train each algorithm from the same initial weights on the "
+                                   "same data stream, for several seeds; write compare.csv "
+                                   "(final test loss with spread over seeds, time per step, "
+                                   "memory, alignment with the exact gradient), curves.csv, "
+                                   "alignment.csv and PNG plots to DIR, and print the table.")
+    _add_task_flags(p)
+    p.add_argument("--algorithms", default="bptt,tbptt:10,rtrl,eprop,rflo,snap1,uoro,kf_rtrl",
+                   help=f"comma-separated algorithms from: {algos} "
+                        "(default: bptt,tbptt:10,rtrl,eprop,rflo,snap1,uoro,kf_rtrl)")
+    p.add_argument("--seeds", type=int, default=3, metavar="S",
+                   help="number of seeds, 0..S-1; each fixes initial weights and data (default: 3)")
+    _add_model_flags(p)
+    p.set_defaults(hidden=32)
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=300, help="training batches per run (default: 300)")
+    g.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: 1e-2)")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
+                   help="optimizer (default: adam)")
+    g.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="sequences per batch (default: 16)")
+    g.add_argument("--clip", type=float, default=1.0,
+                   help="clip the gradient norm to this value; 0 disables (default: 1.0)")
+    g.add_argument("--update-every", type=int, default=None, metavar="N",
+                   help="optimizer step every N time steps within a batch (default: per batch)")
+    g.add_argument("--track-every", type=int, default=20, metavar="N",
+                   help="measure alignment with exact BPTT every N steps; 0 disables "
+                        "(default: 20)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: runs/compare-TASK)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="time rnngrad's BPTT against torch.nn.RNN + autograd",
+                       description="Time one forward plus backward (float32, T=200, B=64, "
+                                   "D=32) of rnngrad's BPTT, torch.nn.RNN + autograd and an "
+                                   "nn.RNNCell loop, on the same weights and data; prints "
+                                   "times and ratios to nn.RNN. The full benchmarks "
+                                   "(RTRL, memory, steady states, online rules) are the "
+                                   "scripts in benchmarks/.")
+    p.add_argument("--hidden", default="64,256", help="comma-separated H (default: 64,256)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default: 5)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the rows to FILE")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("check", help="check every exact algorithm against autograd",
+                       description="Compare every exact algorithm (BPTT, checkpointed BPTT, "
+                                   "TBPTT with k >= T, RTRL, generic torch.func RTRL), through "
+                                   "its whole-sequence path and its step path, with "
+                                   "torch.autograd through a plain loop on random networks in "
+                                   "float64. Prints a table of relative errors; exits 1 on "
+                                   "any disagreement.")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random networks (default: 0)")
+    p.add_argument("--tol", type=float, default=1e-10,
+                   help="largest relative error that passes (default: 1e-10)")
+    p.add_argument("--verbose", action="store_true",
+                   help="one row per algorithm and network (default: worst case per algorithm)")
+    p.set_defaults(func=cmd_check)
     return parser
 
 
@@ -120,19 +189,71 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line, sep, *body])
 
 
+STEADY_ALGORITHMS = {"rbp": "direct", "rbp_iterate": "iterate", "rbp_gmres": "gmres"}
+
+
+def cmd_train_steady(args) -> int:
+    """Seed 000's steady-state network on the digits, trained by recurrent backprop."""
+    import csv
+
+    from .plots import plot_series
+    from .steady import SteadyClassifier, train_steady
+
+    algorithm = args.algorithm or "rbp"
+    if args.task != "digits":
+        raise ValueError(f"--model steady trains on --task digits only, got {args.task!r}")
+    if algorithm not in STEADY_ALGORITHMS:
+        raise ValueError(f"--model steady takes --algorithm {', '.join(STEADY_ALGORITHMS)}, "
+                         f"got {algorithm!r}")
+    model = SteadyClassifier(args.hidden, activation=args.activation, seed=args.seed,
+                             backward_method=STEADY_ALGORITHMS[algorithm],
+                             dtype=DTYPES[args.dtype])
+    out = Path(args.out) if args.out else Path("runs") / f"digits-steady-{algorithm}"
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _progress(args.steps, args.no_progress)
+    rows: list[dict] = []
+
+    def on_step(step: int, info: dict) -> None:
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            rows.append({"step": step, **info})
+            bar.set_postfix(loss=f"{info['loss']:.4f}", iterations=info["iterations"])
+
+    t0 = time.perf_counter()
+    metrics = train_steady(model, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                           seed=args.seed, callback=on_step)
+    bar.close()
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot_series(rows, out / "curve.png", x="step", ys=["loss", "iterations"],
+                title=f"digits, steady-state network, {algorithm}")
+    torch.save(model.state_dict(), out / "model.pt")
+    row = {"task": "digits", "model": "steady", "algorithm": algorithm, "hidden": args.hidden,
+           "steps": args.steps, "test_acc": metrics["test_accuracy"],
+           "test_loss": metrics["test_loss"], "max_iterations": metrics["max_iterations"],
+           "wall_s": time.perf_counter() - t0}
+    print(_table([row], list(row)))
+    print(f"wrote {out / 'metrics.csv'}, {out / 'curve.png'}, {out / 'model.pt'}")
+    return 0
+
+
 def cmd_train(args) -> int:
+    if args.model == "steady":
+        return cmd_train_steady(args)
     from . import RNN
     from .registry import get_algorithm
     from .tasks import get_task
     from .train import train
 
     task = get_task(args.task, **_task_kwargs(args))
-    algorithm = get_algorithm(args.algorithm)
+    algorithm = get_algorithm(args.algorithm or "bptt")
     torch.manual_seed(args.seed)
     model = RNN(task.input_size, args.hidden, task.output_size, activation=args.activation,
                 alpha=args.alpha, readout=task.readout, init=args.init,
                 dtype=DTYPES[args.dtype], device=args.device)
-    out = Path(args.out) if args.out else Path("runs") / f"{args.task}-{args.algorithm}"
+    out = Path(args.out) if args.out else Path("runs") / f"{args.task}-{args.algorithm or 'bptt'}"
     bar = _progress(args.steps, args.no_progress)
     last = [0]
     metric = "test_acc" if task.classification else "test_mse"
@@ -143,18 +264,119 @@ def cmd_train(args) -> int:
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{metric: f"{row[metric]:.4f}"},
                         steps_per_s=f"{row['steps_per_s']:.1f}")
 
+    step_callback = None
+    if args.track_alignment:
+        from .metrics import alignment_metrics
+
+        every = args.track_alignment
+
+        def step_callback(step: int, info: dict):
+            if step % every or not info["grads"]:
+                return None
+            with torch.no_grad():
+                return alignment_metrics(model, info["batch"], algorithm, loss=task.loss,
+                                         approx=info["grads"])
+
     t0 = time.perf_counter()
     result = train(model, task, algorithm=algorithm, steps=args.steps, lr=args.lr,
                    optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed,
                    update_every=args.update_every, clip=args.clip or None,
                    log_every=args.log_every, out=out, checkpoint_every=args.checkpoint_every,
-                   resume=args.resume, callback=on_log)
+                   resume=args.resume, callback=on_log, step_callback=step_callback)
     bar.close()
     wall = time.perf_counter() - t0
     row = {"task": task.name, "algorithm": algorithm.name, "hidden": args.hidden,
            "steps": args.steps, **result.final, "wall_s": wall}
     print(_table([row], list(row)))
     print(f"wrote {out / 'metrics.csv'}, {out / 'curve.png'}, {out / 'model.pt'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+    from .registry import parse_algorithms
+    from .tasks import get_task
+
+    task = get_task(args.task, **_task_kwargs(args))
+    named = parse_algorithms(args.algorithms)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{args.task}"
+    bar = _progress(len(named) * args.seeds * args.steps, args.no_progress)
+    seen: dict[tuple, int] = {}
+
+    def on_progress(info: dict) -> None:
+        key = (info["algorithm"], info["seed"])
+        bar.update(info["step"] - seen.get(key, 0))
+        seen[key] = info["step"]
+        bar.set_postfix(algorithm=info["algorithm"], seed=info["seed"],
+                        test_loss=f"{info['test_loss']:.4f}")
+
+    t0 = time.perf_counter()
+    rows = compare(task, named, seeds=list(range(args.seeds)), steps=args.steps,
+                   hidden=args.hidden, lr=args.lr, optimizer=args.optimizer,
+                   batch_size=args.batch_size, update_every=args.update_every,
+                   track_every=args.track_every or None, out_dir=out, progress=on_progress,
+                   alpha=args.alpha, activation=args.activation, init=args.init,
+                   clip=args.clip or None, dtype=DTYPES[args.dtype])
+    bar.close()
+    print(f"{task.name}: {args.seeds} seed(s) x {args.steps} steps, H={args.hidden}, "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(_table(rows, list(rows[0])))
+    print(f"wrote {out}/compare.csv and plots in {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import csv
+
+    from .bench import bench_bptt
+
+    rows = []
+    for H in (int(h) for h in args.hidden.split(",")):
+        rows += bench_bptt(H, device=args.device, repeats=args.repeats)
+    print(f"BPTT forward + backward, float32, T=200 B=64 D=32, {args.device}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(_table(rows, ["H", "method", "median_ms", "ratio_vs_nn_rnn"]))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .check import run_checks
+
+    rows = run_checks(seed=args.seed, tol=args.tol)
+    if args.verbose:
+        table = [{"algorithm": r.algorithm, "network": r.config, "rel_error": f"{r.error:.1e}",
+                  "ok": "yes" if r.passed else "NO"} for r in rows]
+    else:
+        import re
+
+        def family(name: str) -> str:  # group e.g. tbptt(5), tbptt(8) as one algorithm
+            name = re.sub(r"tbptt\(\d+\)", "tbptt(k >= T)", name)
+            return re.sub(r"checkpoint=\d+", "checkpoint=c", name)
+
+        worst: dict[str, list] = {}
+        for r in rows:
+            w = worst.setdefault(family(r.algorithm), [0.0, "", 0, True])
+            if r.error >= w[0]:
+                w[0], w[1] = r.error, r.config
+            w[2] += 1
+            w[3] = w[3] and r.passed
+        table = [{"algorithm": a, "networks": n, "max_rel_error": f"{e:.1e}",
+                  "worst_on": c, "ok": "yes" if ok else "NO"}
+                 for a, (e, c, n, ok) in worst.items()]
+    print(f"exact algorithms against torch.autograd, float64, tolerance {args.tol:g}")
+    print(_table(table, list(table[0])))
+    failed = [r for r in rows if not r.passed]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} checks FAILED", file=sys.stderr)
+        return 1
+    print(f"all {len(rows)} checks passed")
     return 0
 
 

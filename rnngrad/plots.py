@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_curve"]
+__all__ = ["plot_curve", "plot_series"]
 
 
 def _pyplot():
@@ -35,6 +35,23 @@ def plot_curve(history: list[dict[str, float]], path: str | Path, *, title: str 
     ax.set_ylabel("test accuracy" if metric == "test_acc" else "test MSE")
     if metric == "test_mse":
         ax.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_series(rows: list[dict[str, float]], path: str | Path, *, x: str, ys: list[str],
+                title: str = "", logy: bool = True) -> None:
+    """One panel per column in ``ys`` against column ``x``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 3.8), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        ax.plot([r[x] for r in rows], [r[y] for r in rows])
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        if logy:
+            ax.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
