@@ -389,7 +389,7 @@ def _plot(out: Path, rows, curves, aligns, task) -> None:
     ax.axhline(0.0, color="gray", lw=0.8)
     ax.set_ylim(-0.2, 1.05)
     ax.set_xlabel("training step (batch)")
-    ax.set_ylabel("cosine with the exact gradient")
+    ax.set_ylabel("cosine with the reference (W_in, W_rec, b_rec)")
     ax.set_title("gradient alignment over training")
     ax.legend(fontsize=8)
     fig.tight_layout()
