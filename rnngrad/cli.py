@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from DIR/checkpoint.pt if it exists")
     g.add_argument("--track-alignment", type=int, default=None, metavar="N",
                    help="every N steps, log the cosine, sign agreement and norm ratio of the "
-                        "gradient used against exact BPTT on the same batch")
+                        "recurrent part (W_in, W_rec, b_rec) of the gradient used against "
+                        "exact BPTT on the same batch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -274,8 +275,10 @@ def cmd_train(args) -> int:
             if step % every or not info["grads"]:
                 return None
             with torch.no_grad():
+                # the recurrent part: every algorithm has the exact readout gradient
                 return alignment_metrics(model, info["batch"], algorithm, loss=task.loss,
-                                         approx=info["grads"])
+                                         approx=info["grads"],
+                                         params=("W_in", "W_rec", "b_rec"))
 
     t0 = time.perf_counter()
     result = train(model, task, algorithm=algorithm, steps=args.steps, lr=args.lr,
