@@ -106,7 +106,7 @@ def tbptt(k: int) -> Algorithm:
                 if s == 0:
                     grads["h0"] = dh0
                 total = add_grads(total, grads)
-                h = hs[-1]
+                h = hs[-1].clone()  # a view would keep the chunk alive
         return value, total
 
     return Algorithm(
