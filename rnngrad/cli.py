@@ -18,6 +18,10 @@ def _task_kwargs(args) -> dict:
     kw = {}
     if getattr(args, "seq_len", None) is not None:
         kw["seq_len"] = args.seq_len
+    if getattr(args, "stream", False):
+        if args.task != "stream_add":
+            raise ValueError(f"--stream needs a streaming task (stream_add), got {args.task!r}")
+        kw["streaming"] = True
     return kw
 
 
@@ -45,8 +49,11 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task", default="digits", choices=sorted(TASKS),
                    help="built-in task (default: digits)")
     g.add_argument("--seq-len", type=int, default=None, metavar="T",
-                   help="sequence length for tasks that take one (adding, sine; default: the "
-                        "task's own, 50)")
+                   help="sequence length for tasks that take one (adding, sine, stream_add; "
+                        "default: the task's own, 50)")
+    g.add_argument("--stream", action="store_true",
+                   help="stream_add only: consecutive batches continue one stream, and the "
+                        "hidden and algorithm state carry over from batch to batch")
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:

@@ -184,6 +184,8 @@ def train(
         history = ck["history"]
         start = ck["step"] + 1
         stream_state = ck.get("stream_state")
+        if ck.get("task_state") is not None and hasattr(task, "load_state_dict"):
+            task.load_state_dict(ck["task_state"])  # where the data stream had got to
 
     extra: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -218,7 +220,9 @@ def train(
             if checkpoint_every is not None and (step % checkpoint_every == 0 or step == steps):
                 _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                               "generator": g.get_state(), "history": history, "step": step,
-                              "stream_state": stream_state}, ckpt_path)
+                              "stream_state": stream_state,
+                              "task_state": task.state_dict() if streaming else None},
+                             ckpt_path)
             t0 = time.perf_counter()
 
     final = evaluate(model, task)

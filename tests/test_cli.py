@@ -51,7 +51,7 @@ def test_train_tracks_alignment(tmp_path):
 
 
 def test_train_online_rtrl_on_the_stream(tmp_path):
-    rc = main(["train", "--task", "stream_add", "--algorithm", "rtrl", "--hidden", "8",
+    rc = main(["train", "--task", "stream_add", "--stream", "--algorithm", "rtrl", "--hidden", "8",
                "--steps", "3", "--update-every", "1", "--optimizer", "sgd", "--lr", "0.05",
                "--log-every", "3", "--out", str(tmp_path / "s"), "--no-progress"])
     assert rc == 0

@@ -97,3 +97,21 @@ def test_cli_bad_algorithm(capsys):
     rc = main(["train", "--algorithm", "nope", "--steps", "1", "--no-progress"])
     assert rc == 2
     assert "unknown algorithm 'nope'" in capsys.readouterr().err
+
+
+def test_resume_on_a_stream_gives_the_uninterrupted_result(tmp_path):
+    """Online RTRL on one continuous stream: the stream and the algorithm state resume too."""
+
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        task = get_task("stream_add", seq_len=10, streaming=True)
+        m = rnngrad.RNN(2, 6, 1, readout="sigmoid", dtype=torch.float64)
+        return train(m, task, algorithm=rnngrad.rtrl(), steps=steps, optimizer="sgd", lr=0.05,
+                     update_every=1, log_every=2, out=out, checkpoint_every=2,
+                     resume=resume).model
+
+    full = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 4)
+    resumed = run(tmp_path / "b", 6, resume=True)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
