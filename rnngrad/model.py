@@ -150,13 +150,12 @@ def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True
     leaky = alpha != 1.0
     if not leaky and act.deriv_from_output and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
-        # no graph to build: write each step straight into the output (tanh, sigmoid)
-        h_all = torch.empty_like(A)
+        # no graph to build (tanh, sigmoid): h_t overwrites a_t's input part in place,
+        # so the forward pass allocates one (T, B, H) buffer
         h = h0
         for t in range(T):
-            torch.addmm(A[t], h, W_rec_T, out=h_all[t])
-            h = act.fn(h_all[t], out=h_all[t])
-        return h_all, (act.deriv(None, h_all) if need_deriv else None)
+            h = act.fn(A[t].addmm_(h, W_rec_T), out=A[t])
+        return A, (act.deriv(None, A) if need_deriv else None)
     a_s: list[Tensor] = []
     f_s: list[Tensor] = []
     hs: list[Tensor] = []

@@ -64,8 +64,10 @@ def backward(
     inputs: Tensor,
     h0: Tensor,
     hs: Tensor,
-    dphi: Tensor,
+    dphi: Tensor | None,
     hbar: Tensor,
+    *,
+    overwrite: bool = False,
 ) -> tuple[Grads, Tensor, Tensor]:
     """The hand-derived backward pass over one stored segment.
 
@@ -73,8 +75,10 @@ def backward(
         inputs: (T, B, D) x_1..x_T.
         h0: (B, H) the state before the segment.
         hs: (T, B, H) h_1..h_T.
-        dphi: (T, B, H) phi'(a_t).
+        dphi: (T, B, H) phi'(a_t); or None for a vanilla cell (alpha = 1) whose phi' is
+            a function of its output (tanh, sigmoid), computed step by step from hs.
         hbar: (T, B, H) immediate terms dl/dh_t.
+        overwrite: write u into hbar's memory (saves a (T, B, H) buffer).
 
     Returns:
         ``(grads, u, dh0)``: W_in, W_rec, b_rec gradients; u_t (T, B, H); dL/dh_0 (B, H).
@@ -84,16 +88,34 @@ def backward(
     alpha = model.alpha
     leaky = alpha != 1.0
     W_rec = model.W_rec
-    u = torch.empty_like(hbar)
-    if leaky:
+    if dphi is None:
+        act = get_activation(model.activation)
+        if leaky or not act.deriv_from_output:
+            raise ValueError("dphi=None needs a vanilla cell (alpha = 1) with tanh or sigmoid")
+        # u_t = phi'(a_t) * (hbar_t + W_rec^T u_{t+1}), phi' from h_t, in place in hbar
+        u = hbar if overwrite else hbar.clone()
+        if act.name == "tanh":
+            # u_t = g (1 - h_t^2) = g - (g h_t) h_t: two elementwise passes, no temporaries
+            u[T - 1].addcmul_(u[T - 1] * hs[T - 1], hs[T - 1], value=-1.0)
+            for t in range(T - 2, -1, -1):
+                g = u[t].addmm_(u[t + 1], W_rec)
+                g.addcmul_(g * hs[t], hs[t], value=-1.0)
+        else:
+            u[T - 1].mul_(act.deriv(None, hs[T - 1]))
+            for t in range(T - 2, -1, -1):
+                u[t].addmm_(u[t + 1], W_rec).mul_(act.deriv(None, hs[t]))
+        dh0 = u[0] @ W_rec
+    elif leaky:
+        u = hbar if overwrite else torch.empty_like(hbar)
         scaled = dphi * alpha  # alpha phi'(a_t), once for all t
-        delta = hbar[T - 1]
-        u[T - 1] = scaled[T - 1] * delta
+        delta = hbar[T - 1].clone()
+        torch.mul(scaled[T - 1], delta, out=u[T - 1])
         for t in range(T - 2, -1, -1):
             delta = torch.addmm(hbar[t], u[t + 1], W_rec).add_(delta, alpha=1.0 - alpha)
             torch.mul(scaled[t], delta, out=u[t])
         dh0 = torch.addmm(delta, u[0], W_rec, beta=1.0 - alpha)
     else:
+        u = hbar if overwrite else torch.empty_like(hbar)
         torch.mul(dphi[T - 1], hbar[T - 1], out=u[T - 1])
         for t in range(T - 2, -1, -1):
             torch.addmm(hbar[t], u[t + 1], W_rec, out=u[t]).mul_(dphi[t])
@@ -190,7 +212,10 @@ def bptt(*, sensitivities: bool = False, checkpoint: int | None = None) -> Algor
         T, B, _ = inputs.shape
         H, K = model.hidden_size, model.output_size
         with torch.no_grad():
-            hs, dphi = unroll(model, inputs, h0)
+            # vanilla tanh/sigmoid cell: phi' comes from h_t inside the backward loop, so
+            # no (T, B, H) buffer of phi' is made (large buffers cost page faults)
+            per_step = model.alpha == 1.0 and get_activation(model.activation).deriv_from_output
+            hs, dphi = unroll(model, inputs, h0, need_deriv=not per_step)
             h2 = hs.view(T * B, H)
             if targets is not None:
                 z = torch.addmm(model.b_out, h2, model.W_out.T).view(T, B, K)
@@ -203,8 +228,8 @@ def bptt(*, sensitivities: bool = False, checkpoint: int | None = None) -> Algor
             if reward is not None:
                 R, dR = reward_grad(reward, hs)
                 value = value - R
-                hbar = hbar - dR
-            grads, u, dh0 = backward(model, inputs, h0, hs, dphi, hbar)
+                hbar.sub_(dR)
+            grads, u, dh0 = backward(model, inputs, h0, hs, dphi, hbar, overwrite=True)
             grads.update(output_grads(dz2, h2))
             grads["h0"] = dh0
             if sensitivities:
