@@ -12,8 +12,16 @@ Both sides start from x = 0 and run K iterations of ``x <- tanh(W x + b)``
   backpropagates through them (BPTT through the relaxation).
 - ``rnngrad-<method>``: ``fixed_point(tol=0, max_iter=K, throw=False)`` without a
   graph, then ``recurrent_backprop(method=...)`` at the final state.
-- ``torchdeq``: torchdeq's implicit backward, if ``import torchdeq`` works
-  (skipped otherwise).
+- ``torchdeq (ift)``: torchdeq's DEQ with its implicit backward, if
+  ``import torchdeq`` works (the optional extra ``pip install rnngrad[deq]``;
+  skipped otherwise). ``get_deq(core="sliced", ift=True, f_solver=b_solver=
+  "fixed_point_iter")``: the forward runs the same K plain iterations from x = 0
+  (``f_tol=0``, ``f_max_iter=K``), the backward solves ``g = J^T g + dR/dz``
+  by fixed-point iteration (the Neumann series, as ``rnngrad-iterate`` does) to
+  the same relative tolerance as rnngrad's default (``b_stop_mode="rel"``,
+  ``b_tol = 100 eps = 1.2e-5`` in float32, ``b_max_iter=1000``). torchdeq
+  returns ``f(x_K)`` (one extra evaluation, with a graph) and differentiates
+  through it, so its gradient is taken at the same state x_K.
 
 How memory is measured (CPU has no ``max_memory_allocated``): the PyTorch memory
 profiler (``torch.profiler.profile(profile_memory=True, record_shapes=True,
@@ -28,6 +36,12 @@ forward + backward. Ratios are against the autograd anchor of the same (N, K),
 measured in the same run. ``grad_rel_diff`` is ``max|dW - dW_autograd| /
 max|dW_autograd|``: recurrent backprop differentiates the steady state, so it
 matches the unrolled gradient once x_K has converged (K = 10 has not).
+``grad_rel_diff_vs_direct`` is ``max|dW - dW_direct| / max|dW_direct|`` against
+``rnngrad-direct`` (the LU solve of the adjoint at the same x_K): it compares
+the implicit gradients with each other, converged or not. For torchdeq,
+``saved_bytes`` is measured with ``saved_tensors_hooks`` around its forward
+(what its graph and ``IFTGrad`` keep), plus W, which its backward reaches
+through the closure f rather than through a saved tensor.
 """
 
 from __future__ import annotations
@@ -61,6 +75,7 @@ HERE = Path(__file__).resolve().parent
 CSV = HERE / "steady_results.csv"
 B = 32
 DTYPE = torch.float32
+TORCHDEQ = "torchdeq (ift)"
 
 
 def problem(N: int, seed: int = 0):
@@ -90,21 +105,70 @@ def make_grad_rnngrad(method):
     return grad
 
 
-def make_grad_torchdeq():
+def torchdeq_version():
+    try:
+        from importlib.metadata import version
+
+        return version("torchdeq")
+    except Exception:
+        return None
+
+
+def make_torchdeq_forward():
+    """``forward(W, b, K) -> z`` through torchdeq's DEQ with its implicit backward, or None."""
     try:
         from torchdeq import get_deq
     except ImportError:
+        return None
+    b_tol = max(1e-12, 100.0 * torch.finfo(DTYPE).eps)  # rnngrad's default adjoint tolerance
+
+    def forward(W, b, K):
+        deq = get_deq(
+            core="sliced",
+            ift=True,
+            f_solver="fixed_point_iter",
+            f_max_iter=K,
+            f_tol=0.0,  # exactly K iterations, like the other methods
+            b_solver="fixed_point_iter",
+            b_max_iter=1000,
+            b_tol=b_tol,
+            b_stop_mode="rel",
+        )
+        z_out, _ = deq(lambda x: torch.tanh(torch.addmm(b, x, W.T)), torch.zeros_like(b))
+        return z_out[-1]
+
+    return forward
+
+
+def make_grad_torchdeq():
+    forward = make_torchdeq_forward()
+    if forward is None:
         return None
 
     def grad(W, b, g, K):
         W = W.detach().requires_grad_()
         b = b.detach().requires_grad_()
-        deq = get_deq(f_solver="fixed_point_iter", f_max_iter=K, f_tol=0.0, b_max_iter=K)
-        z_out, _ = deq(lambda x: torch.tanh(torch.addmm(b, x, W.T)), torch.zeros_like(b))
-        dW, db = torch.autograd.grad((g * z_out[-1]).sum(), (W, b))
+        z = forward(W, b, K)
+        dW, db = torch.autograd.grad((g * z).sum(), (W, b))
         return dW, db, K
 
     return grad
+
+
+def saved_bytes_torchdeq(W, b, K):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    forward = make_torchdeq_forward()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(W.detach().requires_grad_(), b.detach().requires_grad_(), K)
+    # The backward re-evaluates f through the closure, which keeps W alive without
+    # saving it: count W too, as rnngrad's (W, b, x) does.
+    storages[W.untyped_storage().data_ptr()] = W.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def time_it(fn, repeats):
@@ -160,12 +224,15 @@ def run_gradients(Ns, Ks, repeats):
         methods[f"rnngrad-{m}"] = make_grad_rnngrad(m)
     deq = make_grad_torchdeq()
     if deq is not None:
-        methods["torchdeq"] = deq
+        methods[TORCHDEQ] = deq
+    else:
+        print("torchdeq is not installed: its rows are skipped", file=sys.stderr)
     rows = []
     for N in Ns:
         W, b, g = problem(N)
         for K in Ks:
             anchor = None
+            direct = methods["rnngrad-direct"](W, b, g, K)[0]  # reference for the implicit grads
             for name, grad in methods.items():
                 call = functools.partial(grad, W, b, g, K)
                 try:
@@ -173,7 +240,7 @@ def run_gradients(Ns, Ks, repeats):
                     seconds = time_it(call, repeats)
                     peak = peak_bytes(call)
                 except Exception as err:
-                    if name != "torchdeq":
+                    if name != TORCHDEQ:
                         raise
                     # a third-party baseline may not take these options: say so, go on
                     print(f"{name} N={N} K={K} failed: {err!r}", file=sys.stderr)
@@ -181,9 +248,12 @@ def run_gradients(Ns, Ks, repeats):
                 if name == "autograd":
                     saved = saved_bytes_autograd(W, b, K)
                     anchor = {"seconds": seconds, "peak": peak, "dW": dW}
+                elif name == TORCHDEQ:
+                    saved = saved_bytes_torchdeq(W, b, K)
                 else:
                     saved = sum(t.numel() * t.element_size() for t in (W, b, b))  # W, b, x
                 diff = float((dW - anchor["dW"]).abs().max() / anchor["dW"].abs().max())
+                diff_direct = float((dW - direct).abs().max() / direct.abs().max())
                 rows.append(
                     {
                         "method": name,
@@ -199,6 +269,7 @@ def run_gradients(Ns, Ks, repeats):
                         "time_ratio_vs_autograd": f"{seconds / anchor['seconds']:.4f}",
                         "peak_ratio_vs_autograd": f"{peak / anchor['peak']:.4f}",
                         "grad_rel_diff": f"{diff:.2e}",
+                        "grad_rel_diff_vs_direct": f"{diff_direct:.2e}",
                         "memory_method": "torch.profiler export_memory_timeline peak (allocations"
                         " inside the call); saved_bytes: saved_tensors_hooks / (W, b, x)",
                     }
@@ -206,7 +277,7 @@ def run_gradients(Ns, Ks, repeats):
                 print(
                     f"N={N:4d} K={K:5d} {name:16s} {seconds * 1e3:9.2f} ms  "
                     f"peak {peak / 2**20:8.2f} MiB  saved {saved / 2**20:8.2f} MiB  "
-                    f"diff {diff:.1e}",
+                    f"diff {diff:.1e}  vs direct {diff_direct:.1e}",
                     file=sys.stderr,
                 )
     return rows
@@ -293,8 +364,8 @@ def main():
     torch.set_num_threads(args.threads)
     Ns, Ks = ([64], [10, 100]) if args.quick else ([64, 512], [10, 100, 1000])
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{args.threads} thread(s)",
+        f"torch {torch.__version__}, torchdeq {torchdeq_version()}, "
+        f"{platform.processor() or platform.machine()}, {args.threads} thread(s)",
         file=sys.stderr,
     )
     rows = run_gradients(Ns, Ks, args.repeats)
