@@ -287,6 +287,7 @@ def _slopes(act: Activation, W: Tensor, b: Tensor, x: Tensor) -> Tensor:
     return act.deriv(a, act.fn(a))
 
 
+@torch.no_grad()  # a hand-derived gradient: it builds no graph of its own
 def recurrent_backprop(
     W: Tensor,
     b: Tensor,

@@ -471,3 +471,18 @@ def test_bad_inputs_raise():
         recurrent_backprop(W, b, b, g, method="lu")
     with pytest.raises(ValueError, match="damping must lie in"):
         fixed_point(W, b, damping=1.5)
+
+
+@pytest.mark.parametrize("method", ["direct", "iterate", "gmres"])
+def test_recurrent_backprop_with_parameters_that_require_grad(method):
+    """Weights taken straight from an nn.Module: no warning, no graph, the same result."""
+    g = torch.Generator().manual_seed(5)
+    N = 6
+    W = (0.3 * torch.randn(N, N, generator=g, dtype=torch.float64)).requires_grad_(True)
+    b = torch.randn(2, N, generator=g, dtype=torch.float64)
+    x, _ = fixed_point(W.detach(), b, tol=1e-13)
+    dR = torch.randn(2, N, generator=g, dtype=torch.float64)
+    dW, db, u = recurrent_backprop(W, b, x, dR, method=method)
+    assert dW.grad_fn is None and u.grad_fn is None
+    dW2, _, _ = recurrent_backprop(W.detach(), b, x, dR, method=method)
+    assert torch.allclose(dW, dW2, rtol=0, atol=0)
