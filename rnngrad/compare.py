@@ -39,16 +39,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .algorithms.base import Algorithm, Grads, add_grads
+from .algorithms.base import Algorithm
 from .algorithms.bptt import bptt
-from .gradient import gradient, write_grads
+from .gradient import gradient
 from .metrics import METRICS, alignment
 from .model import RNN, unroll
 from .readouts import loss_and_grad
+from .train import OPTIMIZERS, apply_update, make_optimizer, online_pass
 
 __all__ = ["compare", "evaluate_loss", "state_bytes", "OPTIMIZERS"]
 
-OPTIMIZERS = ("sgd", "adam")
 # alignment is measured on the recurrent parameters: every algorithm here has the exact
 # readout gradient, which would otherwise dominate the cosine
 RECURRENT = ("W_in", "W_rec", "b_rec")
@@ -113,47 +113,6 @@ def _named(algorithms) -> list[tuple[str, Algorithm]]:
     if len(set(names)) != len(names):
         raise ValueError(f"algorithm names must be distinct, got {names}")
     return out
-
-
-def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-
-
-def _apply(model, opt, grads: Grads, clip: float | None) -> None:
-    write_grads(model, grads)
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-
-
-def _online_pass(model, opt, algo: Algorithm, batch, state, loss: str, update_every: int | None,
-                 clip: float | None):
-    """Step through one batch with the step interface, updating every ``update_every``
-    steps (or once at the end). Returns (state, grads summed over the batch)."""
-    inputs, targets, mask = batch[0], batch[1], batch[2]
-    T = inputs.shape[0]
-    total = pending = None
-    for t in range(T):
-        state, _, g = algo.step(model, state, inputs[t], targets[t], mask_t=mask[t], loss=loss)
-        pending = add_grads(pending, g)
-        if update_every is not None and (t + 1) % update_every == 0 and t + 1 < T:
-            if not algo.online:  # BPTT-like: emit what is stored, cut there
-                state, g = algo.flush(model, state)
-                pending = add_grads(pending, g)
-            if pending is not None:
-                _apply(model, opt, pending, clip)
-                total = add_grads(total, pending)
-                pending = None
-    state, g = algo.flush(model, state)
-    pending = add_grads(pending, g)
-    if pending is not None:
-        _apply(model, opt, pending, clip)
-        total = add_grads(total, pending)
-    return state, total
 
 
 def compare(
@@ -234,7 +193,7 @@ def compare(
                      alpha=alpha, readout=task.readout, init=init, dtype=dtype)
         for name, algo in named:
             model = copy.deepcopy(model0)
-            opt = _optimizer(optimizer, model.parameters(), lr)
+            opt = make_optimizer(optimizer, model.parameters(), lr)
             data = torch.Generator().manual_seed(1_000_003 * seed + 17)
             if hasattr(task, "reset"):
                 task.reset()
@@ -264,8 +223,9 @@ def compare(
                 if online_mode:
                     if state is None or not streaming:
                         state = algo.init(model, batch_size)
-                    state, used = _online_pass(model, opt, algo, batch, state, loss,
-                                               update_every, clip)
+                    state, _, used = online_pass(model, opt, algo, batch, state, loss,
+                                                 update_every, clip)
+                    used = used or None
                     elapsed += time.perf_counter() - t0
                 else:
                     _, used = gradient(model, inputs, targets, algorithm=algo, loss=loss,
@@ -278,7 +238,7 @@ def compare(
                     aligns.append({"algorithm": name, "seed": seed, "step": step, **a})
                 if not online_mode:
                     t1 = time.perf_counter()
-                    _apply(model, opt, used, clip)
+                    apply_update(model, opt, used, clip)
                     elapsed += time.perf_counter() - t1
                 processed += inputs.shape[0]
                 if step % eval_every == 0 or step == steps:

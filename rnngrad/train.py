@@ -35,7 +35,8 @@ from .gradient import gradient, write_grads
 from .readouts import loss_and_grad, readout
 from .tasks.base import Batch, make_generator
 
-__all__ = ["train", "evaluate", "TrainResult", "OPTIMIZERS"]
+__all__ = ["train", "evaluate", "TrainResult", "OPTIMIZERS", "make_optimizer", "apply_update",
+           "online_pass"]
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -76,7 +77,8 @@ def evaluate(model: nn.Module, task, batch: Batch | None = None) -> dict[str, fl
     return out
 
 
-def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """"adam" or "sgd" over ``params``."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
@@ -84,7 +86,8 @@ def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
 
 
-def _apply(model, opt, grads, clip: float | None) -> None:
+def apply_update(model, opt, grads, clip: float | None) -> None:
+    """Write ``grads`` into ``.grad``, clip the norm (unless None) and step ``opt``."""
     write_grads(model, grads)
     if clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -159,7 +162,7 @@ def train(
     if checkpoint_every is not None and out is None:
         raise ValueError("checkpoint_every needs an output directory (out)")
 
-    opt = _make_optimizer(optimizer, model.parameters(), lr)
+    opt = make_optimizer(optimizer, model.parameters(), lr)
     g = make_generator(seed)
     p = model.W_rec
     streaming = bool(getattr(task, "streaming", False))
@@ -196,11 +199,13 @@ def train(
         if update_every is None:
             loss, grads = gradient(model, batch.inputs, batch.targets, algorithm=algorithm,
                                    loss=task.loss, mask=batch.mask)
-            _apply(model, opt, grads, clip)
+            apply_update(model, opt, grads, clip)
         else:
-            loss, grads, stream_state = _online_pass(
-                model, opt, algorithm, batch, task.loss, update_every, clip,
-                stream_state if streaming else None)
+            state = stream_state if streaming else None
+            if state is None:
+                state = algorithm.init(model, batch_size)
+            stream_state, loss, grads = online_pass(model, opt, algorithm, batch, state,
+                                                    task.loss, update_every, clip)
         train_loss_acc += float(loss)
         done_since_log += 1
         if step_callback is not None:
@@ -235,33 +240,44 @@ def train(
     return TrainResult(model, history, final)
 
 
-def _online_pass(model, opt, algorithm: Algorithm, batch: Batch, loss_name: str,
-                 update_every: int, clip: float | None, state) -> tuple[Tensor, dict, Any]:
-    """One batch online: step through time, update every ``update_every`` steps.
+def online_pass(model, opt, algorithm: Algorithm, batch: Batch, state, loss: str,
+                update_every: int | None, clip: float | None) -> tuple[Any, Tensor, dict]:
+    """Step ``algorithm`` through one batch, applying the optimizer during it.
 
-    ``state`` carries the algorithm state across batches of a streaming task (None:
-    start afresh). Returns the batch's loss, the last applied gradient, and the state.
+    Every ``update_every`` time steps (and at the end of the batch) the optimizer is
+    applied with what the algorithm emitted since the last update; an algorithm that
+    is not online (BPTT) is flushed there first, i.e. cut into chunks of
+    ``update_every`` steps. ``update_every=None`` updates once, at the end.
+
+    Args:
+        state: the algorithm's state to start from (``algorithm.init(...)`` or the state
+            carried from the previous batch of a stream).
+
+    Returns:
+        ``(state, loss, grads)``: the state after the batch, the batch's pinned loss,
+        and the sum of the gradients applied (an empty dict if nothing was emitted).
     """
-    T, B = batch.mask.shape
-    if state is None:
-        state = algorithm.init(model, B)
-    pending = None
-    last = None
-    total = batch.inputs.new_zeros(())
+    T = batch.inputs.shape[0]
+    total = pending = None
+    value = batch.inputs.new_zeros(())
     for t in range(T):
         state, out, g = algorithm.step(model, state, batch.inputs[t], batch.targets[t],
-                                       mask_t=batch.mask[t], loss=loss_name)
-        total = total + out.loss
+                                       mask_t=batch.mask[t], loss=loss)
+        value = value + out.loss
         pending = add_grads(pending, g)
-        if (t + 1) % update_every == 0 and pending is not None:
-            _apply(model, opt, pending, clip)
-            last, pending = pending, None
+        if update_every is not None and (t + 1) % update_every == 0 and t + 1 < T:
+            if not algorithm.online:  # BPTT-like: emit what is stored, cut there
+                state, g = algorithm.flush(model, state)
+                pending = add_grads(pending, g)
+            if pending is not None:
+                apply_update(model, opt, pending, clip)
+                total, pending = add_grads(total, pending), None
     state, g = algorithm.flush(model, state)
     pending = add_grads(pending, g)
     if pending is not None:
-        _apply(model, opt, pending, clip)
-        last = pending
-    return total, last if last is not None else {}, state
+        apply_update(model, opt, pending, clip)
+        total = add_grads(total, pending)
+    return state, value, total if total is not None else {}
 
 
 def _write_metrics(history: list[dict[str, float]], path: Path) -> None:

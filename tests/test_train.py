@@ -115,3 +115,22 @@ def test_resume_on_a_stream_gives_the_uninterrupted_result(tmp_path):
     resumed = run(tmp_path / "b", 6, resume=True)
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_online_bptt_is_cut_at_each_update_like_tbptt():
+    """--update-every k with BPTT flushes (cuts) at each update: it trains like tbptt(k)."""
+    task = get_task("sine", seq_len=6)
+    torch.manual_seed(2)
+    m1 = rnngrad.RNN(1, 5, 1, dtype=torch.float64)
+    m2 = rnngrad.RNN(1, 5, 1, dtype=torch.float64)
+    m3 = rnngrad.RNN(1, 5, 1, dtype=torch.float64)
+    m2.load_state_dict(m1.state_dict())
+    m3.load_state_dict(m1.state_dict())
+    for m, algo, every in ((m1, rnngrad.bptt(), 3), (m2, rnngrad.tbptt(3), 3),
+                           (m3, rnngrad.bptt(), None)):
+        train(m, task, algorithm=algo, steps=3, lr=1e-1, optimizer="sgd", log_every=3,
+              update_every=every, batch_size=4)
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.allclose(a, b, atol=1e-12), n
+    # and it is not the same as one update per sequence
+    assert not torch.allclose(m1.W_rec, m3.W_rec, atol=1e-6)
