@@ -6,6 +6,9 @@ theta = [W_rec | W_in | b_rec] (H, P), pre_t = [h_{t-1}; x_t; 1].
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 import rnngrad
@@ -117,3 +120,68 @@ def adding_batch(T, B, *, generator):
     mask = torch.zeros(T, B)
     mask[-1] = 1.0
     return inputs, targets, mask
+
+
+# --- shared checks for the unbiased estimators (UORO, KF-RTRL) -------------------------
+
+
+def _mean_error(samples, M):
+    """||mean - M|| and the standard error sqrt(tr Cov / n) it should be close to."""
+    n = samples.shape[0]
+    mean = samples.mean(0)
+    var = (samples - mean).square().sum() / (n - 1)
+    return (mean - M).norm().item(), math.sqrt(var.item() / n)
+
+
+def check_unbiased_influence(samples_fn, alpha):
+    """samples_fn(model, x1 (T, D), n, seed) -> n independent estimates (n, H, H, P) of
+    RTRL's influence M_T. Each of 16 group means is within 4 standard errors of the exact
+    influence, and quadrupling n shrinks the error like 1/sqrt(n)."""
+    model = make_model(alpha=alpha, H=4, D=2)
+    x, _, _ = make_data(T=5, B=1, D=2)
+    M = exact_influence(model, x[:, 0])
+    groups, n = 16, 500
+    rms = []
+    for n_i, seed in ((n, 0), (4 * n, 1)):
+        s = samples_fn(model, x[:, 0], groups * n_i, seed).view(groups, n_i, *M.shape)
+        errs = []
+        for k in range(groups):
+            err, se = _mean_error(s[k], M)
+            assert err <= 4 * se, (n_i, err, se)
+            errs.append(err)
+        rms.append(math.sqrt(sum(e * e for e in errs) / groups))
+    # quadrupling n halves the (root-mean-square over groups) error: the 1/sqrt(n) rate
+    assert 0.35 < rms[1] / rms[0] < 0.7, rms
+
+
+def check_unbiased_gradient(factory):
+    """With n copies of one sequence the emitted gradient is the mean of n independent
+    estimates of the exact gradient of that sequence; the readout gradient is exact."""
+    model = make_model(H=4, D=2)
+    x, y, _ = make_data(T=5, B=1, D=2)
+    n = 20000
+    X = x.expand(-1, n, -1).contiguous()
+    Y = y.expand(-1, n, -1).contiguous()
+    _, g = rnngrad.gradient(model, X, Y, algorithm=factory(seed=5))
+    _, exact = rnngrad.gradient(model, x, y)
+    rel = ((g["W_rec"] - exact["W_rec"]).norm() / exact["W_rec"].norm()).item()
+    assert rel < 0.1, rel
+    torch.testing.assert_close(g["W_out"], exact["W_out"], rtol=1e-10, atol=1e-12)
+
+
+def check_h0_and_eps_raise(factory):
+    model = make_model()
+    with pytest.raises(ValueError, match="h0"):
+        factory().init(model, 2, h0=torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="eps must be a positive float"):
+        factory(eps=0.0)
+
+
+def check_fresh_noise_but_reproducible(factory):
+    model = make_model()
+    x, y, _ = make_data()
+    a = factory(seed=1)
+    g1 = rnngrad.gradient(model, x, y, algorithm=a)[1]["W_rec"]
+    g2 = rnngrad.gradient(model, x, y, algorithm=a)[1]["W_rec"]
+    g3 = rnngrad.gradient(model, x, y, algorithm=factory(seed=1))[1]["W_rec"]
+    assert not torch.equal(g1, g2) and torch.equal(g1, g3)
