@@ -148,8 +148,10 @@ def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True
     # a_t = (W_in x_t + b_rec) + W_rec h_{t-1}: the first term for all t at once
     A = torch.addmm(model.b_rec, inputs.reshape(T * B, D), model.W_in.T).view(T, B, H)
     leaky = alpha != 1.0
-    if not leaky and act.deriv_from_output and not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
+    builds_graph = torch.is_grad_enabled() and (
+        inputs.requires_grad or h0.requires_grad
+        or any(p.requires_grad for p in model.parameters()))
+    if not leaky and act.deriv_from_output and not builds_graph:
         # no graph to build (tanh, sigmoid): h_t overwrites a_t's input part in place,
         # so the forward pass allocates one (T, B, H) buffer
         h = h0

@@ -54,3 +54,11 @@ def test_state_dict_round_trip_and_to():
     x = torch.randn(4, 2, 2)
     assert torch.equal(m(x)[0], m2(x)[0])
     assert m.to(torch.float64).W_in.dtype == torch.float64
+
+
+def test_forward_differentiable_in_its_inputs_with_frozen_weights():
+    m = rnngrad.RNN(2, 3, 1, dtype=torch.float64).requires_grad_(False)
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    y, _ = m(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert gx.shape == x.shape and torch.isfinite(gx).all()
