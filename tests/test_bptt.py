@@ -199,3 +199,18 @@ def test_float32_close_to_float64():
     _, g32 = rnngrad.gradient(m32, x.float(), y.float())
     for n in g64:
         assert rel_err(g32[n].double(), g64[n]) < 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["bptt", "rtrl", "tbptt:3", "eprop", "snap1"])
+def test_cuda_matches_cpu(name):
+    """Every tensor stays on the device, and the gradients equal the CPU's (float64)."""
+    from rnngrad.registry import get_algorithm
+
+    model, x, y = make_problem(6, 3, 2, 5, 2, alpha=0.8)
+    _, g_cpu = rnngrad.gradient(model, x, y, algorithm=get_algorithm(name))
+    model = model.to("cuda")
+    _, g = rnngrad.gradient(model, x.cuda(), y.cuda(), algorithm=get_algorithm(name))
+    for n in g_cpu:
+        assert g[n].device.type == "cuda"
+        assert rel_err(g[n].cpu(), g_cpu[n]) < 1e-10, n
