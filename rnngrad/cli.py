@@ -14,6 +14,17 @@ __all__ = ["main", "build_parser"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def _check_device(name: str) -> str:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but torch {torch.__version__} sees no "
+                         "CUDA device here")
+    return name
+
+
 def _task_kwargs(args) -> dict:
     kw = {}
     if getattr(args, "seq_len", None) is not None:
@@ -56,23 +67,28 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
                         "hidden and algorithm state carry over from batch to batch")
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
+def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size: int,
+                        compare: bool = False) -> argparse._ArgumentGroup:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=2000, help="training batches (default: 2000)")
+    g.add_argument("--steps", type=int, default=steps,
+                   help=f"training batches{' per run' if compare else ''} (default: {steps})")
     g.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: 1e-2)")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
                    help="optimizer (default: adam)")
-    g.add_argument("--batch-size", type=int, default=32, metavar="B",
-                   help="sequences per batch (default: 32)")
+    g.add_argument("--batch-size", type=int, default=batch_size, metavar="B",
+                   help=f"sequences per batch (default: {batch_size})")
     g.add_argument("--clip", type=float, default=1.0,
                    help="clip the gradient norm to this value; 0 disables (default: 1.0)")
     g.add_argument("--update-every", type=int, default=None, metavar="N",
                    help="online learning: apply the optimizer every N time steps during the "
-                        "sequence with what the algorithm emitted (default: once per sequence)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed for the initial weights and the data stream (default: 0)")
-    g.add_argument("--log-every", type=int, default=50,
-                   help="evaluate and log every this many steps (default: 50)")
+                        "sequence with what the algorithm emitted; BPTT is cut there "
+                        "(default: once per sequence)")
+    if not compare:
+        g.add_argument("--seed", type=int, default=0,
+                       help="seed for the initial weights and the data stream (default: 0)")
+        g.add_argument("--log-every", type=int, default=50,
+                       help="evaluate and log every this many steps (default: 50)")
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a network x = f(Wx + U image + c) trained at its steady state by "
                         "recurrent backprop (digits only; default: rnn)")
     _add_model_flags(p)
-    _add_training_flags(p)
+    _add_training_flags(p, steps=2000, batch_size=32)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR",
                    help="directory for metrics.csv, curve.png, model.pt, config.json "
@@ -127,17 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of seeds, 0..S-1; each fixes initial weights and data (default: 3)")
     _add_model_flags(p)
     p.set_defaults(hidden=32)
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=300, help="training batches per run (default: 300)")
-    g.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: 1e-2)")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
-                   help="optimizer (default: adam)")
-    g.add_argument("--batch-size", type=int, default=16, metavar="B",
-                   help="sequences per batch (default: 16)")
-    g.add_argument("--clip", type=float, default=1.0,
-                   help="clip the gradient norm to this value; 0 disables (default: 1.0)")
-    g.add_argument("--update-every", type=int, default=None, metavar="N",
-                   help="optimizer step every N time steps within a batch (default: per batch)")
+    g = _add_training_flags(p, steps=300, batch_size=16, compare=True)
     g.add_argument("--track-every", type=int, default=20, metavar="N",
                    help="measure alignment with exact BPTT every N steps; 0 disables "
                         "(default: 20)")
@@ -213,6 +219,16 @@ def cmd_train_steady(args) -> int:
     if algorithm not in STEADY_ALGORITHMS:
         raise ValueError(f"--model steady takes --algorithm {', '.join(STEADY_ALGORITHMS)}, "
                          f"got {algorithm!r}")
+    unused = [flag for flag, value, default in (
+        ("--alpha", args.alpha, 1.0), ("--init", args.init, "uniform"),
+        ("--device", args.device, "cpu"), ("--update-every", args.update_every, None),
+        ("--clip", args.clip, 1.0), ("--optimizer", args.optimizer, "adam"),
+        ("--checkpoint-every", args.checkpoint_every, None), ("--resume", args.resume, False),
+        ("--track-alignment", args.track_alignment, None), ("--stream", args.stream, False),
+        ("--seq-len", args.seq_len, None)) if value != default]
+    if unused:
+        raise ValueError(f"--model steady (Adam, CPU, no sequence) does not take "
+                         f"{', '.join(unused)}")
     model = SteadyClassifier(args.hidden, activation=args.activation, seed=args.seed,
                              backward_method=STEADY_ALGORITHMS[algorithm],
                              dtype=DTYPES[args.dtype])
@@ -255,6 +271,7 @@ def cmd_train(args) -> int:
     from .tasks import get_task
     from .train import train
 
+    _check_device(args.device)
     task = get_task(args.task, **_task_kwargs(args))
     algorithm = get_algorithm(args.algorithm or "bptt")
     torch.manual_seed(args.seed)
@@ -307,6 +324,7 @@ def cmd_compare(args) -> int:
     from .registry import parse_algorithms
     from .tasks import get_task
 
+    _check_device(args.device)
     task = get_task(args.task, **_task_kwargs(args))
     named = parse_algorithms(args.algorithms)
     if args.seeds < 1:
@@ -328,7 +346,7 @@ def cmd_compare(args) -> int:
                    batch_size=args.batch_size, update_every=args.update_every,
                    track_every=args.track_every or None, out_dir=out, progress=on_progress,
                    alpha=args.alpha, activation=args.activation, init=args.init,
-                   clip=args.clip or None, dtype=DTYPES[args.dtype])
+                   clip=args.clip or None, dtype=DTYPES[args.dtype], device=args.device)
     bar.close()
     print(f"{task.name}: {args.seeds} seed(s) x {args.steps} steps, H={args.hidden}, "
           f"{time.perf_counter() - t0:.0f} s")
@@ -342,6 +360,7 @@ def cmd_bench(args) -> int:
 
     from .bench import bench_bptt
 
+    _check_device(args.device)
     rows = []
     for H in (int(h) for h in args.hidden.split(",")):
         rows += bench_bptt(H, device=args.device, repeats=args.repeats)

@@ -136,6 +136,7 @@ def compare(
     reference: Algorithm | None = None,
     clip: float | None = None,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> list[dict]:
     """Train each algorithm from the same weights on the same data; tabulate and plot.
 
@@ -155,7 +156,7 @@ def compare(
         progress: called with a dict (algorithm, seed, step, steps, test_loss) at each
             evaluation; the library prints nothing.
         reference: the exact algorithm for alignment (default ``bptt()``).
-        dtype: of the model and data.
+        dtype, device: of the model and data.
 
     Returns:
         One dict per algorithm with the keys of ``TABLE_FIELDS``: final test loss mean and
@@ -181,7 +182,7 @@ def compare(
     eval_every = eval_every or max(1, steps // 20)
     streaming = bool(getattr(task, "streaming", False))
     loss = task.loss
-    test = task.test_batch().to(dtype=dtype)
+    test = task.test_batch().to(device=device, dtype=dtype)
 
     curves: list[dict] = []
     aligns: list[dict] = []
@@ -190,7 +191,8 @@ def compare(
     for seed in seeds:
         torch.manual_seed(seed)
         model0 = RNN(task.input_size, hidden, task.output_size, activation=activation,
-                     alpha=alpha, readout=task.readout, init=init, dtype=dtype)
+                     alpha=alpha, readout=task.readout, init=init, dtype=dtype,
+                     device=device)
         for name, algo in named:
             model = copy.deepcopy(model0)
             opt = make_optimizer(optimizer, model.parameters(), lr)
@@ -210,7 +212,7 @@ def compare(
 
             record(0)
             for step in range(1, steps + 1):
-                batch = task.batch(batch_size, generator=data).to(dtype=dtype)
+                batch = task.batch(batch_size, generator=data).to(device=device, dtype=dtype)
                 inputs, targets, mask = batch
                 if name not in mem:
                     mem[name] = _peak_state_bytes(model, algo, batch, loss)

@@ -75,3 +75,15 @@ def test_train_steady_rejects_sequence_algorithms(capsys):
 def test_bench_prints_ratios(capsys):
     assert main(["bench", "--hidden", "8", "--repeats", "1"]) == 0
     assert "ratio_vs_nn_rnn" in capsys.readouterr().out
+
+
+def test_train_steady_rejects_flags_it_would_ignore(capsys):
+    rc = main(["train", "--model", "steady", "--alpha", "0.5", "--update-every", "2",
+               "--no-progress"])
+    assert rc == 2
+    assert "does not take --alpha, --update-every" in capsys.readouterr().err
+
+
+def test_unknown_or_missing_device_is_a_clear_error(capsys):
+    assert main(["train", "--device", "nope", "--steps", "1", "--no-progress"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
