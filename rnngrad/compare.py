@@ -52,13 +52,16 @@ __all__ = ["compare", "evaluate_loss", "state_bytes", "OPTIMIZERS"]
 # alignment is measured on the recurrent parameters: every algorithm here has the exact
 # readout gradient, which would otherwise dominate the cosine
 RECURRENT = ("W_in", "W_rec", "b_rec")
+# (classification tasks add final_test_acc_mean and final_test_acc_std after the loss)
 TABLE_FIELDS = ("algorithm", "final_test_loss_mean", "final_test_loss_std", "ms_per_time_step",
                 "state_kib", "cosine_mean", "sign_agreement_mean", "norm_ratio_mean", "seeds",
                 "steps")
 
 
-def evaluate_loss(model: RNN, batch, *, loss: str) -> float:
-    """Mean loss per counted step, ``sum(mask l) / sum(mask)``, from h0 = 0."""
+def evaluate_loss(model: RNN, batch, *, loss: str, accuracy: bool = False
+                  ) -> float | tuple[float, float]:
+    """Mean loss per counted step, ``sum(mask l) / sum(mask)``, from h0 = 0; with
+    ``accuracy=True`` also the fraction of counted steps whose argmax is the class."""
     inputs, targets, mask = batch[0], batch[1], batch[2]
     T, B, _ = inputs.shape
     with torch.no_grad():
@@ -66,7 +69,12 @@ def evaluate_loss(model: RNN, batch, *, loss: str) -> float:
         hs, _ = unroll(model, inputs, h0, need_deriv=False)
         z = torch.addmm(model.b_out, hs.reshape(T * B, -1), model.W_out.T).view(T, B, -1)
         value, _ = loss_and_grad(z, targets, mask, loss=loss, readout_name=model.readout)
-        return float(value / mask.sum())
+        mean = float(value / mask.sum())
+        if not accuracy:
+            return mean
+        counted = mask > 0
+        correct = ((z.argmax(-1) == targets) & counted).sum()
+        return mean, float(correct) / max(int(counted.sum()), 1)
 
 
 def state_bytes(state: Any) -> int:
@@ -159,7 +167,8 @@ def compare(
         dtype, device: of the model and data.
 
     Returns:
-        One dict per algorithm with the keys of ``TABLE_FIELDS``: final test loss mean and
+        One dict per algorithm with the keys of ``TABLE_FIELDS`` (plus final test accuracy
+        mean and std on classification tasks): final test loss mean and
         std over seeds, ms per time step, state memory (KiB), mean alignment (cosine, sign
         agreement, norm ratio) over the tracked steps and seeds.
     """
@@ -183,6 +192,8 @@ def compare(
     streaming = bool(getattr(task, "streaming", False))
     loss = task.loss
     test = task.test_batch().to(device=device, dtype=dtype)
+    # accuracy where the targets are class indices (cross-entropy tasks)
+    classification = bool(getattr(task, "classification", False)) and loss == "cross_entropy"
 
     curves: list[dict] = []
     aligns: list[dict] = []
@@ -203,9 +214,13 @@ def compare(
             elapsed, processed = 0.0, 0
 
             def record(step: int, _name=name, _seed=seed, _model=model) -> None:
-                value = evaluate_loss(_model, test, loss=loss)
+                if classification:
+                    value, acc = evaluate_loss(_model, test, loss=loss, accuracy=True)
+                    extra = {"test_acc": acc}
+                else:
+                    value, extra = evaluate_loss(_model, test, loss=loss), {}
                 curves.append({"algorithm": _name, "seed": _seed, "step": step,
-                               "test_loss": value})
+                               "test_loss": value, **extra})
                 if progress is not None:
                     progress({"algorithm": _name, "seed": _seed, "step": step, "steps": steps,
                               "test_loss": value})
@@ -274,6 +289,13 @@ def _table(named, seeds, steps, curves, aligns, times, mem) -> list[dict]:
             "algorithm": name,
             "final_test_loss_mean": _mean(final),
             "final_test_loss_std": _std(final),
+        }
+        accs = [c["test_acc"] for c in curves
+                if c["algorithm"] == name and c["step"] == steps and "test_acc" in c]
+        if accs:
+            row["final_test_acc_mean"] = _mean(accs)
+            row["final_test_acc_std"] = _std(accs)
+        row |= {
             "ms_per_time_step": _mean(times[name]),
             "state_kib": mem.get(name, 0) / 1024.0,
         }
@@ -288,11 +310,14 @@ def _table(named, seeds, steps, curves, aligns, times, mem) -> list[dict]:
 def _write(out: Path, rows, curves, aligns, task) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(TABLE_FIELDS))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    for fname, recs, fields in (("curves.csv", curves, ["algorithm", "seed", "step", "test_loss"]),
+    curve_fields = ["algorithm", "seed", "step", "test_loss"]
+    if curves and "test_acc" in curves[0]:
+        curve_fields.append("test_acc")
+    for fname, recs, fields in (("curves.csv", curves, curve_fields),
                                 ("alignment.csv", aligns,
                                  ["algorithm", "seed", "step", *METRICS])):
         with open(out / fname, "w", newline="") as f:

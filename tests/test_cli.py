@@ -87,3 +87,14 @@ def test_train_steady_rejects_flags_it_would_ignore(capsys):
 def test_unknown_or_missing_device_is_a_clear_error(capsys):
     assert main(["train", "--device", "nope", "--steps", "1", "--no-progress"]) == 2
     assert "is not a torch device" in capsys.readouterr().err
+
+
+def test_compare_reports_accuracy_on_a_classification_task(tmp_path):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--task", "digits", "--algorithms", "bptt,rflo", "--seeds", "1",
+               "--steps", "3", "--hidden", "8", "--track-every", "0", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(0.0 <= float(r["final_test_acc_mean"]) <= 1.0 for r in rows)
