@@ -348,11 +348,18 @@ def _plot(out: Path, rows, curves, aligns, task) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["algorithm"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    with_acc = bool(curves) and "test_acc" in curves[0]
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(13 if with_acc else 7, 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
     for name in names:
         s, m, lo, hi = _band(curves, name, "test_loss")
         (line,) = ax.plot(s, m, label=name)
         ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.2)
+        if with_acc:
+            s, m, lo, hi = _band(curves, name, "test_acc")
+            axes[0][1].plot(s, m, label=name, color=line.get_color())
+            axes[0][1].fill_between(s, lo, hi, color=line.get_color(), alpha=0.2)
     for attr, label in (("loss_no_memory", "no memory"), ("loss_first_dependency", "t1 only"),
                         ("loss_optimal", "optimal")):
         if hasattr(task, attr):
@@ -362,10 +369,16 @@ def _plot(out: Path, rows, curves, aligns, task) -> None:
     ax.set_ylabel("test loss per counted step")
     ax.set_title(f"{getattr(task, 'name', 'task')}: mean +- std over seeds")
     ax.legend(fontsize=8)
+    if with_acc:
+        axes[0][1].set_xlabel("training step (batch)")
+        axes[0][1].set_ylabel("test accuracy")
+        axes[0][1].set_title("test accuracy: mean +- std over seeds")
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=120)
     plt.close(fig)
 
+    if not aligns:  # alignment was not tracked
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
         if not any(a["algorithm"] == name for a in aligns):
