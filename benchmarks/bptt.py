@@ -5,10 +5,13 @@
     torch.nn.RNNCell in a Python loop + autograd
 
 for H in {64, 256, 1024}, T = 200, B = 64, D = 32, K = 10, loss = MSE at every step
-(timed round-robin, median over repeats; see rnngrad/bench.py). Prints a table and
-writes bptt_results.csv (bptt_results_cuda.csv with --device cuda) beside this file.
+(timed round-robin, median over repeats; see rnngrad/bench.py). The whole measurement
+is repeated --runs times; the table gives each method's median time over the runs and
+the median, lowest and highest ratio to nn.RNN, so one lucky or unlucky run does not
+make the figure. Prints the table and writes bptt_results.csv (bptt_results_cuda.csv
+with --device cuda) beside this file.
 
-    python benchmarks/bptt.py [--device cuda] [--repeats 10] [--hidden 64,256,1024]
+    python benchmarks/bptt.py [--device cuda] [--runs 5] [--repeats 10] [--hidden 64,256,1024]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ from rnngrad.bench import bench_bptt
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--hidden", default="64,256,1024")
     ap.add_argument("--out", default=None, help="CSV path (default: beside this file)")
@@ -33,13 +38,20 @@ def main() -> None:
     device = torch.device(args.device)
     rows = []
     for H in (int(h) for h in args.hidden.split(",")):
-        rows += bench_bptt(H, device=device, repeats=args.repeats)
+        runs = [bench_bptt(H, device=device, repeats=args.repeats) for _ in range(args.runs)]
+        for i, first in enumerate(runs[0]):
+            ms = [run[i]["median_ms"] for run in runs]
+            ratios = [run[i]["ratio_vs_nn_rnn"] for run in runs]
+            rows.append({**{k: first[k] for k in ("device", "H", "T", "B", "D", "K", "method")},
+                         "median_ms": round(statistics.median(ms), 2),
+                         "ratio_vs_nn_rnn": round(statistics.median(ratios), 3),
+                         "ratio_min": min(ratios), "ratio_max": max(ratios), "runs": args.runs})
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
     r0 = rows[0]
     print(f"BPTT forward+backward, float32, T={r0['T']} B={r0['B']} D={r0['D']} K={r0['K']}, "
-          f"{dev_name}, torch {torch.__version__}, median of {args.repeats}")
-    cols = ["H", "method", "median_ms", "ratio_vs_nn_rnn"]
+          f"{dev_name}, torch {torch.__version__}; {args.runs} runs x median of {args.repeats}")
+    cols = ["H", "method", "median_ms", "ratio_vs_nn_rnn", "ratio_min", "ratio_max"]
     w = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     print("  ".join(c.ljust(x) for c, x in zip(cols, w)))
     for r in rows:

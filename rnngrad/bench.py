@@ -51,8 +51,8 @@ def make(H, T, B, D, K, device):
     return model, rnn, lin, cell, x, y
 
 
-def run_rnngrad(model, x, y):
-    loss, grads = gradient(model, x, y, algorithm=bptt())
+def run_rnngrad(model, x, y, algorithm):
+    loss, grads = gradient(model, x, y, algorithm=algorithm)
     return loss.detach(), grads["W_rec"]
 
 
@@ -84,8 +84,9 @@ def bench_bptt(H: int, *, T: int = 200, B: int = 64, D: int = 32, K: int = 10,
     """Median time of one forward + backward for each method; rows with the ratio to nn.RNN."""
     device = torch.device(device)
     model, rnn, lin, cell, x, y = make(H, T, B, D, K, device)
+    algo = bptt()  # one algorithm object for all calls, as in a training loop
     cands = {
-        "rnngrad bptt()": lambda: run_rnngrad(model, x, y),
+        "rnngrad bptt()": lambda: run_rnngrad(model, x, y, algo),
         "nn.RNN + autograd": lambda: run_nn_rnn(rnn, lin, x, y),
         "nn.RNNCell loop + autograd": lambda: run_cell_loop(cell, lin, x, y),
     }

@@ -130,8 +130,8 @@ class RNN(nn.Module):
         return readout(z, self.readout), h
 
 
-def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True
-           ) -> tuple[Tensor, Tensor | None]:
+def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True,
+           out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The forward pass, with the input projection of every step as one GEMM.
 
     Args:
@@ -139,6 +139,8 @@ def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True
 
     Returns:
         ``(h, dphi)``: h_1..h_T (T, B, H) and phi'(a_1..a_T) (T, B, H) (None unless need_deriv).
+        ``out``, a (T, B, H) buffer, receives the input projection (and, on the in-place
+        path, h itself) instead of a new allocation; only without a graph.
     """
     T, B, D = inputs.shape
     H = model.hidden_size
@@ -146,7 +148,11 @@ def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True
     alpha = model.alpha
     W_rec_T = model.W_rec.T
     # a_t = (W_in x_t + b_rec) + W_rec h_{t-1}: the first term for all t at once
-    A = torch.addmm(model.b_rec, inputs.reshape(T * B, D), model.W_in.T).view(T, B, H)
+    if out is None:
+        A = torch.addmm(model.b_rec, inputs.reshape(T * B, D), model.W_in.T).view(T, B, H)
+    else:
+        A = torch.addmm(model.b_rec, inputs.reshape(T * B, D), model.W_in.T,
+                        out=out.view(T * B, H)).view(T, B, H)
     leaky = alpha != 1.0
     builds_graph = torch.is_grad_enabled() and (
         inputs.requires_grad or h0.requires_grad

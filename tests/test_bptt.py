@@ -214,3 +214,19 @@ def test_cuda_matches_cpu(name):
     for n in g_cpu:
         assert g[n].device.type == "cuda"
         assert rel_err(g[n].cpu(), g_cpu[n]) < 1e-10, n
+
+
+def test_reused_algorithm_object_gives_fresh_results():
+    """bptt() keeps work buffers between calls; nothing it returns may alias them."""
+    algo = rnngrad.bptt(sensitivities=True)
+    model, x, y = make_problem(5, 3, 2, 4, 2)
+    _, g1 = rnngrad.gradient(model, x, y, algorithm=algo)
+    kept = {k: v.clone() for k, v in g1.items()}
+    _, g2 = rnngrad.gradient(model, 2 * x, y, algorithm=algo)  # same shapes: same buffers
+    for k in kept:
+        assert torch.equal(g1[k], kept[k]), k  # the first result was not overwritten
+    _, g3 = rnngrad.gradient(model, 2 * x, y, algorithm=rnngrad.bptt(sensitivities=True))
+    assert max_rel_err(g2, g3) == 0.0
+    _, g4 = rnngrad.gradient(model, x[:3], y[:3], algorithm=algo)  # other shapes
+    check(model, x[:3], y[:3], loss="mse", algorithm=algo)
+    assert g4["u"].shape == (3, 3, 4)
