@@ -161,8 +161,8 @@ def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True,
         # no graph to build (tanh, sigmoid): h_t overwrites a_t's input part in place,
         # so the forward pass allocates one (T, B, H) buffer
         h = h0
-        for t in range(T):
-            h = act.fn(A[t].addmm_(h, W_rec_T), out=A[t])
+        for a_t in A.unbind(0):  # views made once, not one indexing op per step
+            h = act.fn(a_t.addmm_(h, W_rec_T), out=a_t)
         return A, (act.deriv(None, A) if need_deriv else None)
     a_s: list[Tensor] = []
     f_s: list[Tensor] = []

@@ -95,16 +95,17 @@ def backward(
             raise ValueError("dphi=None needs a vanilla cell (alpha = 1) with tanh or sigmoid")
         # u_t = phi'(a_t) * (hbar_t + W_rec^T u_{t+1}), phi' from h_t, in place in hbar
         u = hbar if overwrite else hbar.clone()
+        us, hts = u.unbind(0), hs.unbind(0)  # views made once, not per step
         if act.name == "tanh":
-            # u_t = g (1 - h_t^2) = g - (g h_t) h_t: two elementwise passes, no temporaries
-            u[T - 1].addcmul_(u[T - 1] * hs[T - 1], hs[T - 1], value=-1.0)
+            # u_t = g (1 - h_t^2) = g - (g h_t) h_t: two elementwise passes
+            us[T - 1].addcmul_(us[T - 1] * hts[T - 1], hts[T - 1], value=-1.0)
             for t in range(T - 2, -1, -1):
-                g = u[t].addmm_(u[t + 1], W_rec)
-                g.addcmul_(g * hs[t], hs[t], value=-1.0)
+                g = us[t].addmm_(us[t + 1], W_rec)
+                g.addcmul_(g * hts[t], hts[t], value=-1.0)
         else:
-            u[T - 1].mul_(act.deriv(None, hs[T - 1]))
+            us[T - 1].mul_(act.deriv(None, hts[T - 1]))
             for t in range(T - 2, -1, -1):
-                u[t].addmm_(u[t + 1], W_rec).mul_(act.deriv(None, hs[t]))
+                us[t].addmm_(us[t + 1], W_rec).mul_(act.deriv(None, hts[t]))
         dh0 = u[0] @ W_rec
     elif leaky:
         u = hbar if overwrite else torch.empty_like(hbar)
