@@ -45,7 +45,8 @@ from torch import Tensor
 
 from ..readouts import loss_and_grad
 
-__all__ = ["Algorithm", "StepOutput", "Grads", "readout_step", "output_grads", "add_grads",
+__all__ = ["Algorithm", "StepOutput", "Grads", "readout_step", "immediate_signal",
+           "output_grads", "add_grads",
            "PARAM_NAMES"]
 
 Grads = dict[str, Tensor]
@@ -101,6 +102,19 @@ def readout_step(model, h: Tensor, target_t: Tensor | None, mask_t: Tensor | Non
     w = (torch.ones(B, dtype=h.dtype, device=h.device) if mask_t is None else mask_t) / B
     value, dz = loss_and_grad(z, target_t, w, loss=loss, readout_name=model.readout)
     return z, value, dz
+
+
+def immediate_signal(model, h: Tensor, target_t: Tensor | None, mask_t: Tensor | None,
+                     loss: str, dh_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Readout, the step's loss, ``dl/dz_t`` (B, K; zeros without a target) and the
+    immediate term ``q_t = hbar_t = W_out^T dl/dz_t (+ dh_t)`` (B, H)."""
+    z, value, dz = readout_step(model, h, target_t, mask_t, loss)
+    if dz is None:
+        dz = torch.zeros_like(z)
+    q = dz @ model.W_out
+    if dh_t is not None:
+        q = q + dh_t
+    return z, value, dz, q
 
 
 def output_grads(dz: Tensor, h: Tensor) -> Grads:

@@ -44,7 +44,7 @@ from torch import Tensor
 from ..cells import cell_step, get_activation
 from ..model import unroll
 from ..readouts import loss_and_grad
-from .base import Algorithm, Grads, StepOutput, output_grads, readout_step
+from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads, readout_step
 
 __all__ = ["bptt", "BPTTState", "CheckpointState", "backward", "reward_grad", "checkpointed_bptt"]
 
@@ -180,12 +180,7 @@ def bptt(*, sensitivities: bool = False, checkpoint: int | None = None) -> Algor
             act = get_activation(model.activation)
             h, a, fa = cell_step(model.W_in, model.W_rec, model.b_rec, state.h, x_t,
                                  activation=act, alpha=model.alpha)
-            z, value, dz = readout_step(model, h, target_t, mask_t, loss)
-            if dz is None:
-                dz = torch.zeros_like(z)
-            hbar = dz @ model.W_out
-            if dh_t is not None:
-                hbar = hbar + dh_t
+            z, value, dz, hbar = immediate_signal(model, h, target_t, mask_t, loss, dh_t)
             state.xs.append(x_t)
             state.hs.append(h)
             state.dphi.append(act.deriv(a, fa))

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..cells import cell_step, get_activation
-from .base import Algorithm, Grads, StepOutput, output_grads, readout_step
+from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads
 
 __all__ = ["rtrl", "RTRLState", "GenericRTRLState", "default_cell", "READOUT_PARAMS"]
 
@@ -86,17 +86,6 @@ def _check_x(model, x_t: Tensor, h: Tensor) -> None:
     B, D = h.shape[0], model.input_size
     if x_t.dim() != 2 or tuple(x_t.shape) != (B, D):
         raise ValueError(f"x_t has shape {tuple(x_t.shape)} but the state expects ({B}, {D})")
-
-
-def _q(model, h: Tensor, target_t, mask_t, loss: str, dh_t: Tensor | None):
-    """Readout, the step's loss, dl/dz_t (B, K) and q_t = dl_t/dh_t (B, H)."""
-    z, value, dz = readout_step(model, h, target_t, mask_t, loss)
-    if dz is None:
-        dz = torch.zeros_like(z)
-    q = dz @ model.W_out
-    if dh_t is not None:
-        q = q + dh_t
-    return z, value, dz, q
 
 
 def rtrl(*, generic: bool = False, cell: Callable | None = None) -> Algorithm:
@@ -166,7 +155,7 @@ def rtrl(*, generic: bool = False, cell: Callable | None = None) -> Algorithm:
                 else:
                     torch.bmm(sW, state.G, out=G)
 
-            z, value, dz, q = _q(model, h, target_t, mask_t, loss, dh_t)
+            z, value, dz, q = immediate_signal(model, h, target_t, mask_t, loss, dh_t)
             gW = (q.view(1, B * H) @ M_new.view(B * H, H * P)).view(H, P)  # sum_b q^T M
             grads: Grads = {
                 "W_in": gW[:, :D].contiguous(),
@@ -234,7 +223,7 @@ def _generic_rtrl(cell: Callable | None) -> Algorithm:
             M = torch.baddbmm(Mbar, J, state.M)  # M_t = J_t M_{t-1} + Mbar_t
             G = None if state.G is None else torch.bmm(J, state.G)
 
-            z, value, dz, q = _q(model, h, target_t, mask_t, loss, dh_t)
+            z, value, dz, q = immediate_signal(model, h, target_t, mask_t, loss, dh_t)
             g = q.view(1, B * H) @ M.view(B * H, N)
             grads: Grads = {}
             offset = 0
