@@ -24,7 +24,7 @@ def _shape(t: Tensor) -> str:
 
 
 def _param(model: nn.Module) -> Tensor:
-    return model.W_rec
+    return model.W_out
 
 
 def check_tensor(name: str, t: object, model: nn.Module, *, floating: bool = True) -> Tensor:

@@ -1,4 +1,4 @@
-"""``rnngrad.RNN``: a thin ``nn.Module`` holding the named parameters of the cell.
+"""``rnngrad.RNN``: one Elman layer and a readout, the seeds' network and the fastest path.
 
     a_t = W_in x_t + W_rec h_{t-1} + b_rec
     h_t = (1 - alpha) h_{t-1} + alpha * phi(a_t)
@@ -7,6 +7,10 @@
 The module only holds parameters and runs the forward pass; gradients come from
 ``rnngrad.gradient`` with an algorithm (BPTT, RTRL, ...), never from autograd
 through the time loop. ``torch.optim``, ``state_dict`` and ``.to()`` work as usual.
+
+It is the one-layer ``rnngrad.Network`` of an ``rnngrad.cells.Elman`` cell, with the
+cell's parameters registered under the seeds' flat names (``W_in``, not ``cells.0.W_in``);
+the algorithms take their hand-derived Elman paths on it.
 """
 
 from __future__ import annotations
@@ -16,15 +20,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .cells import get_activation
+from .cells.activations import get_activation
+from .cells.elman import INITS, Elman, init_recurrent, unroll
+from .network import Network
 from .readouts import check_readout, readout
 
 __all__ = ["RNN", "unroll"]
 
-INITS = ("uniform", "orthogonal", "normal", "identity")
 
-
-class RNN(nn.Module):
+class RNN(Network):
     """A one-hidden-layer recurrent network with a linear readout.
 
     Args:
@@ -55,31 +59,47 @@ class RNN(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
-                            ("output_size", output_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) <= 1.0):
-            raise ValueError(f"alpha must be a float in (0, 1], got {alpha!r}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; known inits: {', '.join(INITS)}")
-        self.activation = get_activation(activation).name
+        nn.Module.__init__(self)  # not Network's: the cell's parameters are registered flat
+        if not isinstance(output_size, int) or isinstance(output_size, bool) or output_size < 1:
+            raise ValueError(f"output_size must be a positive int, got {output_size!r}")
+        _check_dtype(dtype)
+        # the cell's own draws are undone: RNN draws its five parameters in its historical
+        # order below, so a seed gives the same network as before cells existed
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            cell = Elman(input_size, hidden_size, activation=activation, alpha=alpha,
+                         init=init, dtype=dtype, device=device)
+        self.activation = cell.activation
         self.readout = check_readout(readout)
-        self.alpha = float(alpha)
+        self.alpha = cell.alpha
         self.init = init
+        # the cell is not a submodule: its parameters are this module's, under flat names
+        object.__setattr__(self, "_cell", cell)
+        self.W_in, self.W_rec, self.b_rec = cell.W_in, cell.W_rec, cell.b_rec
         kw = {"dtype": dtype, "device": device}
-        H, D, K = hidden_size, input_size, output_size
-        self.W_in = nn.Parameter(torch.empty(H, D, **kw))
-        self.W_rec = nn.Parameter(torch.empty(H, H, **kw))
-        self.b_rec = nn.Parameter(torch.empty(H, **kw))
+        H, K = hidden_size, output_size
         self.W_out = nn.Parameter(torch.empty(K, H, **kw))
         self.b_out = nn.Parameter(torch.empty(K, **kw))
         self.reset_parameters()
 
+    def layers(self) -> list[tuple[str, Elman]]:
+        cell = self._cell
+        for n in ("W_in", "W_rec", "b_rec"):  # keep the cell on this module's tensors
+            if cell._parameters[n] is not self._parameters[n]:
+                cell._parameters[n] = self._parameters[n]
+        return [("", cell)]
+
+    @property
+    def cells(self) -> list[Elman]:
+        return [self.layers()[0][1]]
+
     @property
     def input_size(self) -> int:
         return self.W_in.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return 1
 
     @property
     def hidden_size(self) -> int:
@@ -95,14 +115,7 @@ class RNN(nn.Module):
         with torch.no_grad():
             for p in (self.W_in, self.b_rec, self.W_out, self.b_out):
                 p.uniform_(-bound, bound)
-            if self.init == "uniform":
-                self.W_rec.uniform_(-bound, bound)
-            elif self.init == "orthogonal":
-                nn.init.orthogonal_(self.W_rec)
-            elif self.init == "normal":
-                self.W_rec.normal_(0.0, bound)
-            else:
-                self.W_rec.copy_(torch.eye(H, dtype=self.W_rec.dtype))
+        init_recurrent(self.W_rec, self.init)
 
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
@@ -124,62 +137,26 @@ class RNN(nn.Module):
         from ._checks import check_h0, check_inputs
 
         T, B = check_inputs(self, inputs)
+        if h0 is not None and not isinstance(h0, Tensor):
+            h0 = _h0_tensor(h0)
         h0 = check_h0(self, h0, B)
         h, _ = unroll(self, inputs, h0, need_deriv=False)
         z = torch.addmm(self.b_out, h.reshape(T * B, -1), self.W_out.T).view(T, B, -1)
         return readout(z, self.readout), h
 
 
-def unroll(model: RNN, inputs: Tensor, h0: Tensor, *, need_deriv: bool = True,
-           out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """The forward pass, with the input projection of every step as one GEMM.
+def _h0_tensor(h0):
+    """An ``ElmanState`` (or a one-element list of it) given as h0 -> its tensor."""
+    if isinstance(h0, (list, tuple)) and len(h0) == 1:
+        h0 = h0[0]
+    if isinstance(h0, Tensor):
+        return h0
+    raise TypeError(f"h0 must be a torch.Tensor of shape (B, H) or (H,), got {type(h0).__name__}")
 
-    Args:
-        inputs: (T, B, D); h0: (B, H).
 
-    Returns:
-        ``(h, dphi)``: h_1..h_T (T, B, H) and phi'(a_1..a_T) (T, B, H) (None unless need_deriv).
-        ``out``, a (T, B, H) buffer, receives the input projection (and, on the in-place
-        path, h itself) instead of a new allocation; only without a graph.
-    """
-    T, B, D = inputs.shape
-    H = model.hidden_size
-    act = get_activation(model.activation)
-    alpha = model.alpha
-    W_rec_T = model.W_rec.T
-    # a_t = (W_in x_t + b_rec) + W_rec h_{t-1}: the first term for all t at once
-    if out is None:
-        A = torch.addmm(model.b_rec, inputs.reshape(T * B, D), model.W_in.T).view(T, B, H)
-    else:
-        A = torch.addmm(model.b_rec, inputs.reshape(T * B, D), model.W_in.T,
-                        out=out.view(T * B, H)).view(T, B, H)
-    leaky = alpha != 1.0
-    builds_graph = torch.is_grad_enabled() and (
-        inputs.requires_grad or h0.requires_grad
-        or any(p.requires_grad for p in model.parameters()))
-    if not leaky and act.deriv_from_output and not builds_graph:
-        # no graph to build (tanh, sigmoid): h_t overwrites a_t's input part in place,
-        # so the forward pass allocates one (T, B, H) buffer
-        h = h0
-        for a_t in A.unbind(0):  # views made once, not one indexing op per step
-            h = act.fn(a_t.addmm_(h, W_rec_T), out=a_t)
-        return A, (act.deriv(None, A) if need_deriv else None)
-    a_s: list[Tensor] = []
-    f_s: list[Tensor] = []
-    hs: list[Tensor] = []
-    h = h0
-    for t in range(T):
-        a = torch.addmm(A[t], h, W_rec_T)
-        fa = act.fn(a)
-        h = torch.lerp(h, fa, alpha) if leaky else fa
-        if not act.deriv_from_output:
-            a_s.append(a)
-        if leaky:
-            f_s.append(fa)
-        hs.append(h)
-    h_all = torch.stack(hs)
-    if not need_deriv:
-        return h_all, None
-    A_all = None if act.deriv_from_output else torch.stack(a_s)
-    dphi = act.deriv(A_all, torch.stack(f_s) if leaky else h_all)
-    return h_all, dphi
+def _check_dtype(dtype) -> None:
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"dtype must be a real floating torch.dtype (torch.float32 or "
+                        f"torch.float64), got {dtype!r}")

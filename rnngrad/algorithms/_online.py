@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cells import cell_step, get_activation
+from ..cells.activations import get_activation
+from ..cells.elman import cell_step
 from .base import Grads, output_grads, readout_step
 
 __all__ = ["Forward", "forward", "learning_signal", "split_theta", "emit", "generator_for",

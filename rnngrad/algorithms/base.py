@@ -46,6 +46,7 @@ from torch import Tensor
 from ..readouts import loss_and_grad
 
 __all__ = ["Algorithm", "StepOutput", "Grads", "readout_step", "immediate_signal",
+           "rng_state", "set_rng_state",
            "output_grads", "add_grads",
            "PARAM_NAMES"]
 
@@ -74,6 +75,10 @@ class Algorithm(NamedTuple):
     sequence: optional whole-sequence fast path, ``sequence(model, inputs, targets,
               mask, h0, loss, dh) -> (loss, grads)`` with validated (T, B) mask and
               ``dh`` (T, B, H) or None.
+    rng:      the algorithm's random generators, a dict device name -> torch.Generator
+              (filled on first use, seeded once per factory call and continued across
+              ``init`` calls); None for a deterministic algorithm. ``rng_state`` and
+              ``set_rng_state`` save and restore them (training checkpoints do).
     """
 
     name: str
@@ -84,9 +89,30 @@ class Algorithm(NamedTuple):
     online: bool
     cost: str
     sequence: Callable[..., tuple[Tensor, Grads]] | None = None
+    rng: dict | None = None
 
     def __repr__(self) -> str:
         return self.name
+
+
+def rng_state(algorithm: Algorithm) -> dict[str, Tensor]:
+    """The states of the algorithm's random generators (empty for a deterministic one)."""
+    return {dev: g.get_state() for dev, g in (algorithm.rng or {}).items()}
+
+
+def set_rng_state(algorithm: Algorithm, state: dict[str, Tensor]) -> None:
+    """Restore what ``rng_state`` returned, creating the generators where needed."""
+    if algorithm.rng is None:
+        if state:
+            raise ValueError(f"{algorithm.name} has no random generator, but the saved state "
+                             f"holds {sorted(state)}")
+        return
+    for dev, s in state.items():
+        g = algorithm.rng.get(dev)
+        if g is None:
+            g = torch.Generator(device=dev)
+            algorithm.rng[dev] = g
+        g.set_state(s)
 
 
 def readout_step(model, h: Tensor, target_t: Tensor | None, mask_t: Tensor | None, loss: str

@@ -41,8 +41,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cells import cell_step, get_activation
-from ..model import unroll
+from ..cells.activations import get_activation
+from ..cells.elman import backward, cell_step, unroll
 from ..readouts import loss_and_grad
 from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads, readout_step
 
@@ -58,81 +58,6 @@ class BPTTState(NamedTuple):
     dphi: list  # pending phi'(a_t), each (B, H)
     hbar: list  # pending immediate terms dl/dh_t, each (B, H)
     dz: list  # pending dl/dz_t (weighted by mask / B), each (B, K)
-
-
-def backward(
-    model,
-    inputs: Tensor,
-    h0: Tensor,
-    hs: Tensor,
-    dphi: Tensor | None,
-    hbar: Tensor,
-    *,
-    overwrite: bool = False,
-) -> tuple[Grads, Tensor, Tensor]:
-    """The hand-derived backward pass over one stored segment.
-
-    Args:
-        inputs: (T, B, D) x_1..x_T.
-        h0: (B, H) the state before the segment.
-        hs: (T, B, H) h_1..h_T.
-        dphi: (T, B, H) phi'(a_t); or None for a vanilla cell (alpha = 1) whose phi' is
-            a function of its output (tanh, sigmoid), computed step by step from hs.
-        hbar: (T, B, H) immediate terms dl/dh_t.
-        overwrite: write u into hbar's memory (saves a (T, B, H) buffer).
-
-    Returns:
-        ``(grads, u, dh0)``: W_in, W_rec, b_rec gradients; u_t (T, B, H); dL/dh_0 (B, H).
-    """
-    T, B, D = inputs.shape
-    H = hs.shape[2]
-    alpha = model.alpha
-    leaky = alpha != 1.0
-    W_rec = model.W_rec
-    if dphi is None:
-        act = get_activation(model.activation)
-        if leaky or not act.deriv_from_output:
-            raise ValueError("dphi=None needs a vanilla cell (alpha = 1) with tanh or sigmoid")
-        # u_t = phi'(a_t) * (hbar_t + W_rec^T u_{t+1}), phi' from h_t, in place in hbar
-        u = hbar if overwrite else hbar.clone()
-        us, hts = u.unbind(0), hs.unbind(0)  # views made once, not per step
-        if act.name == "tanh":
-            # u_t = g (1 - h_t^2) = g - (g h_t) h_t: two elementwise passes
-            us[T - 1].addcmul_(us[T - 1] * hts[T - 1], hts[T - 1], value=-1.0)
-            for t in range(T - 2, -1, -1):
-                g = us[t].addmm_(us[t + 1], W_rec)
-                g.addcmul_(g * hts[t], hts[t], value=-1.0)
-        else:
-            us[T - 1].mul_(act.deriv(None, hts[T - 1]))
-            for t in range(T - 2, -1, -1):
-                us[t].addmm_(us[t + 1], W_rec).mul_(act.deriv(None, hts[t]))
-        dh0 = u[0] @ W_rec
-    elif leaky:
-        u = hbar if overwrite else torch.empty_like(hbar)
-        scaled = dphi * alpha  # alpha phi'(a_t), once for all t
-        delta = hbar[T - 1].clone()
-        torch.mul(scaled[T - 1], delta, out=u[T - 1])
-        for t in range(T - 2, -1, -1):
-            delta = torch.addmm(hbar[t], u[t + 1], W_rec).add_(delta, alpha=1.0 - alpha)
-            torch.mul(scaled[t], delta, out=u[t])
-        dh0 = torch.addmm(delta, u[0], W_rec, beta=1.0 - alpha)
-    else:
-        u = hbar if overwrite else torch.empty_like(hbar)
-        torch.mul(dphi[T - 1], hbar[T - 1], out=u[T - 1])
-        for t in range(T - 2, -1, -1):
-            torch.addmm(hbar[t], u[t + 1], W_rec, out=u[t]).mul_(dphi[t])
-        dh0 = u[0] @ W_rec
-    u2 = u.view(T * B, H)
-    # dW_rec = sum_t u_t h_{t-1}^T: h_0 pairs with u_1, h_{1..T-1} with u_{2..T}
-    dW_rec = u[0].T @ h0
-    if T > 1:
-        dW_rec = torch.addmm(dW_rec, u[1:].reshape((T - 1) * B, H).T, hs[:-1].reshape((T - 1) * B, H))
-    grads = {
-        "W_in": u2.T @ inputs.reshape(T * B, D),
-        "W_rec": dW_rec,
-        "b_rec": u2.sum(0),
-    }
-    return grads, u, dh0
 
 
 def reward_grad(reward, hs: Tensor) -> tuple[Tensor, Tensor]:

@@ -107,4 +107,5 @@ def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         exact=False,
         online=True,
         cost="time O(B H^3 + B H (D + K)) per step; memory O(B H (H + D))",
+        rng=gens,
     )

@@ -42,7 +42,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cells import cell_step, get_activation
+from ..cells.activations import get_activation
+from ..cells.elman import cell_step
 from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads
 
 __all__ = ["rtrl", "RTRLState", "GenericRTRLState", "default_cell", "READOUT_PARAMS"]

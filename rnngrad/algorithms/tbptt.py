@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..model import unroll
+from ..cells.elman import unroll
 from ..readouts import loss_and_grad
 from .base import Algorithm, Grads, add_grads, output_grads
 from .bptt import BPTTState, backward, bptt, reward_grad

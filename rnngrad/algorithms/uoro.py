@@ -111,4 +111,5 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         exact=False,
         online=True,
         cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1))",
+        rng=gens,
     )

@@ -1,14 +1,8 @@
-"""One-step recurrent cells and their elementwise nonlinearities.
+"""Elementwise nonlinearities ``phi`` with ``phi'`` and, where defined, ``phi^-1``.
 
-The vanilla (Elman) cell and its leaky generalisation, in DESIGN.md's notation::
-
-    a_t = W_in x_t + W_rec h_{t-1} + b_rec            pre-activation
-    h_t = (1 - alpha) h_{t-1} + alpha * phi(a_t)      alpha = 1: the vanilla cell
-
-A cell is one step; the time loop belongs to the algorithms. Every activation
-carries its derivative written in terms of ``(a, phi(a))`` so that the backward
-passes reuse the forward values (``tanh' = 1 - h^2``), and its inverse where one
-exists (seed 000's input as a function of output, ``b = f^-1(x) - W x``).
+Every activation carries its derivative written in terms of ``(a, phi(a))`` so that
+the backward passes reuse the forward values (``tanh' = 1 - h^2``), and its inverse
+where one exists (seed 000's input as a function of output, ``b = f^-1(x) - W x``).
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Activation", "ACTIVATIONS", "get_activation", "cell_step", "pre_activation"]
+__all__ = ["Activation", "ACTIVATIONS", "get_activation"]
 
 
 class Activation(NamedTuple):
@@ -78,34 +72,3 @@ def get_activation(name: str | Activation) -> Activation:
     except (KeyError, TypeError):
         known = ", ".join(sorted(ACTIVATIONS))
         raise ValueError(f"unknown activation {name!r}; known activations: {known}") from None
-
-
-def pre_activation(W_in: Tensor, W_rec: Tensor, b_rec: Tensor, h: Tensor, x: Tensor) -> Tensor:
-    """``a = W_in x + W_rec h + b_rec`` for a batch: h (B, H), x (B, D) -> (B, H)."""
-    return torch.addmm(torch.addmm(b_rec, x, W_in.T), h, W_rec.T)
-
-
-def cell_step(
-    W_in: Tensor,
-    W_rec: Tensor,
-    b_rec: Tensor,
-    h: Tensor,
-    x: Tensor,
-    *,
-    activation: str | Activation = "tanh",
-    alpha: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of the (leaky) cell.
-
-    Args:
-        h: (B, H) previous hidden state h_{t-1}.
-        x: (B, D) input x_t.
-
-    Returns:
-        ``(h_t, a_t, phi(a_t))``, each (B, H).
-    """
-    act = get_activation(activation)
-    a = pre_activation(W_in, W_rec, b_rec, h, x)
-    fa = act.fn(a)
-    h_new = fa if alpha == 1.0 else torch.lerp(h, fa, alpha)
-    return h_new, a, fa

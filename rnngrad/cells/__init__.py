@@ -1,0 +1,14 @@
+"""Recurrent cells: one step of a recurrence each, behind one protocol (``base.Cell``).
+
+``Elman`` (leaky or vanilla), ``GRU`` and ``LSTM`` (PyTorch's equations) are built in;
+a user subclasses ``Cell``, writes ``init_state``, ``step`` and ``output``, and gets every
+algorithm that applies. ``activations`` holds the elementwise nonlinearities.
+"""
+
+from .activations import ACTIVATIONS, Activation, get_activation
+from .base import Cell, Immediate, Linearization, flatten_state, unflatten_state
+from .elman import Elman, ElmanState, cell_step, pre_activation
+
+__all__ = ["Cell", "Immediate", "Linearization", "flatten_state", "unflatten_state",
+           "Elman", "ElmanState", "Activation", "ACTIVATIONS", "get_activation",
+           "cell_step", "pre_activation"]

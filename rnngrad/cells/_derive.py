@@ -1,0 +1,163 @@
+"""The ``torch.func`` defaults behind ``Cell``'s optional structure.
+
+Everything here works for any cell whose ``step`` is a pure, batched function; a cell
+that declares its structure by hand (the built-in ones) never comes here for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, jvp, vjp, vmap
+
+from .base import Immediate, Linearization, flatten_state, state_widths, unflatten_state
+
+__all__ = ["linearize", "forward_sequence", "backward_sequence", "unit_blocks",
+           "check_units"]
+
+
+def check_units(cell, state) -> tuple[int, int]:
+    """(C, U) when every state component is (B, U); a clear error otherwise."""
+    U = cell.n_units
+    widths = state_widths(state)
+    fields = getattr(type(state), "_fields", None) or [str(i) for i in range(len(state))]
+    bad = [(f, w) for f, w in zip(fields, widths) if w != U]
+    if bad:
+        desc = ", ".join(f"{f} has width {w}" for f, w in bad)
+        raise ValueError(f"{type(cell).__name__} has {U} units but its state component(s) "
+                         f"{desc}: per-unit traces (SnAp-1, e-prop) need every state component "
+                         f"to be (B, n_units); declare n_units or local_jacobian to fit")
+    return len(widths), U
+
+
+def unit_blocks(J: Tensor, C: int, U: int) -> Tensor:
+    """(B, S, S) with S = C U -> the per-unit diagonal blocks (B, U, C, C)."""
+    B = J.shape[0]
+    return J.reshape(B, C, U, C, U).diagonal(dim1=2, dim2=4).permute(0, 3, 1, 2)
+
+
+def _detached(params) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def _immediate_by_jvp(cell, params, state, x, name: str, G: int) -> Immediate:
+    """``d state_t[c, i] / d p[g, i, j]`` for every unit at once: one jvp per (g, j),
+    with the tangent set on row ``(g, i)`` for every unit i. A row owned by unit i moves
+    only unit i's state within one step, so output (c, i) of that jvp is the entry
+    for unit i alone."""
+    p = params[name]
+    U = cell.n_units
+    P = p[0].numel() if p.dim() > 1 else 1
+    like = state
+
+    def f(pv):
+        q = dict(params)
+        q[name] = pv
+        return flatten_state(cell.step(q, like, x))
+
+    # tangents: (G*P, G, U, P), row (g, j) is 1 on [g, :, j]
+    eye = torch.eye(G * P, dtype=p.dtype, device=p.device).view(G * P, G, 1, P)
+    tangents = eye.expand(G * P, G, U, P).reshape(G * P, *p.shape)
+
+    def one(t):
+        return jvp(f, (p,), (t,))[1]
+
+    out = vmap(one)(tangents)  # (G*P, B, S)
+    B = out.shape[1]
+    C = len(state)
+    return Immediate(out.view(G, P, B, C, U).permute(2, 3, 0, 4, 1))
+
+
+def _overrides(cell, method: str) -> bool:
+    from .base import Cell
+
+    return getattr(type(cell), method) is not getattr(Cell, method)
+
+
+def linearize(cell, params, state, x: Tensor, need: tuple) -> Linearization:
+    """The default ``Cell.linearize``: a method the cell overrides answers for its field;
+    the rest comes from ``torch.func`` (one ``vmap(jacrev)`` for the Jacobians, jvps
+    for the immediate term)."""
+    unknown = set(need) - {"local", "eligibility", "immediate", "jacobian", "input_jacobian"}
+    if unknown:
+        raise ValueError(f"linearize: unknown fields {sorted(unknown)}")
+    params = _detached(params)
+    new = cell.step(params, state, x)
+    out: dict[str, Any] = {}
+    own = {"local": "local_jacobian", "eligibility": "eligibility_jacobian",
+           "immediate": "immediate", "jacobian": "jacobian",
+           "input_jacobian": "input_jacobian"}
+    derive = []
+    for field in need:
+        if _overrides(cell, own[field]):
+            out[field] = getattr(cell, own[field])(params, state, x)
+        elif field == "eligibility" and _overrides(cell, "local_jacobian"):
+            out[field] = cell.local_jacobian(params, state, x)
+        else:
+            derive.append(field)
+    if {"jacobian", "input_jacobian", "local", "eligibility"} & set(derive):
+        f = cell._single(params, state)
+        J, Jx = vmap(jacrev(f, argnums=(1, 2)), in_dims=(None, 0, 0))(
+            params, flatten_state(state), x)
+        if "jacobian" in derive:
+            out["jacobian"] = J
+        if "input_jacobian" in derive:
+            out["input_jacobian"] = Jx
+        if "local" in derive or "eligibility" in derive:
+            C, U = check_units(cell, state)
+            blocks = unit_blocks(J, C, U)
+            for field in ("local", "eligibility"):
+                if field in derive:
+                    out[field] = blocks
+    if "immediate" in derive:
+        imm = {}
+        for name, G in cell.param_blocks().items():
+            if G is not None:
+                imm[name] = _immediate_by_jvp(cell, params, state, x, name, G)
+        out["immediate"] = imm
+    return Linearization(new, **out)
+
+
+def _step_out(cell):
+    def f(p, s, x):
+        s2 = cell.step(p, s, x)
+        return s2, cell.output(s2)
+
+    return f
+
+
+def forward_sequence(cell, params, inputs: Tensor, state0, cache: bool):
+    T = inputs.shape[0]
+    outs = []
+    s = state0
+    fns: list | None = [] if cache else None
+    if cache:
+        params = _detached(params)
+        f = _step_out(cell)
+        for t in range(T):
+            (s, h), fn = vjp(f, params, s, inputs[t])
+            fns.append(fn)
+            outs.append(h)
+    else:
+        for t in range(T):
+            s = cell.step(params, s, inputs[t])
+            outs.append(cell.output(s))
+    return torch.stack(outs), s, fns
+
+
+def backward_sequence(cell, params, inputs: Tensor, state0, cache, d_outputs: Tensor,
+                      d_state: Any, input_grad: bool):
+    if cache is None:
+        raise ValueError("backward_sequence needs the cache of forward_sequence(..., cache=True)")
+    T = inputs.shape[0]
+    ds = d_state if d_state is not None else type(state0)(*(torch.zeros_like(s) for s in state0))
+    grads = None
+    dxs: list = [None] * T
+    for t in range(T - 1, -1, -1):
+        gp, ds, dx = cache[t]((ds, d_outputs[t]))
+        grads = dict(gp) if grads is None else {k: grads[k] + v for k, v in gp.items()}
+        dxs[t] = dx
+    d_inputs = torch.stack(dxs) if input_grad else None
+    return grads, d_inputs, ds

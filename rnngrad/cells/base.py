@@ -1,0 +1,262 @@
+"""The cell protocol: one step of a recurrence, a pure function of named parameters.
+
+A cell is an ``nn.Module`` that holds its parameters and defines three pure functions,
+in the manner of equinox's cells and ``torch.func``::
+
+    state_0 = cell.init_state(batch_size)          # a NamedTuple of (B, n_c) tensors
+    state_t = cell.step(params, state_{t-1}, x_t)  # params: dict name -> tensor, x_t (B, D)
+    h_t     = cell.output(state_t)                 # (B, H): what the readout or next layer sees
+
+``params`` is ``dict(cell.named_parameters())`` or any dict with the same keys, so
+``torch.func.functional_call``, ``jvp``, ``vjp``, ``jacrev`` and ``vmap`` work on any
+cell. ``step`` must be written for a batch, without in-place updates of its arguments,
+``.item()`` or control flow that depends on values (so that ``vmap`` can run it on one
+example at a time).
+
+Structure a cell may declare (each optional; the defaults here derive it with
+``torch.func``, more slowly, never wrongly):
+
+- **units** (``n_units``, ``param_blocks``): every state component is (B, U) and
+  column i of each belongs to unit i (LSTM: h_i and c_i); a parameter of shape
+  (G U, ...) is owned row by row, row ``g U + i`` by unit i (PyTorch's gate-major
+  layout). Needed by the rules that keep per-unit traces (SnAp-1, e-prop).
+- **local_jacobian** (B, U, C, C): ``d state_t[c, i] / d state_{t-1}[c', i]``, the
+  per-unit blocks of the state Jacobian, coupling between units cut (SnAp-1 keeps it).
+- **eligibility_jacobian** (B, U, C, C): what e-prop carries its traces through
+  (Bellec et al. 2020: the unit's recurrent output held fixed, so only its internal
+  state dynamics remain). Default: ``local_jacobian``.
+- **immediate**: ``d state_t / d params`` for the rows each unit owns (seed 000's
+  sensitivity lemma, generalised), factored where it can be (``Immediate``).
+- **jacobian** (B, S, S) and **input_jacobian** (B, S, D): the dense Jacobians of the
+  flattened state ``s = [state_0 | state_1 | ...]`` (S = sum of the widths) RTRL needs.
+- **forward_sequence** / **backward_sequence**: a hand-derived whole-sequence BPTT.
+  The default runs ``step`` and keeps one ``torch.func.vjp`` per step.
+
+Algorithms call ``linearize``, which returns the next state together with whatever
+they ask for; built-in cells override it to get everything from one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Cell", "Immediate", "Linearization", "flatten_state", "unflatten_state",
+           "state_widths", "LINEARIZE_FIELDS"]
+
+Params = Mapping[str, Tensor]
+
+
+class Immediate(NamedTuple):
+    """``d state_t[c, i] / d p[g, i, j]`` for one parameter p viewed as (G, U, P).
+
+    Factored (``inp`` given): the entry is ``D[b, c, g, i] * inp[b, i or 0, j]``, with
+    D (B, C, G, U) and inp (B, U, P) or (B, 1, P) (the vector row ``(g, i)`` of p
+    multiplies; ones for a bias). Dense (``inp`` None): D is (B, C, G, U, P) itself.
+    """
+
+    D: Tensor
+    inp: Tensor | None = None
+
+    def dense(self) -> Tensor:
+        """(B, C, G, U, P)."""
+        if self.inp is None:
+            return self.D
+        return self.D.unsqueeze(-1) * self.inp.unsqueeze(1).unsqueeze(1)
+
+
+class Linearization(NamedTuple):
+    """One step and its derivatives; a field is None unless it was asked for."""
+
+    state: Any  # the new state, a NamedTuple of (B, n_c)
+    local: Tensor | None = None  # (B, U, C, C) local_jacobian
+    eligibility: Tensor | None = None  # (B, U, C, C) eligibility_jacobian
+    immediate: dict[str, Immediate] | None = None  # name -> Immediate
+    jacobian: Tensor | None = None  # (B, S, S) d s_t / d s_{t-1}
+    input_jacobian: Tensor | None = None  # (B, S, D) d s_t / d x_t
+
+
+LINEARIZE_FIELDS = ("local", "eligibility", "immediate", "jacobian", "input_jacobian")
+
+
+def state_widths(state) -> list[int]:
+    return [int(s.shape[-1]) for s in state]
+
+
+def flatten_state(state) -> Tensor:
+    """A NamedTuple of (B, n_c) tensors -> (B, S)."""
+    return torch.cat(tuple(state), dim=-1) if len(state) > 1 else state[0]
+
+
+def unflatten_state(s: Tensor, like) -> Any:
+    """(B, S) -> a state of the same type and widths as ``like``."""
+    parts = torch.split(s, state_widths(like), dim=-1)
+    return type(like)(*parts)
+
+
+def _empty_like_state(state) -> Any:
+    return type(state)(*(torch.zeros_like(s) for s in state))
+
+
+class Cell(nn.Module):
+    """Abstract base of every recurrent cell: subclass it and write ``init_state``,
+    ``step`` and ``output``; every algorithm that applies then works with it.
+
+    Subclasses set ``input_size`` (D) and ``hidden_size`` (H, the width of
+    ``output(state)``) and create their parameters in ``__init__``.
+    """
+
+    input_size: int
+    hidden_size: int
+
+    # ---- the protocol -----------------------------------------------------------------
+
+    def init_state(self, batch_size: int):
+        """The initial state: a NamedTuple of (B, n_c) tensors, zeros by default."""
+        raise NotImplementedError(f"{type(self).__name__} must define init_state(batch_size)")
+
+    def step(self, params: Params, state, x: Tensor):
+        """One step: the state after input x (B, D), a NamedTuple like ``state``."""
+        raise NotImplementedError(f"{type(self).__name__} must define step(params, state, x)")
+
+    def output(self, state) -> Tensor:
+        """(B, H): what the readout or the next layer sees."""
+        raise NotImplementedError(f"{type(self).__name__} must define output(state)")
+
+    # ---- conveniences -----------------------------------------------------------------
+
+    def params(self) -> dict[str, Tensor]:
+        """``dict(self.named_parameters())``: the ``params`` argument of ``step``."""
+        return dict(self.named_parameters())
+
+    def forward(self, x: Tensor, state=None):
+        """One step with the cell's own parameters: ``cell(x, state) -> state``."""
+        if state is None:
+            state = self.init_state(x.shape[0])
+        return self.step(self.params(), state, x)
+
+    def _like(self) -> Tensor:
+        for p in self.parameters():
+            return p
+        return torch.zeros(())
+
+    # ---- units ------------------------------------------------------------------------
+
+    @property
+    def n_units(self) -> int:
+        """U: every state component is (B, U); column i is unit i's. Default: H."""
+        return self.hidden_size
+
+    def param_blocks(self) -> dict[str, int | None]:
+        """For each parameter, G when it is owned row by row (shape (G U, ...), row
+        ``g U + i`` owned by unit i), or None when no unit owns it. Default: every
+        parameter whose first dimension is a multiple of U is owned."""
+        U = self.n_units
+        out: dict[str, int | None] = {}
+        for name, p in self.named_parameters():
+            out[name] = p.shape[0] // U if p.dim() >= 1 and p.shape[0] % U == 0 else None
+        return out
+
+    # ---- derivatives (torch.func defaults) --------------------------------------------
+
+    def _single(self, params: Params, like):
+        """``F(params, s (S,), x (D,)) -> s' (S,)`` for one example (for vmap)."""
+
+        def f(p, s, x):
+            state = unflatten_state(s.unsqueeze(0), like)
+            return flatten_state(self.step(p, state, x.unsqueeze(0))).squeeze(0)
+
+        return f
+
+    def jacobian(self, params: Params, state, x: Tensor) -> Tensor:
+        """(B, S, S): ``d s_t / d s_{t-1}`` per example, by ``vmap(jacrev)``."""
+        return self.linearize(params, state, x, need=("jacobian",)).jacobian
+
+    def input_jacobian(self, params: Params, state, x: Tensor) -> Tensor:
+        """(B, S, D): ``d s_t / d x_t`` per example."""
+        return self.linearize(params, state, x, need=("input_jacobian",)).input_jacobian
+
+    def local_jacobian(self, params: Params, state, x: Tensor) -> Tensor:
+        """(B, U, C, C): the per-unit diagonal blocks of ``jacobian``."""
+        return self.linearize(params, state, x, need=("local",)).local
+
+    def eligibility_jacobian(self, params: Params, state, x: Tensor) -> Tensor:
+        """(B, U, C, C): what e-prop's traces go through. Default: ``local_jacobian``."""
+        return self.linearize(params, state, x, need=("eligibility",)).eligibility
+
+    def immediate(self, params: Params, state, x: Tensor) -> dict[str, Immediate]:
+        """Per owned parameter, ``d state_t / d p`` on the rows each unit owns."""
+        return self.linearize(params, state, x, need=("immediate",)).immediate
+
+    def linearize(self, params: Params, state, x: Tensor, *, need=()) -> Linearization:
+        """The next state and the derivatives named in ``need`` (a subset of
+        ``LINEARIZE_FIELDS``). Cells that declare structure override this (or the
+        single methods); this default derives everything with ``torch.func``."""
+        from . import _derive
+
+        return _derive.linearize(self, params, state, x, tuple(need))
+
+    # ---- whole-sequence BPTT (default: a torch.func.vjp per step) --------------------
+
+    def forward_sequence(self, params: Params, inputs: Tensor, state0, *, cache: bool = False):
+        """Run over ``inputs`` (T, B, D) from ``state0``.
+
+        Returns ``(outputs (T, B, H), state_T, cache)``; ``cache`` (when asked for) is
+        what ``backward_sequence`` needs, None otherwise.
+        """
+        from . import _derive
+
+        return _derive.forward_sequence(self, params, inputs, state0, cache)
+
+    def backward_sequence(self, params: Params, inputs: Tensor, state0, cache, d_outputs: Tensor,
+                          d_state: Any = None, *, input_grad: bool = True):
+        """The adjoint pass over one sequence.
+
+        Args:
+            cache: from ``forward_sequence(..., cache=True)`` on the same arguments.
+            d_outputs: (T, B, H) ``dL/d output(state_t)`` arriving from outside the cell
+                at each step (readout, next layer, reward).
+            d_state: ``dL/d state_T`` from later steps (a state), or None for zero.
+            input_grad: also return ``dL/d inputs``.
+
+        Returns:
+            ``(grads, d_inputs, d_state0)``: a dict keyed like ``params`` (summed over the
+            batch), (T, B, D) or None, and ``dL/d state_0`` (a state).
+        """
+        from . import _derive
+
+        return _derive.backward_sequence(self, params, inputs, state0, cache, d_outputs, d_state,
+                                         input_grad)
+
+    @property
+    def hand_derived_bptt(self) -> bool:
+        """True when the cell overrides ``backward_sequence`` with its own derivation."""
+        return type(self).backward_sequence is not Cell.backward_sequence
+
+    # ---- checks -----------------------------------------------------------------------
+
+    def check_state(self, state, batch_size: int, *, name: str = "state") -> None:
+        """Raise unless ``state`` has this cell's fields and (B, n_c) shapes."""
+        ref = self.init_state(batch_size)
+        _check_state_like(state, ref, name, type(self).__name__)
+
+
+def _check_state_like(state, ref, name: str, owner: str) -> None:
+    fields = getattr(type(ref), "_fields", None)
+    if not isinstance(state, tuple) or len(state) != len(ref):
+        raise TypeError(f"{name} must be a {type(ref).__name__}{tuple(fields or ())} of "
+                        f"{owner}, got {type(state).__name__}")
+    for i, (s, r) in enumerate(zip(state, ref)):
+        label = f"{name}.{fields[i]}" if fields else f"{name}[{i}]"
+        if not isinstance(s, Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(s).__name__}")
+        if s.shape != r.shape:
+            raise ValueError(f"{label} has shape {tuple(s.shape)} but {owner} expects "
+                             f"{tuple(r.shape)}")
+        if s.dtype != r.dtype:
+            raise TypeError(f"{label} has dtype {s.dtype} but {owner}'s parameters are {r.dtype}")
+        if s.device != r.device:
+            raise ValueError(f"{label} is on device {s.device} but {owner} is on {r.device}")

@@ -1,0 +1,296 @@
+"""``rnngrad.Network``: cells and a readout, the one model every algorithm takes.
+
+A network is a stack of cells (layer l's output is layer l + 1's input at the same
+step) followed by the linear readout of DESIGN.md::
+
+    state^l_t = cell_l.step(params_l, state^l_{t-1}, h^{l-1}_t),   h^0_t = x_t
+    h^l_t     = cell_l.output(state^l_t)
+    z_t = W_out h^L_t + b_out,   y_t = g(z_t)
+
+Parameters are named as ``named_parameters()`` names them: ``cells.{l}.{name}`` for
+layer l's cell and ``W_out``, ``b_out`` for the readout. The network's state is the
+tuple of its layers' states. ``forward`` is a plain loop over ``step``: what
+``torch.autograd`` differentiates there is the oracle every algorithm is checked against.
+
+``rnngrad.RNN`` is the one-Elman-layer case, with its own flat parameter names
+(``W_in``, ``W_rec``, ``b_rec``, ``W_out``, ``b_out``) and fast paths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .cells.base import Cell
+from .readouts import check_readout, readout
+
+__all__ = ["Network", "H0Spec"]
+
+
+class H0Spec(NamedTuple):
+    """How a caller gave h0, so that ``grads["h0"]`` comes back in the same form."""
+
+    wrapped: bool  # a sequence of per-layer states (False: one layer's state alone)
+    layers: tuple  # per layer: ("tensor" | "tuple", per-component shared-over-batch flags)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+class Network(nn.Module):
+    """Recurrent cells and a linear readout.
+
+    Args:
+        cells: one ``rnngrad.cells.Cell`` or a list of them (a stack: layer l's output
+            feeds layer l + 1; sizes must chain).
+        output_size: K, the width of z_t.
+        readout: g, one of identity, softmax, sigmoid.
+
+    Parameters: each cell's as ``cells.{l}.{name}``, and ``W_out (K, H)``, ``b_out (K,)``
+    with H the last cell's ``hidden_size``, drawn U(-1/sqrt(H), 1/sqrt(H)).
+    """
+
+    def __init__(self, cells: Cell | Sequence[Cell], output_size: int, *,
+                 readout: str = "identity") -> None:
+        super().__init__()
+        cells = _as_cells(cells)
+        if not isinstance(output_size, int) or isinstance(output_size, bool) or output_size < 1:
+            raise ValueError(f"output_size must be a positive int, got {output_size!r}")
+        self.cells = nn.ModuleList(cells)
+        self.readout = check_readout(readout)
+        like = cells[-1]._like()
+        kw = {"dtype": like.dtype, "device": like.device}
+        H = cells[-1].hidden_size
+        self.W_out = nn.Parameter(torch.empty(output_size, H, **kw))
+        self.b_out = nn.Parameter(torch.empty(output_size, **kw))
+        self.reset_readout()
+
+    def reset_readout(self) -> None:
+        bound = 1.0 / math.sqrt(self.W_out.shape[1])
+        with torch.no_grad():
+            self.W_out.uniform_(-bound, bound)
+            self.b_out.uniform_(-bound, bound)
+
+    # ---- structure --------------------------------------------------------------------
+
+    def layers(self) -> list[tuple[str, Cell]]:
+        """``(prefix, cell)`` per layer; the cell's parameter ``n`` is ``prefix + n`` here."""
+        return [(f"cells.{i}.", c) for i, c in enumerate(self.cells)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    @property
+    def input_size(self) -> int:
+        return self.layers()[0][1].input_size
+
+    @property
+    def hidden_size(self) -> int:
+        """H: the width of the last layer's output, what the readout reads."""
+        return self.W_out.shape[1]
+
+    @property
+    def output_size(self) -> int:
+        return self.W_out.shape[0]
+
+    def layer_params(self, params: dict[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
+        """Per layer, its cell's parameters under the cell's own names.
+
+        ``params``: a dict keyed like ``named_parameters()`` (default: the network's own).
+        """
+        params = dict(self.named_parameters()) if params is None else params
+        out = []
+        for prefix, cell in self.layers():
+            out.append({n: params[prefix + n] for n, _ in cell.named_parameters()})
+        return out
+
+    def recurrent_names(self) -> list[str]:
+        """The names of every parameter but the readout's, in ``named_parameters`` order."""
+        return [n for n, _ in self.named_parameters() if n not in ("W_out", "b_out")]
+
+    # ---- state ------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> tuple:
+        """Zeros: one state per layer."""
+        return tuple(cell.init_state(batch_size) for _, cell in self.layers())
+
+    def step(self, params: list[dict[str, Tensor]], state: tuple, x: Tensor) -> tuple[tuple, Tensor]:
+        """One step of the stack: ``(state_t, h^L_t)``; params as ``layer_params`` gives them."""
+        new = []
+        for (_, cell), p, s in zip(self.layers(), params, state):
+            s = cell.step(p, s, x)
+            x = cell.output(s)
+            new.append(s)
+        return tuple(new), x
+
+    def coerce_state(self, h0: Any, batch_size: int, *, name: str = "h0") -> tuple[tuple, H0Spec]:
+        """Validate an initial state and bring it to one (B, n_c) state per layer.
+
+        Accepted: None (zeros); for one layer, its state (a NamedTuple of (B, n) or (n,)
+        tensors) or, when that state has one component, a tensor (B, n) or (n,); for any
+        number of layers, a list or tuple of such per-layer states. A (n,) component is
+        shared by the whole batch (its gradient is then summed over the batch).
+        """
+        if h0 is None:
+            init = self.init_state(batch_size)
+            return init, H0Spec(True, tuple(("tuple", (False,) * len(s)) for s in init))
+        layers = self.layers()
+        is_state = isinstance(h0, Tensor) or (isinstance(h0, tuple) and hasattr(h0, "_fields"))
+        if is_state and len(layers) == 1:
+            items, wrapped = [h0], False
+        elif isinstance(h0, (list, tuple)) and not hasattr(h0, "_fields"):
+            items, wrapped = list(h0), True
+        else:
+            raise TypeError(f"{name} must be a state of the network (one state per layer, as "
+                            f"net.init_state(B) gives), got {type(h0).__name__}")
+        if len(items) != len(layers):
+            raise ValueError(f"{name} holds {len(items)} layer state(s) but the network has "
+                             f"{len(layers)} layer(s)")
+        out, spec = [], []
+        for i, ((_, cell), item) in enumerate(zip(layers, items)):
+            ref = cell.init_state(batch_size)
+            label = f"{name}[{i}]" if wrapped else name
+            fields = ref._fields if hasattr(ref, "_fields") else tuple(map(str, range(len(ref))))
+            if isinstance(item, Tensor):
+                if len(ref) != 1:
+                    raise TypeError(f"{label} is a tensor but {type(cell).__name__}'s state has "
+                                    f"{len(ref)} components {fields}: give a "
+                                    f"{type(ref).__name__}")
+                comps, kind = [item], "tensor"
+            elif isinstance(item, (tuple, list)):
+                comps, kind = list(item), "tuple"
+                if len(comps) != len(ref):
+                    raise ValueError(f"{label} has {len(comps)} components but "
+                                     f"{type(cell).__name__}'s state has {len(ref)} {fields}")
+            else:
+                raise TypeError(f"{label} must be a tensor or a {type(ref).__name__} of tensors, "
+                                f"got {type(item).__name__}")
+            shared, vals = [], []
+            for f, c, r in zip(fields, comps, ref):
+                lab = f"{label}.{f}" if kind == "tuple" else label
+                if not isinstance(c, Tensor):
+                    raise TypeError(f"{lab} must be a torch.Tensor, got {type(c).__name__}")
+                if c.dtype != r.dtype:
+                    raise TypeError(f"{lab} has dtype {c.dtype} but the network's parameters "
+                                    f"are {r.dtype}")
+                if c.device != r.device:
+                    raise ValueError(f"{lab} is on device {c.device} but the network is on "
+                                     f"{r.device}")
+                n = r.shape[1]
+                if c.dim() == 1 and c.shape[0] == n:
+                    shared.append(True)
+                    c = c.expand(batch_size, n)
+                elif tuple(c.shape) == (batch_size, n):
+                    shared.append(False)
+                else:
+                    raise ValueError(f"{lab} has shape {_shape(c)} but expected ({batch_size}, {n}) "
+                                     f"or ({n},)")
+                if not bool(torch.isfinite(c).all()):
+                    raise ValueError(f"{lab} contains NaN or Inf entries")
+                vals.append(c)
+            out.append(type(ref)(*vals))
+            spec.append((kind, tuple(shared)))
+        return tuple(out), H0Spec(wrapped, tuple(spec))
+
+    @staticmethod
+    def pack_state_grad(d_state: tuple, spec: H0Spec) -> Any:
+        """``dL/d state_0`` (one (B, n_c) state per layer) in the form h0 was given."""
+        layers = []
+        for ds, (kind, shared) in zip(d_state, spec.layers):
+            comps = [c.sum(0) if s else c for c, s in zip(ds, shared)]
+            layers.append(comps[0] if kind == "tensor" else type(ds)(*comps))
+        return tuple(layers) if spec.wrapped else layers[0]
+
+    # ---- the forward pass (autograd's oracle) -----------------------------------------
+
+    def forward(self, inputs: Tensor, h0: Any = None) -> tuple[Tensor, Tensor]:
+        """Run the network over a sequence.
+
+        Args:
+            inputs: (T, B, D).
+            h0: initial state (see ``coerce_state``); zeros when None.
+
+        Returns:
+            ``(y, h)``: outputs y_t = g(z_t) (T, B, K) and the last layer's outputs
+            h^L_1..h^L_T (T, B, H). A plain loop over the cells' ``step``, so
+            ``torch.autograd`` differentiates it: that is the reference.
+        """
+        from ._checks import check_inputs
+
+        T, B = check_inputs(self, inputs)
+        state, _ = self.coerce_state(h0, B)
+        params = self.layer_params()
+        hs = []
+        for t in range(T):
+            state, h = self.step(params, state, inputs[t])
+            hs.append(h)
+        h = torch.stack(hs)
+        z = h @ self.W_out.T + self.b_out
+        return readout(z, self.readout), h
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, readout={self.readout!r}"
+
+    # ---- from torch.nn ----------------------------------------------------------------
+
+    @classmethod
+    def from_torch(cls, rnn: nn.Module, linear: nn.Linear, *, readout: str = "identity") -> Network:
+        """The same function as ``linear(rnn(x)[0])`` (then g), from a ``torch.nn.RNN``,
+        ``GRU`` or ``LSTM`` of any ``num_layers`` and an ``nn.Linear``.
+
+        Weights are copied (gate order and bias layout are PyTorch's); the result has
+        the module's dtype and device. Dropout between layers is not carried over: the
+        network equals the module in eval mode. ``bias=False`` gives zero biases (which
+        are then trainable here).
+        """
+        from .cells.interop import from_torch
+
+        return from_torch(cls, rnn, linear, readout)
+
+
+def _as_cells(cells) -> list[Cell]:
+    if isinstance(cells, Cell):
+        cells = [cells]
+    elif isinstance(cells, nn.Module) and not isinstance(cells, nn.ModuleList):
+        raise TypeError(f"cells must be an rnngrad.cells.Cell or a list of them, got "
+                        f"{type(cells).__name__} (torch.nn modules: use Network.from_torch)")
+    try:
+        cells = list(cells)
+    except TypeError:
+        raise TypeError(f"cells must be an rnngrad.cells.Cell or a list of them, got "
+                        f"{type(cells).__name__}") from None
+    if not cells:
+        raise ValueError("cells is empty: give at least one cell")
+    for i, c in enumerate(cells):
+        if not isinstance(c, Cell):
+            raise TypeError(f"cells[{i}] must be an rnngrad.cells.Cell, got {type(c).__name__}")
+        for attr in ("input_size", "hidden_size"):
+            v = getattr(c, attr, None)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise TypeError(f"cells[{i}] ({type(c).__name__}) must set {attr} to a positive "
+                                f"int, got {v!r}")
+    for i in range(1, len(cells)):
+        if cells[i].input_size != cells[i - 1].hidden_size:
+            raise ValueError(f"cells[{i}] ({type(cells[i]).__name__}) has input_size "
+                             f"{cells[i].input_size} but cells[{i - 1}] outputs "
+                             f"{cells[i - 1].hidden_size}")
+    like = [(c._like().dtype, c._like().device) for c in cells]
+    for i in range(1, len(cells)):
+        if like[i][0] != like[0][0]:
+            raise TypeError(f"cells[{i}] has dtype {like[i][0]} but cells[0] has {like[0][0]}: "
+                            "every layer must share one dtype")
+        if like[i][1] != like[0][1]:
+            raise ValueError(f"cells[{i}] is on device {like[i][1]} but cells[0] is on "
+                             f"{like[0][1]}: every layer must be on one device")
+    for i, c in enumerate(cells):
+        dt = c._like().dtype
+        if not dt.is_floating_point or dt.is_complex:
+            raise TypeError(f"cells[{i}] has parameters of dtype {dt}; rnngrad needs a real "
+                            "floating dtype (float32 or float64)")
+    return cells
