@@ -48,8 +48,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .cells import Activation, get_activation
-from .errors import ConvergenceError
+from ..cells import Activation, get_activation
+from ..errors import ConvergenceError
 
 __all__ = [
     "FixedPointInfo",
@@ -932,7 +932,7 @@ def train_steady(
         (wall time of the training loop) and ``max_iterations`` (the most forward
         iterations any step needed).
     """
-    from .tasks.digits import load_digits
+    from ..tasks.digits import load_digits
 
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
