@@ -1,17 +1,31 @@
-"""Steady states of a recurrent network and their gradients (seed 000); see adjoint.py."""
+"""Steady states of a recurrent network and their gradients (seed 000, Almeida-Pineda).
 
-from .adjoint import (
-    FixedPointInfo,
-    SteadyClassifier,
-    SteadyState,
-    fixed_point,
-    inverse_input,
-    lagrangian,
-    recurrent_backprop,
-    steady_gradient,
-    steady_state,
-    train_steady,
-)
+The network relaxes to a steady state, an implicit function of ``(W, b)``::
+
+    x = f(W x + b)                                  F(x, W, b) = x - f(W x + b) = 0
+
+and a reward ``R(x)`` of that state is differentiated by recurrent backprop::
+
+    (D^-1 - W^T) u = dR/dx,   D = diag f'(W x + b);       dR/dW = u x^T,   dR/db = u.
+
+The modules, one concern each:
+
+- ``fixed_point``: the steady state by damped iteration or Anderson acceleration.
+- ``adjoint``: recurrent backprop, ``(I - D W^T) u = D dR/dx`` solved directly
+  (LU), by the Neumann iteration, or by GMRES.
+- ``layer``: the steady state as an autograd layer (``steady_state``,
+  ``SteadyState``) and the digits classifier ``SteadyClassifier``.
+- ``inverse``: input as a function of output, ``b = f^-1(x) - W x``.
+- ``lagrangian``: ``L = R(x) - u^T [f^-1(x) - W x - b]``.
+- ``train``: the classifier's gradient by hand and its training loop.
+"""
+
+from .adjoint import recurrent_backprop
+from .fixed_point import FixedPointInfo, fixed_point
+from .inverse import inverse_input
+from .lagrangian import lagrangian
+from .layer import SteadyClassifier, SteadyState, steady_state
+from .train import steady_gradient, train_steady
 
 __all__ = [
     "FixedPointInfo",
