@@ -15,17 +15,27 @@ The modules, one concern each:
   (LU), by the Neumann iteration, or by GMRES.
 - ``layer``: the steady state as an autograd layer (``steady_state``,
   ``SteadyState``) and the digits classifier ``SteadyClassifier``.
-- ``inverse``: input as a function of output, ``b = f^-1(x) - W x``.
+- ``inverse``: input as a function of output, ``b = f^-1(x) - W x`` for a steady
+  state and ``b(t) = f^-1(x(t)) - W x(t-1)`` for a trajectory, its block
+  lower-bidiagonal Jacobian, and the chain rule
+  ``dR/dx(t) = D^-1(t) u(t) - W^T u(t+1)``.
+- ``trajectory``: time-varying weights, ``dR/dW(t) = u(t) x(t-1)^T``.
 - ``lagrangian``: ``L = R(x) - u^T [f^-1(x) - W x - b]``.
 - ``train``: the classifier's gradient by hand and its training loop.
 """
 
 from .adjoint import recurrent_backprop
 from .fixed_point import FixedPointInfo, fixed_point
-from .inverse import inverse_input
+from .inverse import (
+    inverse_input,
+    inverse_trajectory,
+    inverse_trajectory_jacobian,
+    trajectory_state_gradient,
+)
 from .lagrangian import lagrangian
 from .layer import SteadyClassifier, SteadyState, steady_state
 from .train import steady_gradient, train_steady
+from .trajectory import per_step_gradients
 
 __all__ = [
     "FixedPointInfo",
@@ -33,6 +43,10 @@ __all__ = [
     "recurrent_backprop",
     "lagrangian",
     "inverse_input",
+    "inverse_trajectory",
+    "inverse_trajectory_jacobian",
+    "trajectory_state_gradient",
+    "per_step_gradients",
     "steady_state",
     "SteadyState",
     "SteadyClassifier",
