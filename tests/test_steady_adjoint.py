@@ -163,3 +163,37 @@ def test_recurrent_backprop_with_parameters_that_require_grad(method):
     assert dW.grad_fn is None and u.grad_fn is None
     dW2, _, _ = recurrent_backprop(W.detach(), b, x, dR, method=method)
     assert torch.allclose(dW, dW2, rtol=0, atol=0)
+
+
+NAN = float("nan")
+BAD_ADJOINT_OPTIONS = [
+    ("method", None, TypeError, r"method must be a string, one of 'direct', 'iterate', 'gmres'"),
+    ("method", "lu", ValueError, r"method must be one of 'direct', 'iterate', 'gmres', got 'lu'"),
+    ("tol", "tight", TypeError, r"tol must be a finite number >= 0 .*got 'tight' \(str\)"),
+    ("tol", NAN, ValueError, r"tol must be a finite number >= 0 .*got nan"),
+    ("tol", -1.0, ValueError, r"tol must be a finite number >= 0 .*got -1\.0"),
+    ("max_iter", 5.5, TypeError, r"max_iter must be an int >= 0, got 5\.5 \(float\)"),
+    ("max_iter", -2, ValueError, r"max_iter must be an int >= 0, got -2"),
+    ("restart", 0, ValueError, r"restart \(GMRES's restart length\) must be an int >= 1, got 0"),
+    (
+        "restart",
+        8.0,
+        TypeError,
+        r"restart \(GMRES's restart length\) must be an int >= 1, got 8\.0",
+    ),
+    (
+        "restart",
+        True,
+        TypeError,
+        r"restart \(GMRES's restart length\) must be an int >= 1, got True",
+    ),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "error", "message"), BAD_ADJOINT_OPTIONS)
+def test_recurrent_backprop_bad_options_raise(option, value, error, message):
+    W, b, g = system(4, 2)
+    x, _ = fixed_point(W, b)
+    options = {"method": "gmres", option: value}
+    with pytest.raises(error, match=message):
+        recurrent_backprop(W, b, x, g, **options)

@@ -75,3 +75,48 @@ def test_fixed_point_bad_inputs_raise():
         fixed_point(W, bad)
     with pytest.raises(ValueError, match="damping must lie in"):
         fixed_point(W, b, damping=1.5)
+
+
+NAN = float("nan")
+BAD_OPTIONS = [
+    # (option, value, error, message)
+    ("tol", "1e-6", TypeError, r"tol must be a finite number >= 0 .*got '1e-6' \(str\)"),
+    ("tol", True, TypeError, r"tol must be a finite number >= 0 .*got True \(bool\)"),
+    ("tol", NAN, ValueError, r"tol must be a finite number >= 0 .*got nan"),
+    ("tol", float("inf"), ValueError, r"tol must be a finite number >= 0 .*got inf"),
+    ("tol", -1e-9, ValueError, r"tol must be a finite number >= 0 .*got -1e-09"),
+    ("max_iter", 10.0, TypeError, r"max_iter must be an int >= 0, got 10\.0 \(float\)"),
+    ("max_iter", "10", TypeError, r"max_iter must be an int >= 0, got '10' \(str\)"),
+    ("max_iter", True, TypeError, r"max_iter must be an int >= 0, got True \(bool\)"),
+    ("max_iter", -1, ValueError, r"max_iter must be an int >= 0, got -1"),
+    ("damping", "0.5", TypeError, r"damping must be a number in \(0, 1\], got '0\.5' \(str\)"),
+    ("damping", False, TypeError, r"damping must be a number in \(0, 1\], got False \(bool\)"),
+    ("damping", NAN, ValueError, r"damping must be a number in \(0, 1\], got nan"),
+    ("damping", 0.0, ValueError, r"damping must lie in \(0, 1\], got 0\.0"),
+    ("damping", -0.5, ValueError, r"damping must lie in \(0, 1\], got -0\.5"),
+    (
+        "method",
+        1,
+        TypeError,
+        r"method must be a string, one of 'iterate', 'anderson'; got 1 \(int\)",
+    ),
+    ("method", "newton", ValueError, r"method must be one of 'iterate', 'anderson', got 'newton'"),
+    ("history", 0, ValueError, r"history \(Anderson's memory m\) must be an int >= 1, got 0"),
+    ("history", 2.5, TypeError, r"history \(Anderson's memory m\) must be an int >= 1, got 2\.5"),
+    ("history", True, TypeError, r"history \(Anderson's memory m\) must be an int >= 1, got True"),
+    ("throw", "yes", TypeError, r"throw must be True or False, got 'yes' \(str\)"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "error", "message"), BAD_OPTIONS)
+def test_fixed_point_bad_options_raise(option, value, error, message):
+    W, b, _ = system(4, 2)
+    with pytest.raises(error, match=message):
+        fixed_point(W, b, **{"method": "anderson", option: value})
+
+
+def test_fixed_point_accepts_int_tol_and_numpy_ints():
+    np = pytest.importorskip("numpy")
+    W, b, _ = system(4, 2)
+    x, info = fixed_point(W, b, tol=0, max_iter=np.int64(3), throw=False, damping=1)
+    assert info.iterations == 3 and x.shape == b.shape

@@ -15,7 +15,7 @@ from steady_refs import (  # noqa: F401
     unrolled_gradient,
 )
 
-from rnngrad.steady import SteadyState, fixed_point, steady_state
+from rnngrad.steady import SteadyClassifier, SteadyState, fixed_point, steady_state
 
 
 @pytest.mark.parametrize("backward_method", ADJOINT_METHODS)
@@ -106,3 +106,73 @@ def test_steady_state_grads_equal_torchdeq_implicit_backward(backward_method):
     assert rel_err(z_out[-1], x) <= RTOL
     assert rel_err(dW_deq, dW) <= RTOL
     assert rel_err(db_deq, db) <= RTOL
+
+
+@pytest.mark.parametrize(
+    ("n", "error", "message"),
+    [
+        (0, ValueError, r"n \(the number of units\) must be an int >= 1, got 0"),
+        (-3, ValueError, r"n \(the number of units\) must be an int >= 1, got -3"),
+        (2.5, TypeError, r"n \(the number of units\) must be an int >= 1, got 2\.5 \(float\)"),
+        (4.0, TypeError, r"n \(the number of units\) must be an int >= 1, got 4\.0 \(float\)"),
+        ("4", TypeError, r"n \(the number of units\) must be an int >= 1, got '4' \(str\)"),
+        (True, TypeError, r"n \(the number of units\) must be an int >= 1, got True \(bool\)"),
+    ],
+)
+def test_steady_state_layer_size_must_be_a_positive_int(n, error, message):
+    with pytest.raises(error, match=message):
+        SteadyState(n)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"tol": float("nan")}, ValueError, r"^tol must be a finite number >= 0"),
+        ({"max_iter": 100.0}, TypeError, r"^max_iter must be an int >= 0, got 100\.0"),
+        ({"damping": "1"}, TypeError, r"^damping must be a number in \(0, 1\], got '1'"),
+        ({"method": "broyden"}, ValueError, r"^method must be one of 'iterate', 'anderson'"),
+        ({"backward_method": 2}, TypeError, r"^backward_method must be a string, one of"),
+        ({"backward_tol": "1e-8"}, TypeError, r"^backward_tol must be a finite number >= 0"),
+        ({"backward_max_iter": -5}, ValueError, r"^backward_max_iter must be an int >= 0"),
+        ({"init_scale": -1.0}, ValueError, r"^init_scale must be a finite number >= 0"),
+        ({"seed": 1.5}, TypeError, r"^seed must be an int or None, got 1\.5 \(float\)"),
+        ({"dtype": torch.int64}, TypeError, r"^dtype must be a floating-point torch\.dtype"),
+        ({"dtype": "float64"}, TypeError, r"^dtype must be a floating-point torch\.dtype"),
+    ],
+)
+def test_steady_state_layer_options_checked_when_built(options, error, message):
+    """A bad option fails at construction, not at the first forward or backward."""
+    with pytest.raises(error, match=message):
+        SteadyState(4, **options)
+    solver_options = {k: v for k, v in options.items() if k not in ("init_scale", "seed", "dtype")}
+    if solver_options:
+        W, b, _ = system(4, 2)
+        with pytest.raises(error, match=message):
+            steady_state(W, b, **solver_options)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"hidden": 0}, ValueError, r"hidden \(the number of units N\) must be an int >= 1, got 0"),
+        (
+            {"hidden": 12.0},
+            TypeError,
+            r"hidden \(the number of units N\) must be an int >= 1, got 12\.0",
+        ),
+        (
+            {"hidden": "8"},
+            TypeError,
+            r"hidden \(the number of units N\) must be an int >= 1, got '8'",
+        ),
+        ({"n_inputs": 0}, ValueError, r"n_inputs \(pixels per image\) must be an int >= 1, got 0"),
+        ({"n_classes": True}, TypeError, r"n_classes must be an int >= 1, got True \(bool\)"),
+        ({"n_classes": -1}, ValueError, r"n_classes must be an int >= 1, got -1"),
+        ({"seed": None}, TypeError, r"seed must be an int, got None \(NoneType\)"),
+        ({"tol": -1.0}, ValueError, r"tol must be a finite number >= 0"),
+        ({"backward_method": "lu"}, ValueError, r"backward_method must be one of 'direct'"),
+    ],
+)
+def test_steady_classifier_bad_arguments_raise(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SteadyClassifier(**{"hidden": 8, **kwargs})
