@@ -209,6 +209,7 @@ STEADY_ALGORITHMS = {"rbp": "direct", "rbp_iterate": "iterate", "rbp_gmres": "gm
 def cmd_train_steady(args) -> int:
     """Seed 000's steady-state network on the digits, trained by recurrent backprop."""
     import csv
+    import json
 
     from .plots import plot_series
     from .steady import SteadyClassifier, train_steady
@@ -229,37 +230,56 @@ def cmd_train_steady(args) -> int:
     if unused:
         raise ValueError(f"--model steady (Adam, CPU, no sequence) does not take "
                          f"{', '.join(unused)}")
+    if args.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
+    init_scale, max_spectral_norm = 0.4, 0.9  # the library's defaults, recorded in config.json
     model = SteadyClassifier(args.hidden, activation=args.activation, seed=args.seed,
-                             backward_method=STEADY_ALGORITHMS[algorithm],
+                             backward_method=STEADY_ALGORITHMS[algorithm], init_scale=init_scale,
                              dtype=DTYPES[args.dtype])
     out = Path(args.out) if args.out else Path("runs") / f"digits-steady-{algorithm}"
     out.mkdir(parents=True, exist_ok=True)
+    # everything that defines the run: the flags, and the settings they leave at their
+    # defaults (the forward solver, the spectral-norm projection, the optimizer)
+    config = {"task": "digits", "model": "steady", "algorithm": algorithm,
+              "hidden": args.hidden, "activation": args.activation, "dtype": args.dtype,
+              "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+              "seed": args.seed, "log_every": args.log_every, "optimizer": "adam",
+              "max_spectral_norm": max_spectral_norm, "init_scale": init_scale,
+              "n_inputs": model.U.shape[1], "n_classes": model.V.shape[0], **model.options}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     bar = _progress(args.steps, args.no_progress)
     rows: list[dict] = []
 
     def on_step(step: int, info: dict) -> None:
         bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            rows.append({"step": step, **info})
-            bar.set_postfix(loss=f"{info['loss']:.4f}", iterations=info["iterations"])
+        if "test_accuracy" in info:  # a logged step: train_steady evaluated the test split
+            rows.append({"step": step, "loss": info["loss"], "test_loss": info["test_loss"],
+                         "test_acc": info["test_accuracy"], "residual": info["residual"],
+                         "iterations": info["iterations"]})
+            bar.set_postfix(loss=f"{info['loss']:.4f}", test_acc=f"{info['test_accuracy']:.3f}",
+                            iterations=info["iterations"])
 
     t0 = time.perf_counter()
     metrics = train_steady(model, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, callback=on_step)
+                           seed=args.seed, max_spectral_norm=max_spectral_norm,
+                           callback=on_step, eval_every=args.log_every)
     bar.close()
     with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "test_loss", "test_acc", "residual",
+                                          "iterations"])
         w.writeheader()
         w.writerows(rows)
-    plot_series(rows, out / "curve.png", x="step", ys=["loss", "iterations"],
-                title=f"digits, steady-state network, {algorithm}")
+    if rows:
+        plot_series(rows, out / "curve.png", x="step", ys=["loss", "test_loss", "iterations"],
+                    title=f"digits, steady-state network, {algorithm}")
     torch.save(model.state_dict(), out / "model.pt")
     row = {"task": "digits", "model": "steady", "algorithm": algorithm, "hidden": args.hidden,
            "steps": args.steps, "test_acc": metrics["test_accuracy"],
            "test_loss": metrics["test_loss"], "max_iterations": metrics["max_iterations"],
            "wall_s": time.perf_counter() - t0}
     print(_table([row], list(row)))
-    print(f"wrote {out / 'metrics.csv'}, {out / 'curve.png'}, {out / 'model.pt'}")
+    written = ["metrics.csv", "config.json", "model.pt"] + (["curve.png"] if rows else [])
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
     return 0
 
 
