@@ -1,16 +1,19 @@
 """rnngrad: gradients of recurrent networks by every method, behind one PyTorch API."""
 
-from . import check, steady, tasks
+from . import cells, check, steady, tasks
 from .algorithms import Algorithm, StepOutput, bptt, eprop, kf_rtrl, rflo, rtrl, snap1, tbptt, uoro
 from .errors import ConvergenceError
 from .gradient import gradient, write_grads
 from .model import RNN
+from .network import Network
 from .steady import SteadyClassifier, SteadyState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RNN",
+    "Network",
+    "cells",
     "gradient",
     "write_grads",
     "bptt",

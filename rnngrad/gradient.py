@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_h0, check_inputs, check_mask, check_params_finite, check_targets
-from .algorithms.base import PARAM_NAMES, Algorithm, Grads, add_grads
+from .algorithms._network import is_rnn, trajectory
+from .algorithms.base import Algorithm, Grads, add_grads
 from .algorithms.bptt import bptt, reward_grad
-from .model import unroll
+from .network import Network
 from .readouts import check_loss
 
 __all__ = ["gradient", "write_grads"]
@@ -40,7 +41,7 @@ def gradient(
     """The pinned loss and its gradients with respect to the model's parameters.
 
     Args:
-        model: an ``rnngrad.RNN``.
+        model: an ``rnngrad.Network`` (any cells, any number of layers) or ``rnngrad.RNN``.
         inputs: (T, B, D).
         targets: (T, B, K) float for "mse" and "bce", (T, B) class indices for
             "cross_entropy"; None for no supervised loss (then a reward is required).
@@ -48,11 +49,13 @@ def gradient(
         loss: "mse" | "cross_entropy" | "bce".
         mask: (T, B) or (T,) weights of the steps; None: every step counts.
             Many-to-one is a mask with only the last step set.
-        h0: (B, H) or (H,) initial state (zeros if None). When given, ``grads["h0"]``
-            is its gradient, of the same shape.
-        reward: a callable ``R(h)`` of the whole (T, B, H) trajectory returning a scalar
-            to be maximised; the returned loss is then ``L - R``. ``dR/dh_t`` comes from
-            autograd on R alone; the recurrence is the algorithm's.
+        h0: the initial state (zeros if None): for ``RNN`` a (B, H) or (H,) tensor; for a
+            ``Network`` one state per layer, as ``model.init_state(B)`` gives (one layer's
+            state alone for a one-layer network; see ``Network.coerce_state``). When given,
+            ``grads["h0"]`` is its gradient, in the same form.
+        reward: a callable ``R(h)`` of the whole (T, B, H) trajectory of the last layer's
+            outputs returning a scalar to be maximised; the returned loss is then ``L - R``.
+            ``dR/dh_t`` comes from autograd on R alone; the recurrence is the algorithm's.
         set_grad: also write the gradients into the parameters' ``.grad``
             (replacing what is there), so a ``torch.optim`` optimizer can step.
 
@@ -65,9 +68,9 @@ def gradient(
     if not isinstance(algorithm, Algorithm):
         raise TypeError(f"algorithm must be an rnngrad algorithm such as rnngrad.bptt(), got "
                         f"{type(algorithm).__name__}")
-    if not all(hasattr(model, n) for n in PARAM_NAMES):
-        raise TypeError(f"model must be an rnngrad.RNN (parameters {', '.join(PARAM_NAMES)}), "
-                        f"got {type(model).__name__}")
+    if not isinstance(model, Network):
+        raise TypeError(f"model must be an rnngrad.Network or rnngrad.RNN, got "
+                        f"{type(model).__name__}")
     T, B = check_inputs(model, inputs)
     check_loss(loss, model.readout)
     if targets is None and reward is None:
@@ -78,9 +81,16 @@ def gradient(
         raise TypeError(f"reward must be a callable R(h) of the (T, B, H) trajectory, got "
                         f"{type(reward).__name__}")
     mask = check_mask(model, mask, T, B)
-    shared_h0 = h0 is not None and h0.dim() == 1
     track_h0 = h0 is not None
-    h0 = check_h0(model, h0, B)
+    if is_rnn(model):
+        if h0 is not None and not isinstance(h0, torch.Tensor):
+            from .model import _h0_tensor
+
+            h0 = _h0_tensor(h0)
+        spec = h0 is not None and h0.dim() == 1  # shared over the batch
+        h0 = check_h0(model, h0, B)
+    else:
+        h0, spec = model.coerce_state(h0, B)
     check_params_finite(model)
 
     if algorithm.sequence is not None:
@@ -90,7 +100,10 @@ def gradient(
                                   track_h0)
 
     if track_h0:
-        grads["h0"] = grads["h0"].sum(0) if shared_h0 else grads["h0"]
+        if is_rnn(model):
+            grads["h0"] = grads["h0"].sum(0) if spec else grads["h0"]
+        else:
+            grads["h0"] = Network.pack_state_grad(grads["h0"], spec)
     else:
         grads.pop("h0", None)
     if set_grad:
@@ -104,8 +117,7 @@ def _step_loop(algorithm: Algorithm, model, inputs, targets, mask, h0, loss, rew
     dh = None
     value = inputs.new_zeros(())
     if reward is not None:
-        with torch.no_grad():
-            hs, _ = unroll(model, inputs, h0, need_deriv=False)
+        hs = trajectory(model, inputs, h0)
         R, dR = reward_grad(reward, hs)
         value = value - R
         dh = -dR

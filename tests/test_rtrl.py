@@ -74,27 +74,23 @@ def test_rtrl_dh_term_and_no_target():
 
 
 def test_rtrl_custom_cell_matches_autograd():
-    """rtrl(cell=f) on a cell with no hand-derived path: h' = tanh(W_in x + W_rec h + b) * sigmoid(h) + 0.1 h."""
+    """rtrl() on a user's cell with no declared structure (the torch.func defaults):
+    h' = tanh(W_in x + W_rec h + b) * sigmoid(h) + 0.1 h, against autograd."""
+    from cell_zoo import TanhGate
+    from net_reference import max_rel_err, net_grads
 
-    def cell(p, h, x):
-        a = p["W_in"] @ x + p["W_rec"] @ h + p["b_rec"]
-        return torch.tanh(a) * torch.sigmoid(h) + 0.1 * h
-
-    config = CheckConfig(T=4, B=2, D=3, H=3, K=2)
-    model, x, y, _, h0, _ = make_problem(config._replace(h0=True), seed=4)
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-    h = h0.clone().requires_grad_(True)
-    leaves = list(params.values()) + [h]
-    L = 0.0
-    hh = h
-    for t in range(4):
-        hh = torch.stack([cell(params, hh[b], x[t, b]) for b in range(2)])
-        z = hh @ params["W_out"].T + params["b_out"]
-        L = L + 0.5 * ((z - y[t]) ** 2).sum() / 2
-    g = torch.autograd.grad(L, leaves)
-    ref = dict(zip(list(params) + ["h0"], g, strict=True))
-    _, grads = rnngrad.gradient(model, x, y, algorithm=rnngrad.rtrl(cell=cell), h0=h0)
-    assert relative_error(grads, ref) <= TOL
+    torch.manual_seed(4)
+    net = rnngrad.Network(TanhGate(3, 3), 2)
+    net = net.double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 2, 2, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    _, ref = net_grads(net, x, y, state0=net.coerce_state(h0, 2)[0])
+    ref["h0"] = ref["h0"][0].h
+    for algo in (rnngrad.rtrl(), rnngrad.rtrl(generic=True)):
+        _, grads = rnngrad.gradient(net, x, y, algorithm=algo, h0=h0)
+        assert max_rel_err(grads, ref) <= TOL
 
 
 def test_rtrl_declares_exact_online():
@@ -103,7 +99,7 @@ def test_rtrl_declares_exact_online():
 
 
 def test_rtrl_bad_input():
-    with pytest.raises(TypeError, match="cell must be a callable"):
+    with pytest.raises(TypeError, match="replaced by the cell protocol"):
         rnngrad.rtrl(cell=3)
     model = rnngrad.RNN(2, 3, 1, dtype=torch.float64)
     algo = rnngrad.rtrl()

@@ -148,13 +148,26 @@ def output_grads(dz: Tensor, h: Tensor) -> Grads:
     return {"W_out": dz.T @ h, "b_out": dz.sum(0)}
 
 
+def _rebuild(like, items):
+    return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
+
+
+def _clone(v):
+    return v.clone() if isinstance(v, Tensor) else _rebuild(v, [_clone(x) for x in v])
+
+
+def _add(a, b):
+    return a + b if isinstance(a, Tensor) else _rebuild(a, [_add(x, y) for x, y in zip(a, b)])
+
+
 def add_grads(total: Grads | None, g: Grads | None) -> Grads | None:
-    """Sum two gradient dicts (None is the empty sum); returns a new dict."""
+    """Sum two gradient dicts (None is the empty sum); returns a new dict. Values are
+    tensors, or (for a network's "h0") tuples of state NamedTuples of tensors."""
     if g is None:
         return total
     if total is None:
-        return {k: v.clone() for k, v in g.items()}
+        return {k: _clone(v) for k, v in g.items()}
     out = dict(total)
     for k, v in g.items():
-        out[k] = out[k] + v if k in out else v.clone()
+        out[k] = _add(out[k], v) if k in out else _clone(v)
     return out

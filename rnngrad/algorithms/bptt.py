@@ -44,6 +44,8 @@ from torch import Tensor
 from ..cells.activations import get_activation
 from ..cells.elman import backward, cell_step, unroll
 from ..readouts import loss_and_grad
+from . import _bptt_network as _net
+from ._network import is_rnn
 from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads, readout_step
 
 __all__ = ["bptt", "BPTTState", "CheckpointState", "backward", "reward_grad", "checkpointed_bptt"]
@@ -74,6 +76,13 @@ def reward_grad(reward, hs: Tensor) -> tuple[Tensor, Tensor]:
     return R.detach(), dR
 
 
+def _no_sensitivities(model, sensitivities: bool) -> None:
+    if sensitivities:
+        raise ValueError(f"bptt(sensitivities=True) returns u_t = dL/db_rec(t) of the Elman cell "
+                         f"and needs an rnngrad.RNN; got {type(model).__name__} with cells "
+                         f"{', '.join(type(c).__name__ for _, c in model.layers())}")
+
+
 def bptt(*, sensitivities: bool = False, checkpoint: int | None = None) -> Algorithm:
     """Exact backpropagation through time.
 
@@ -93,6 +102,9 @@ def bptt(*, sensitivities: bool = False, checkpoint: int | None = None) -> Algor
         return checkpointed_bptt(checkpoint, sensitivities=sensitivities)
 
     def init(model, batch_size: int, *, h0: Tensor | None = None) -> BPTTState:
+        if not is_rnn(model):
+            _no_sensitivities(model, sensitivities)
+            return _net.init(model, batch_size, h0)
         p = model.W_rec
         track = h0 is not None
         if h0 is None:
@@ -101,6 +113,8 @@ def bptt(*, sensitivities: bool = False, checkpoint: int | None = None) -> Algor
 
     def step(model, state: BPTTState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        if not is_rnn(model):
+            return _net.step(model, None, state, x_t, target_t, mask_t, loss, dh_t)
         with torch.no_grad():
             act = get_activation(model.activation)
             h, a, fa = cell_step(model.W_in, model.W_rec, model.b_rec, state.h, x_t,
@@ -114,6 +128,8 @@ def bptt(*, sensitivities: bool = False, checkpoint: int | None = None) -> Algor
         return state._replace(h=h), StepOutput(h, z, value), None
 
     def flush(model, state: BPTTState):
+        if not is_rnn(model):
+            return _net.flush(model, None, state)
         if not state.xs:
             return state, None
         with torch.no_grad():
@@ -144,6 +160,9 @@ def bptt(*, sensitivities: bool = False, checkpoint: int | None = None) -> Algor
         return buf
 
     def sequence(model, inputs, targets, mask, h0, loss, reward):
+        if not is_rnn(model):
+            _no_sensitivities(model, sensitivities)
+            return _net.sequence(model, None, inputs, targets, mask, h0, loss, reward)
         T, B, _ = inputs.shape
         H, K = model.hidden_size, model.output_size
         with torch.no_grad():
@@ -248,6 +267,9 @@ def checkpointed_bptt(c: int, *, sensitivities: bool = False) -> Algorithm:
                          f"got {c!r}")
 
     def init(model, batch_size: int, *, h0: Tensor | None = None) -> CheckpointState:
+        if not is_rnn(model):
+            _no_sensitivities(model, sensitivities)
+            return _net.init(model, batch_size, h0)
         p = model.W_rec
         track = h0 is not None
         if h0 is None:
@@ -257,6 +279,8 @@ def checkpointed_bptt(c: int, *, sensitivities: bool = False) -> Algorithm:
 
     def step(model, state: CheckpointState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        if not is_rnn(model):
+            return _net.step(model, c, state, x_t, target_t, mask_t, loss, dh_t)
         with torch.no_grad():
             h, _, _ = cell_step(model.W_in, model.W_rec, model.b_rec, state.h, x_t,
                                 activation=model.activation, alpha=model.alpha)
@@ -273,6 +297,8 @@ def checkpointed_bptt(c: int, *, sensitivities: bool = False) -> Algorithm:
         return state._replace(h=h, dW_out=dW_out, db_out=db_out), StepOutput(h, z, value), None
 
     def flush(model, state: CheckpointState):
+        if not is_rnn(model):
+            return _net.flush(model, c, state)
         n = len(state.xs)
         if n == 0:
             return state, None
@@ -300,6 +326,9 @@ def checkpointed_bptt(c: int, *, sensitivities: bool = False) -> Algorithm:
         return init(model, h.shape[0], h0=h)._replace(track_h0=False), grads
 
     def sequence(model, inputs, targets, mask, h0, loss, reward):
+        if not is_rnn(model):
+            _no_sensitivities(model, sensitivities)
+            return _net.sequence(model, c, inputs, targets, mask, h0, loss, reward)
         T, B, _ = inputs.shape
         H, K = model.hidden_size, model.output_size
         with torch.no_grad():

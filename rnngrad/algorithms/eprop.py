@@ -37,6 +37,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _traces_network as _net
+from ._network import check_network, is_rnn
 from ._online import check_seed, emit, forward, learning_signal
 from .base import Algorithm, StepOutput
 
@@ -65,15 +67,30 @@ def random_feedback(model, seed: int) -> Tensor:
     return Bt.to(dtype=model.W_out.dtype, device=model.W_out.device)
 
 
-def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "") -> Algorithm:
+def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
+               cells: tuple | None = None) -> Algorithm:
     """The eligibility-trace rule shared by e-prop and RFLO (they differ in the default
-    feedback and in the paper)."""
+    feedback and in the paper). ``cells``: the cell classes the rule is defined for
+    (None: any cell whose parameters are owned by units)."""
     if feedback not in FEEDBACKS:
         raise ValueError(f"feedback must be one of {', '.join(map(repr, FEEDBACKS))}, "
                          f"got {feedback!r}")
     check_seed(seed)
 
     def init(model, batch_size: int, *, h0: Tensor | None = None) -> EpropState:
+        if not is_rnn(model):
+            check_network(model, f"{name}()")
+            if cells is not None:
+                other = [type(c).__name__ for _, c in model.layers() if not isinstance(c, cells)]
+                if other:
+                    raise ValueError(
+                        f"{name}() is defined for the Elman form phi(W_in x + W_rec h + b): "
+                        f"rnngrad.RNN or a Network of {', '.join(c.__name__ for c in cells)} "
+                        f"layers; got cells {', '.join(other)}. eprop() and snap1() take any "
+                        "cell")
+            _net.check_owned(model, f"{name}()")
+            fb = random_feedback(model, seed) if feedback == "random" else None
+            return _net.init(model, batch_size, h0, fb)
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         h = (torch.zeros(batch_size, H, dtype=p.dtype, device=p.device) if h0 is None
@@ -86,6 +103,8 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "") -> A
 
     def step(model, state: EpropState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        if not is_rnn(model):
+            return _net.step(model, "eligibility", state, x_t, target_t, mask_t, loss, dh_t)
         alpha = model.alpha
         with torch.no_grad():
             f = forward(model, state.h, x_t, target_t, mask_t, loss)
@@ -133,5 +152,11 @@ def eprop(feedback: str = "symmetric", *, seed: int = 0) -> Algorithm:
 
     With ``init(model, B, h0=h0)`` it emits ``grads["h0"] = sum_t (1 - alpha)^t L_t``, the
     same approximation (the leak path only) applied to the initial state.
+
+    Any ``rnngrad.Network`` whose parameters are owned by units: traces through each
+    cell's ``eligibility_jacobian`` (Bellec et al.'s forms for the built-in cells, e.g.
+    the LSTM's ``eps_t = f_t eps_{t-1} + dc_t/dtheta``; for a user's cell without one,
+    the per-unit block of the state Jacobian), the top layer's learning signal passed
+    down the stack within each step (``_traces_network``).
     """
     return trace_rule("eprop", feedback, seed)

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._network import is_rnn
 from ._online import check_seed, emit, forward, generator_for, learning_signal, random_signs
 from .base import Algorithm, StepOutput
 
@@ -62,6 +63,13 @@ def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         if h0 is not None:
             raise ValueError("kf_rtrl() does not estimate the gradient w.r.t. the initial "
                              "state h0; call init without h0 (the state then starts at zero)")
+        if not is_rnn(model):
+            cells = ", ".join(type(c).__name__ for _, c in getattr(model, "layers", list)())
+            raise ValueError(
+                "kf_rtrl() is defined for one Elman layer phi(W_in x + W_rec h + b) (the "
+                "Kronecker factorisation of its immediate term): rnngrad.RNN; got "
+                f"{type(model).__name__}{f' with cells {cells}' if cells else ''}. uoro() "
+                "is the unbiased estimate for any cell")
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}

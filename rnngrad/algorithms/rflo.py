@@ -33,5 +33,11 @@ def rflo(feedback: str = "random", *, seed: int = 0) -> Algorithm:
         feedback: "random" (default: Murray's fixed random B, drawn like ``W_out``) or
             "symmetric" (``W_out^T``; then identical to ``eprop()``).
         seed: seeds the random feedback matrix.
+
+    Defined for the Elman form: ``rnngrad.RNN``, or an ``rnngrad.Network`` of
+    ``rnngrad.cells.Elman`` layers (the top layer's signal passed down within each
+    step); any other cell raises.
     """
-    return trace_rule("rflo", feedback, seed)
+    from ..cells.elman import Elman
+
+    return trace_rule("rflo", feedback, seed, cells=(Elman,))

@@ -28,15 +28,15 @@ Exact, online: emits the gradient of step t's loss at step t. Time O(B H^2 (D + 
 per step (O(H^4) per example), memory O(B H^2 (D + H + 1)) (O(H^3) per example),
 both constant in T.
 
-``rtrl(generic=True)`` (or ``rtrl(cell=f)``) is the same recursion for any one-step
-cell ``f(params, h, x) -> h_new`` with ``J_t`` and ``Mbar_t`` from ``torch.func``
-(``vmap(jacrev(f))``), the influence stored flat as (B, H, N) over the N recurrent
-parameters: the fallback for cells without a hand-derived path, and a second oracle.
+For any other ``rnngrad.Network`` (GRU, LSTM, stacks, a user's cell) the same recursion
+runs layer by layer (``_rtrl_network``), with the immediate term structured where the
+cell declares it. ``rtrl(generic=True)`` takes every Jacobian from ``torch.func``
+(``vmap(jacrev)``), the influence stored flat as (B, S, N) over the N recurrent
+parameters: the fallback for cells without declared structure, and a second oracle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -44,11 +44,11 @@ from torch import Tensor
 
 from ..cells.activations import get_activation
 from ..cells.elman import cell_step
+from . import _rtrl_network as _net
+from ._network import is_rnn
 from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads
 
-__all__ = ["rtrl", "RTRLState", "GenericRTRLState", "default_cell", "READOUT_PARAMS"]
-
-READOUT_PARAMS = ("W_out", "b_out")
+__all__ = ["rtrl", "RTRLState"]
 
 
 class RTRLState(NamedTuple):
@@ -59,58 +59,40 @@ class RTRLState(NamedTuple):
     G_spare: Tensor | None  # (B, H, H) its spare buffer
 
 
-class GenericRTRLState(NamedTuple):
-    h: Tensor  # (B, H) h_t
-    M: Tensor  # (B, H, N) influence dh_t/dtheta over the flattened recurrent parameters
-    G: Tensor | None  # (B, H, H) dh_t/dh_0, or None when h0 is not tracked
-    names: tuple  # the recurrent parameters' names, in the order M's columns use
-    cell: Callable  # the one-example cell f(params, h (H,), x (D,)) -> h_new (H,)
-
-
-def default_cell(model) -> Callable[[dict, Tensor, Tensor], Tensor]:
-    """The model's (leaky) vanilla cell for one example, written for ``torch.func``.
-
-    ``f(params, h (H,), x (D,)) -> h_new (H,)`` with params W_in, W_rec, b_rec.
-    """
-    act = get_activation(model.activation)
-    alpha = model.alpha
-
-    def cell(params: dict, h: Tensor, x: Tensor) -> Tensor:
-        a = params["W_in"] @ x + params["W_rec"] @ h + params["b_rec"]
-        fa = act.fn(a)
-        return fa if alpha == 1.0 else h + alpha * (fa - h)
-
-    return cell
-
-
 def _check_x(model, x_t: Tensor, h: Tensor) -> None:
     B, D = h.shape[0], model.input_size
     if x_t.dim() != 2 or tuple(x_t.shape) != (B, D):
         raise ValueError(f"x_t has shape {tuple(x_t.shape)} but the state expects ({B}, {D})")
 
 
-def rtrl(*, generic: bool = False, cell: Callable | None = None) -> Algorithm:
+def rtrl(*, generic: bool = False, **removed) -> Algorithm:
     """Exact real-time recurrent learning.
 
     Args:
-        generic: use the ``torch.func`` path (Jacobians by ``vmap(jacrev(cell))``)
-            instead of the hand-derived structured influence.
-        cell: a one-example cell ``f(params: dict[str, Tensor], h (H,), x (D,)) ->
-            h_new (H,)``, where params are the model's parameters other than
-            W_out and b_out (implies ``generic=True``). Default: the model's own
-            (leaky) vanilla cell, ``default_cell(model)``.
+        generic: take every Jacobian from ``torch.func`` (``vmap(jacrev)``) instead of
+            the structure the cells declare (the hand-derived Elman influence for
+            ``rnngrad.RNN``; the structured immediate term for built-in cells).
 
-    ``step`` emits the gradient of the step's loss every step (RTRL is online);
-    ``flush`` has nothing pending. With ``init(model, B, h0=h0)`` it also emits
-    ``grads["h0"]`` (B, H) every step.
+    Works on any ``rnngrad.Network``. ``step`` emits the gradient of the step's loss
+    every step (RTRL is online); ``flush`` has nothing pending. With
+    ``init(model, B, h0=h0)`` it also emits ``grads["h0"]`` every step.
     """
-    if cell is not None and not callable(cell):
-        raise TypeError(f"cell must be a callable f(params, h, x) -> h_new, got "
-                        f"{type(cell).__name__}")
-    if cell is not None or generic:
-        return _generic_rtrl(cell)
+    if "cell" in removed:
+        raise TypeError("rtrl(cell=f) was replaced by the cell protocol: subclass "
+                        "rnngrad.cells.Cell (init_state, step, output) and train an "
+                        "rnngrad.Network of it; rtrl() then works on it")
+    if removed:
+        raise TypeError(f"rtrl() got unexpected keyword arguments {sorted(removed)}")
+    if not isinstance(generic, bool):
+        raise TypeError(f"generic must be a bool, got {generic!r}")
 
     def init(model, batch_size: int, *, h0: Tensor | None = None) -> RTRLState:
+        if generic or not is_rnn(model):
+            if is_rnn(model):
+                from ..cells.elman import ElmanState
+
+                h0 = None if h0 is None else (ElmanState(h0),)
+            return _net.init(model, batch_size, h0)
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         P = D + H + 1
@@ -128,6 +110,12 @@ def rtrl(*, generic: bool = False, cell: Callable | None = None) -> Algorithm:
 
     def step(model, state: RTRLState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        if isinstance(state, _net.NetRTRLState):
+            new, out, grads = _net.step(model, generic, state, x_t, target_t, mask_t, loss,
+                                        dh_t)
+            if is_rnn(model) and "h0" in grads:
+                grads["h0"] = grads["h0"][0].h
+            return new, out, grads
         _check_x(model, x_t, state.h)
         with torch.no_grad():
             h_prev, M, M_new = state.h, state.M, state.M_spare
@@ -173,80 +161,12 @@ def rtrl(*, generic: bool = False, cell: Callable | None = None) -> Algorithm:
         return state, None
 
     return Algorithm(
-        name="rtrl()",
+        name="rtrl(generic=True)" if generic else "rtrl()",
         init=init,
         step=step,
         flush=flush,
         exact=True,
         online=True,
-        cost="time O(B H^3 (D + H + 1)) per step; memory O(B H^2 (D + H + 1)), constant in T",
-    )
-
-
-def _generic_rtrl(cell: Callable | None) -> Algorithm:
-    from torch.func import jacrev, vmap
-
-    def init(model, batch_size: int, *, h0: Tensor | None = None) -> GenericRTRLState:
-        p = model.W_rec
-        H = model.hidden_size
-        kw = {"dtype": p.dtype, "device": p.device}
-        names = tuple(n for n, _ in model.named_parameters() if n not in READOUT_PARAMS)
-        N = sum(q.numel() for n, q in model.named_parameters() if n not in READOUT_PARAMS)
-        if h0 is None:
-            h, G = torch.zeros(batch_size, H, **kw), None
-        else:
-            if tuple(h0.shape) != (batch_size, H):
-                raise ValueError(f"h0 has shape {tuple(h0.shape)} but expected ({batch_size}, {H})")
-            h = h0
-            G = torch.eye(H, **kw).expand(batch_size, H, H).contiguous()
-        f = default_cell(model) if cell is None else cell
-        return GenericRTRLState(h, torch.zeros(batch_size, H, N, **kw), G, names, f)
-
-    def step(model, state: GenericRTRLState, x_t: Tensor, target_t: Tensor | None = None, *,
-             mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
-        _check_x(model, x_t, state.h)
-        with torch.no_grad():
-            B, H, N = state.M.shape
-            named = dict(model.named_parameters())
-            params = {n: named[n].detach() for n in state.names}
-
-            def f(params, h, x):
-                h_new = state.cell(params, h, x)
-                return h_new, h_new
-
-            # J_t (B, H, H) = dh_t/dh_{t-1}; Mbar_t: per parameter (B, H, *shape)
-            (dparams, J), h = vmap(jacrev(f, argnums=(0, 1), has_aux=True),
-                                   in_dims=(None, 0, 0))(params, state.h, x_t)
-            if h.shape != state.h.shape:
-                raise ValueError(f"cell returned h_new of shape {tuple(h.shape[1:])} per "
-                                 f"example but the model's hidden size is ({H},)")
-            Mbar = torch.cat([dparams[n].reshape(B, H, -1) for n in state.names], dim=2)
-            M = torch.baddbmm(Mbar, J, state.M)  # M_t = J_t M_{t-1} + Mbar_t
-            G = None if state.G is None else torch.bmm(J, state.G)
-
-            z, value, dz, q = immediate_signal(model, h, target_t, mask_t, loss, dh_t)
-            g = q.view(1, B * H) @ M.view(B * H, N)
-            grads: Grads = {}
-            offset = 0
-            for n in state.names:
-                size = named[n].numel()
-                grads[n] = g[0, offset:offset + size].reshape(named[n].shape).clone()
-                offset += size
-            grads.update(output_grads(dz, h))
-            if G is not None:
-                grads["h0"] = torch.bmm(q.unsqueeze(1), G).squeeze(1)
-        return state._replace(h=h, M=M, G=G), StepOutput(h, z, value), grads
-
-    def flush(model, state: GenericRTRLState):
-        return state, None
-
-    return Algorithm(
-        name="rtrl(generic=True)",
-        init=init,
-        step=step,
-        flush=flush,
-        exact=True,
-        online=True,
-        cost="time O(B H^2 N) per step plus the torch.func Jacobians (N recurrent "
-             "parameters); memory O(B H N), constant in T",
+        cost="time O(B S^2 N) per step (Elman: O(B H^3 (D + H + 1))), memory O(B S N), "
+             "constant in T; S state size, N recurrent parameters",
     )

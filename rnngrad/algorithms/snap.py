@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _traces_network as _net
+from ._network import check_network, is_rnn
 from ._online import emit, forward, learning_signal
 from .base import Algorithm, StepOutput
 
@@ -48,9 +50,17 @@ def snap1() -> Algorithm:
     With ``init(model, B, h0=h0)`` it emits ``grads["h0"] = sum_t q_t * c_t`` with
     ``c_t = Jd_t c_{t-1}``, ``c_0 = 1``: the same diagonal approximation of
     ``dh_t/dh_0``.
+
+    Any ``rnngrad.Network`` whose parameters are owned by units (GRU, LSTM, stacks, a
+    user's cell): Menick et al.'s pattern, unit i's state components for the parameters
+    unit i owns, through the cell's ``local_jacobian`` (``_traces_network``).
     """
 
     def init(model, batch_size: int, *, h0: Tensor | None = None) -> SnapState:
+        if not is_rnn(model):
+            check_network(model, "snap1()")
+            _net.check_owned(model, "snap1()")
+            return _net.init(model, batch_size, h0, None)
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}
@@ -61,6 +71,8 @@ def snap1() -> Algorithm:
 
     def step(model, state: SnapState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        if not is_rnn(model):
+            return _net.step(model, "local", state, x_t, target_t, mask_t, loss, dh_t)
         alpha = model.alpha
         with torch.no_grad():
             f = forward(model, state.h, x_t, target_t, mask_t, loss)

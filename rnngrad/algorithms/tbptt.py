@@ -30,6 +30,8 @@ from torch import Tensor
 
 from ..cells.elman import unroll
 from ..readouts import loss_and_grad
+from . import _bptt_network as _net
+from ._network import is_rnn
 from .base import Algorithm, Grads, add_grads, output_grads
 from .bptt import BPTTState, backward, bptt, reward_grad
 
@@ -37,7 +39,7 @@ __all__ = ["tbptt", "TBPTTState"]
 
 
 class TBPTTState(NamedTuple):
-    h: Tensor  # (B, H) h_t
+    h: Tensor  # (B, H) h_t (for a Network: its state, one per layer)
     chunk: BPTTState  # the pending chunk (fewer than k steps), as BPTT stores it
 
 
@@ -54,7 +56,7 @@ def tbptt(k: int) -> Algorithm:
         raise ValueError(f"tbptt needs a truncation length k, an int >= 1, got {k!r}")
     inner = bptt()
 
-    def init(model, batch_size: int, *, h0: Tensor | None = None) -> TBPTTState:
+    def init(model, batch_size: int, *, h0=None) -> TBPTTState:
         chunk = inner.init(model, batch_size, h0=h0)
         return TBPTTState(chunk.h, chunk)
 
@@ -72,6 +74,8 @@ def tbptt(k: int) -> Algorithm:
         return TBPTTState(chunk.h, chunk), grads
 
     def sequence(model, inputs, targets, mask, h0, loss, reward):
+        if not is_rnn(model):
+            return _net.truncated_sequence(model, k, inputs, targets, mask, h0, loss, reward)
         T, B, _ = inputs.shape
         H, K = model.hidden_size, model.output_size
         with torch.no_grad():

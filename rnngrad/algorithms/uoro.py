@@ -34,6 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _uoro_network as _net
+from ._network import check_network, is_rnn
 from ._online import check_seed, emit, forward, generator_for, learning_signal, random_signs
 from .base import Algorithm, StepOutput
 
@@ -56,6 +58,9 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
             when h~ or theta~ vanish (at the start) and does not bias the estimate.
 
     The gradient w.r.t. an initial state is not estimated: ``init`` with ``h0`` raises.
+
+    Any ``rnngrad.Network``: the stack is one state, and the step's jvp (``J_t h~``) and
+    per-example vjp (``Mbar_t^T nu``) come from ``torch.func`` (``_uoro_network``).
     """
     check_seed(seed)
     if not (isinstance(eps, (int, float)) and eps > 0):
@@ -66,6 +71,9 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         if h0 is not None:
             raise ValueError("uoro() does not estimate the gradient w.r.t. the initial state h0; "
                              "call init without h0 (the state then starts at zero)")
+        if not is_rnn(model):
+            check_network(model, "uoro()")
+            return _net.init(model, batch_size)
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}
@@ -74,6 +82,9 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
 
     def step(model, state: UOROState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        if not is_rnn(model):
+            gen = generator_for(gens, model.W_out.device, seed)
+            return _net.step(model, gen, eps, state, x_t, target_t, mask_t, loss, dh_t)
         alpha = model.alpha
         with torch.no_grad():
             f = forward(model, state.h, x_t, target_t, mask_t, loss)

@@ -10,12 +10,33 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import jacrev, vjp, vmap
+from torch.func import jvp as _torch_jvp
 
 from .base import Immediate, Linearization, flatten_state, state_widths, unflatten_state
 
 __all__ = ["linearize", "forward_sequence", "backward_sequence", "unit_blocks",
-           "check_units"]
+           "check_units", "jvp"]
+
+_jvp_ready = False
+
+
+def jvp(*args, **kwargs):
+    """``torch.func.jvp``. Its first call in a process loads torch's forward-mode
+    decompositions through ``torch.jit.script``, which torch 2.13 reports as deprecated;
+    that warning is about torch's internals, not the caller's code, so it is silenced
+    for that one call."""
+    global _jvp_ready
+    if _jvp_ready:
+        return _torch_jvp(*args, **kwargs)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                                category=DeprecationWarning)
+        out = _torch_jvp(*args, **kwargs)
+    _jvp_ready = True
+    return out
 
 
 def check_units(cell, state) -> tuple[int, int]:
@@ -161,3 +182,71 @@ def backward_sequence(cell, params, inputs: Tensor, state0, cache, d_outputs: Te
         dxs[t] = dx
     d_inputs = torch.stack(dxs) if input_grad else None
     return grads, d_inputs, ds
+
+
+def declares(cell, field: str) -> bool:
+    """True when the cell supplies ``field`` itself (overrides ``linearize`` or the
+    single method), rather than leaving it to the torch.func default."""
+    method = {"local": "local_jacobian", "eligibility": "eligibility_jacobian",
+              "immediate": "immediate", "jacobian": "jacobian",
+              "input_jacobian": "input_jacobian"}[field]
+    return _overrides(cell, "linearize") or _overrides(cell, method)
+
+
+def dense_jacobians(cell, params, state, x: Tensor):
+    """Everything RTRL needs, by one ``vmap(jacrev)`` over (params, state, x), with no
+    assumption on the cell's structure: ``(state_t, J (B, S, S), Jx (B, S, D),
+    Mbar (B, S, N))``, Mbar's columns the parameters flattened in ``params`` order."""
+    params = _detached(params)
+    f = cell._single(params, state)
+    dp, J, Jx = vmap(jacrev(f, argnums=(0, 1, 2)), in_dims=(None, 0, 0))(
+        params, flatten_state(state), x)
+    B, S = J.shape[0], J.shape[1]
+    Mbar = torch.cat([dp[n].reshape(B, S, -1) for n in params], dim=2)
+    return cell.step(params, state, x), J, Jx, Mbar
+
+
+_verified: Any = None
+
+
+def verify_ownership(cell, who: str) -> None:
+    """For a cell that does not declare its immediate term: check, once per cell, that each
+    parameter row it says a unit owns moves only that unit within one step (the structural
+    zeros the per-unit traces rely on), on random parameters, state and input. Raises a
+    clear error naming the parameter, the row and the unit it moves."""
+    global _verified
+    import weakref
+
+    if _verified is None:
+        _verified = weakref.WeakKeyDictionary()
+    if declares(cell, "immediate") or _verified.get(cell):
+        return
+    g = torch.Generator().manual_seed(0)
+    named = dict(cell.named_parameters())
+    params = {n: torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * 0.5
+              for n, p in named.items()}
+    state = cell.init_state(2)
+    state = type(state)(*(torch.randn(s.shape, generator=g, dtype=s.dtype).to(s.device) * 0.5
+                          for s in state))
+    x = torch.randn(2, cell.input_size, generator=g, dtype=state[0].dtype).to(state[0].device)
+    C, U = check_units(cell, state)
+    f = cell._single(params, state)
+    dp = vmap(jacrev(f, argnums=0), in_dims=(None, 0, 0))(params, flatten_state(state), x)
+    for name, G in cell.param_blocks().items():
+        if G is None:
+            continue
+        P = named[name].numel() // (G * U)
+        d = dp[name].reshape(2, C, U, G, U, P).abs()
+        scale = float(d.max()) or 1.0
+        off = d.clone()
+        off.diagonal(dim1=2, dim2=4).zero_()
+        if float(off.max()) > 1e-9 * scale:
+            idx = (off == off.max()).nonzero()[0].tolist()
+            _, _, moved, gg, owner, _ = idx
+            raise ValueError(
+                f"{who}: parameter {name!r} of {type(cell).__name__} (shape "
+                f"{tuple(named[name].shape)}) is not owned row by row: row {gg * U + owner} "
+                f"(unit {owner} under the gate-major layout, G={G}) moves unit {moved} within "
+                "one step, so per-unit traces would drop part of its immediate term. Declare "
+                "param_blocks() (None for it) and immediate() to match, or use rtrl() or uoro()")
+    _verified[cell] = True

@@ -1,0 +1,205 @@
+"""BPTT, checkpointed BPTT and truncated BPTT for any ``rnngrad.Network``.
+
+The stack is run layer by layer over a segment (layer l over every step, then layer
+l + 1 on its outputs, as cuDNN does), and the adjoint pass goes top-down: each cell's
+``backward_sequence`` (hand-derived for Elman, GRU and LSTM; a ``torch.func.vjp`` per
+step for any other cell) turns ``dL/d outputs`` into its parameters' gradients,
+``dL/d inputs`` (the layer below's ``dL/d outputs``) and ``dL/d state_0``::
+
+    hbar^L_t = W_out^T dl_t/dz_t (- dR/dh^L_t)         the readout's (and reward's) signal
+    for l = L .. 1:  (g_l, hbar^{l-1}, dL/ds^l_0) = backward_sequence_l(hbar^l, dL/ds^l_T)
+
+Checkpointing (``c``) keeps the network state only every c steps and reruns each
+segment forward, with cache, during the backward pass; the adjoint leaving a segment
+at its start is the ``d_state`` of the segment before it. Truncation (``k``) runs the
+same on chunks of k steps with ``d_state = 0`` at each chunk's end.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..readouts import loss_and_grad
+from ._network import bind, net_step, stack_backward, stack_forward
+from .base import Grads, StepOutput, add_grads, output_grads, readout_step
+
+__all__ = ["NetBPTTState", "init", "step", "flush", "sequence", "truncated_sequence"]
+
+
+class NetBPTTState(NamedTuple):
+    h: tuple  # the network's state s_t, one state per layer
+    h_start: tuple  # the state before the pending steps
+    track_h0: bool  # emit grads["h0"] (dL/d h_start) at the next flush
+    xs: list  # pending x_t, each (B, D)
+    dz: list  # pending dl/dz_t (weighted by mask / B), each (B, K)
+    dh: list  # pending extra dl/dh^L_t (a reward's), each (B, H) or None
+    ckpt: list  # the state at the start of every segment of c steps (h_start first)
+    dW_out: Tensor  # (K, H) sum_t dz_t^T h^L_t so far
+    db_out: Tensor  # (K,)
+
+
+def init(model, batch_size: int, h0: tuple | None) -> NetBPTTState:
+    track = h0 is not None
+    if h0 is None:
+        h0 = model.init_state(batch_size)
+    return NetBPTTState(h0, h0, track, [], [], [], [h0], torch.zeros_like(model.W_out.detach()),
+                        torch.zeros_like(model.b_out.detach()))
+
+
+def step(model, c: int | None, state: NetBPTTState, x_t, target_t, mask_t, loss, dh_t):
+    with torch.no_grad():
+        new, h = net_step(bind(model), state.h, x_t)
+        z, value, dz = readout_step(model, h, target_t, mask_t, loss)
+        if dz is None:
+            dz = torch.zeros_like(z)
+        dW_out = torch.addmm(state.dW_out, dz.T, h)
+        db_out = state.db_out + dz.sum(0)
+        state.xs.append(x_t)
+        state.dz.append(dz)
+        state.dh.append(dh_t)
+        if c is not None and len(state.xs) % c == 0:
+            state.ckpt.append(new)
+    return state._replace(h=new, dW_out=dW_out, db_out=db_out), StepOutput(h, z, value), None
+
+
+def _segments(net, c: int, n: int, inputs_of, hbar_of, ckpt: list) -> tuple[Grads, tuple]:
+    """The adjoint pass over n steps, segment by segment from the last, each rerun forward
+    from its checkpoint."""
+    total: Grads | None = None
+    carry = None
+    for i in range((n - 1) // c, -1, -1):
+        s, e = i * c, min(i * c + c, n)
+        x = inputs_of(s, e)
+        _, _, caches, ins = stack_forward(net, x, ckpt[i], cache=True)
+        g, carry = stack_backward(net, ins, ckpt[i], caches, hbar_of(s, e), carry)
+        total = add_grads(total, g)
+    return total, carry
+
+
+def flush(model, c: int | None, state: NetBPTTState):
+    n = len(state.xs)
+    if n == 0:
+        return state, None
+    with torch.no_grad():
+        net = bind(model)
+        W_out = model.W_out.detach()
+
+        def inputs_of(s, e):
+            return torch.stack(state.xs[s:e])
+
+        def hbar_of(s, e):
+            hbar = torch.stack(state.dz[s:e]) @ W_out
+            for j, dh in enumerate(state.dh[s:e]):
+                if dh is not None:
+                    hbar[j] += dh
+            return hbar
+
+        grads, d0 = _segments(net, c or n, n, inputs_of, hbar_of, state.ckpt)
+        grads["W_out"], grads["b_out"] = state.dW_out, state.db_out
+        if state.track_h0:
+            grads["h0"] = d0
+    h = state.h
+    fresh = init(model, h[0][0].shape[0], h)._replace(track_h0=False)
+    return fresh, grads
+
+
+def _readout(model, hs: Tensor, targets, mask, loss):
+    """Loss and dl/dz (T, B, K) of a segment's outputs hs (T, B, H)."""
+    T, B, H = hs.shape
+    K = model.output_size
+    W_out, b_out = model.W_out.detach(), model.b_out.detach()
+    z = torch.addmm(b_out, hs.reshape(T * B, H), W_out.T).view(T, B, K)
+    if targets is None:
+        return hs.new_zeros(()), hs.new_zeros(T, B, K)
+    return loss_and_grad(z, targets, mask / B, loss=loss, readout_name=model.readout)
+
+
+def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward):
+    """Whole-sequence BPTT (``c`` None) or checkpointed BPTT over a network."""
+    from .bptt import reward_grad
+
+    T, B, _ = inputs.shape
+    with torch.no_grad():
+        net = bind(model)
+        W_out = model.W_out.detach()
+        if c is None:
+            hs, _, caches, ins = stack_forward(net, inputs, h0, cache=True)
+            value, dz = _readout(model, hs, targets, mask, loss)
+            hbar = dz @ W_out
+            if reward is not None:
+                R, dR = reward_grad(reward, hs)
+                value, hbar = value - R, hbar - dR
+            grads, d0 = stack_backward(net, ins, h0, caches, hbar, None)
+            H = hs.shape[2]
+            grads.update(output_grads(dz.view(T * B, -1), hs.reshape(T * B, H)))
+        else:
+            value = inputs.new_zeros(())
+            dz_all = inputs.new_zeros(T, B, model.output_size)
+            dW_out, db_out = torch.zeros_like(W_out), torch.zeros_like(model.b_out.detach())
+            ckpt, h = [], h0
+            for s in range(0, T, c):  # forward, keeping the state at each segment's start
+                e = min(s + c, T)
+                ckpt.append(h)
+                hs, h, _, _ = stack_forward(net, inputs[s:e], h, cache=False)
+                v, dz = _readout(model, hs, None if targets is None else targets[s:e],
+                                 mask[s:e], loss)
+                value = value + v
+                dz_all[s:e] = dz
+                H = hs.shape[2]
+                dW_out.addmm_(dz.reshape(-1, dz.shape[2]).T, hs.reshape(-1, H))
+                db_out += dz.sum((0, 1))
+                del hs
+            dR = None
+            if reward is not None:  # R needs the whole trajectory
+                hs_all = stack_forward(net, inputs, h0, cache=False)[0]
+                R, dR = reward_grad(reward, hs_all)
+                value = value - R
+                del hs_all
+
+            def hbar_of(s, e):
+                hbar = dz_all[s:e] @ W_out
+                return hbar if dR is None else hbar - dR[s:e]
+
+            grads, d0 = _segments(net, c, T, lambda s, e: inputs[s:e], hbar_of, ckpt)
+            grads["W_out"], grads["b_out"] = dW_out, db_out
+        grads["h0"] = d0
+    return value, grads
+
+
+def truncated_sequence(model, k: int, inputs, targets, mask, h0, loss, reward):
+    """TBPTT(k) over a network: BPTT on each chunk of k steps, the state carried forward
+    and cut (``d_state = 0`` at each chunk's end); ``grads["h0"]`` from the first chunk."""
+    from .bptt import reward_grad
+
+    T, B, _ = inputs.shape
+    with torch.no_grad():
+        net = bind(model)
+        W_out = model.W_out.detach()
+        value = inputs.new_zeros(())
+        dR = None
+        if reward is not None:
+            hs_all = stack_forward(net, inputs, h0, cache=False)[0]
+            R, dR = reward_grad(reward, hs_all)
+            value = value - R
+        total: Grads | None = None
+        h = h0
+        for s in range(0, T, k):
+            e = min(s + k, T)
+            hs, h_next, caches, ins = stack_forward(net, inputs[s:e], h, cache=True)
+            v, dz = _readout(model, hs, None if targets is None else targets[s:e], mask[s:e],
+                             loss)
+            value = value + v
+            hbar = dz @ W_out
+            if dR is not None:
+                hbar = hbar - dR[s:e]
+            g, d0 = stack_backward(net, ins, h, caches, hbar, None)
+            n, H = hs.shape[0], hs.shape[2]
+            g.update(output_grads(dz.reshape(n * B, -1), hs.reshape(n * B, H)))
+            if s == 0:
+                g["h0"] = d0
+            total = add_grads(total, g)
+            h = tuple(type(st)(*(x.clone() for x in st)) for st in h_next)  # no view of the chunk
+        return value, total

@@ -1,0 +1,192 @@
+"""What the algorithms share for any ``rnngrad.Network``: the stack of cells run forward
+and backward over a segment, its flattened state, and the readout's signal.
+
+Notation (DESIGN.md): layer l has state ``s^l`` (a NamedTuple of (B, n_c) tensors,
+flattened to (B, S_l)), input ``h^{l-1}_t`` (``h^0 = x``) and output
+``h^l_t = output(s^l_t)``; the readout reads ``h^L``. The recurrent parameters are
+every parameter but ``W_out``, ``b_out``, in ``named_parameters()`` order; layer l's
+occupy the contiguous columns ``[offset_l, offset_{l+1})`` of any flattened influence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..cells.base import Cell, flatten_state, unflatten_state
+from ..network import Network
+
+__all__ = ["Bound", "bind", "is_rnn", "stack_forward", "stack_backward", "net_step",
+           "output_into_state", "state_from_output_grad", "split_flat", "zero_state",
+           "flatten_net_state", "unflatten_net_state", "trajectory", "check_network"]
+
+
+class Bound(NamedTuple):
+    """A network's cells with detached parameters, for one call of an algorithm."""
+
+    cells: list  # the cells, bottom to top
+    prefixes: list  # each layer's parameter-name prefix in the network
+    params: list  # per layer: dict own name -> detached tensor
+    names: list  # per layer: the network names of its parameters, in order
+    offsets: list  # per layer: first column of its parameters in a flat influence; + total
+
+    @property
+    def L(self) -> int:
+        return len(self.cells)
+
+
+def is_rnn(model) -> bool:
+    """True for ``rnngrad.RNN``: the algorithms take their hand-derived Elman paths."""
+    from ..model import RNN
+
+    return isinstance(model, RNN)
+
+
+def check_network(model, who: str) -> None:
+    if not isinstance(model, Network):
+        raise TypeError(f"{who} takes an rnngrad.Network (or rnngrad.RNN), got "
+                        f"{type(model).__name__}")
+
+
+def bind(model) -> Bound:
+    named = dict(model.named_parameters())
+    cells, prefixes, params, names, offsets = [], [], [], [], []
+    off = 0
+    for prefix, cell in model.layers():
+        own = [n for n, _ in cell.named_parameters()]
+        cells.append(cell)
+        prefixes.append(prefix)
+        params.append({n: named[prefix + n].detach() for n in own})
+        names.append([prefix + n for n in own])
+        offsets.append(off)
+        off += sum(named[prefix + n].numel() for n in own)
+    offsets.append(off)
+    return Bound(cells, prefixes, params, names, offsets)
+
+
+def net_step(net: Bound, state: tuple, x: Tensor) -> tuple[tuple, Tensor]:
+    """One step of the stack: ``(state_t, h^L_t)``."""
+    new = []
+    for cell, p, s in zip(net.cells, net.params, state):
+        s = cell.step(p, s, x)
+        x = cell.output(s)
+        new.append(s)
+    return tuple(new), x
+
+
+def stack_forward(net: Bound, inputs: Tensor, state0: tuple, *, cache: bool):
+    """Every layer over the whole segment, bottom to top (layer l's outputs are layer
+    l + 1's inputs). Returns ``(h^L (T, B, H), state_T, caches, layer_inputs)``."""
+    x = inputs
+    caches, ins, finals = [], [], []
+    for cell, p, s0 in zip(net.cells, net.params, state0):
+        ins.append(x)
+        x, sT, c = cell.forward_sequence(p, x, s0, cache=cache)
+        caches.append(c)
+        finals.append(sT)
+    return x, tuple(finals), caches, ins
+
+
+def stack_backward(net: Bound, ins: list, state0: tuple, caches: list, hbar: Tensor,
+                   d_state: tuple | None) -> tuple[dict[str, Tensor], tuple]:
+    """The adjoint pass over a segment, top layer first: each layer's ``dL/d inputs`` is
+    the layer below's ``dL/d outputs``. ``hbar`` (T, B, H) is ``dL/dh^L_t`` from the
+    readout (and reward); ``d_state`` the adjoint of ``state_T`` from later steps.
+    Returns the recurrent parameters' gradients (network names) and ``dL/d state_0``."""
+    grads: dict[str, Tensor] = {}
+    d0: list[Any] = [None] * net.L
+    d = hbar
+    for l in range(net.L - 1, -1, -1):
+        cell = net.cells[l]
+        g, d_in, ds0 = cell.backward_sequence(
+            net.params[l], ins[l], state0[l], caches[l], d,
+            None if d_state is None else d_state[l], input_grad=l > 0)
+        grads.update({net.prefixes[l] + n: v for n, v in g.items()})
+        d0[l] = ds0
+        d = d_in
+    return grads, tuple(d0)
+
+
+def trajectory(model, inputs: Tensor, h0) -> Tensor:
+    """h^L_1..h^L_T (T, B, H) without a graph (for a reward's dR/dh)."""
+    with torch.no_grad():
+        if is_rnn(model):
+            from ..cells.elman import unroll
+
+            return unroll(model, inputs, h0, need_deriv=False)[0]
+        return stack_forward(bind(model), inputs, h0, cache=False)[0]
+
+
+def zero_state(state) -> Any:
+    return type(state)(*(torch.zeros_like(s) for s in state))
+
+
+def output_into_state(cell: Cell, state, g: Tensor) -> Tensor:
+    """``(d output / d state)^T g`` flattened to (B, S): the cotangent of the state for a
+    cotangent g (B, H) of the output. When ``output`` returns one of the state's
+    components (every built-in cell), that is a placement; otherwise a vjp."""
+    out = cell.output(state)
+    for k, comp in enumerate(state):
+        if out is comp:
+            parts = [g if j == k else torch.zeros_like(c) for j, c in enumerate(state)]
+            return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    from torch.func import vjp
+
+    _, fn = vjp(cell.output, state)
+    (ds,) = fn(g)
+    return flatten_state(ds)
+
+
+def state_from_output_grad(cell: Cell, state, g: Tensor):
+    """As ``output_into_state``, as a state NamedTuple."""
+    return unflatten_state(output_into_state(cell, state, g), state)
+
+
+def split_flat(flat: Tensor, net: Bound, model) -> dict[str, Tensor]:
+    """A flat (N,) gradient of the recurrent parameters -> network name -> tensor."""
+    named = dict(model.named_parameters())
+    out = {}
+    off = 0
+    for names in net.names:
+        for n in names:
+            k = named[n].numel()
+            out[n] = flat[off:off + k].reshape(named[n].shape)
+            off += k
+    return out
+
+
+def flatten_net_state(state: tuple) -> Tensor:
+    """One state per layer -> (B, S_total)."""
+    return torch.cat([flatten_state(s) for s in state], dim=1)
+
+
+def unflatten_net_state(s: Tensor, like: tuple) -> tuple:
+    out, off = [], 0
+    for layer in like:
+        w = sum(int(c.shape[-1]) for c in layer)
+        out.append(unflatten_state(s[..., off:off + w], layer))
+        off += w
+    return tuple(out)
+
+
+def through_output(cell: Cell, state, Jx: Tensor) -> Tensor:
+    """``Jx @ d output / d state``: (B, S', H) -> (B, S', S), where ``Jx`` is a Jacobian
+    with respect to this cell's output (the next layer's input). A placement when
+    ``output`` returns one of the state's components; a per-example Jacobian otherwise."""
+    out = cell.output(state)
+    B, Sp = Jx.shape[0], Jx.shape[1]
+    for k, comp in enumerate(state):
+        if out is comp:
+            parts = [Jx if j == k else Jx.new_zeros(B, Sp, c.shape[-1])
+                     for j, c in enumerate(state)]
+            return torch.cat(parts, dim=2) if len(parts) > 1 else Jx
+    from torch.func import jacrev, vmap
+
+    def single(s):
+        st = unflatten_state(s.unsqueeze(0), state)
+        return cell.output(st).squeeze(0)
+
+    dout = vmap(jacrev(single))(flatten_state(state))  # (B, H, S)
+    return torch.bmm(Jx, dout)

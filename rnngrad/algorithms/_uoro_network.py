@@ -1,0 +1,102 @@
+"""UORO for any ``rnngrad.Network``: the stack's state flattened to s (B, S), the
+recurrent parameters flattened to theta (N); only a jvp and a vjp of the step::
+
+    J_t h~          jvp of s_t = F(theta, s_{t-1}, x_t) in s, tangent h~    (batched)
+    Mbar_t^T nu     vjp of F in theta, cotangent nu, per example (vmap)     (B, N)
+
+then the same update as the Elman path (``uoro.py``): rho0, rho1, ``h~ <- rho0 J h~ +
+rho1 nu``, ``theta~ <- theta~ / rho0 + Mbar^T nu / rho1``, ``grad = sum_t (q_t . h~_t)
+theta~_t`` with ``q_t`` the readout's signal on the top layer's state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from ..cells._derive import jvp
+
+from ._network import bind, flatten_net_state, output_into_state, split_flat, unflatten_net_state
+from ._online import random_signs
+from .base import StepOutput, output_grads, readout_step
+
+__all__ = ["NetUOROState", "init", "step"]
+
+
+class NetUOROState(NamedTuple):
+    h: tuple  # the network's state, one state per layer
+    h_tilde: Tensor  # (B, S) h~_t over the flattened state
+    theta_tilde: Tensor  # (B, N) theta~_t over the flattened recurrent parameters
+
+
+def init(model, batch_size: int) -> NetUOROState:
+    net = bind(model)
+    h = model.init_state(batch_size)
+    S = flatten_net_state(h).shape[1]
+    p = model.W_out
+    kw = {"dtype": p.dtype, "device": p.device}
+    return NetUOROState(h, torch.zeros(batch_size, S, **kw),
+                        torch.zeros(batch_size, net.offsets[-1], **kw))
+
+
+def _flat_step(net, like):
+    def F(params, s, x):
+        state = unflatten_net_state(s, like)
+        new = []
+        for cell, p, st in zip(net.cells, params, state):
+            st = cell.step(p, st, x)
+            x = cell.output(st)
+            new.append(st)
+        return flatten_net_state(tuple(new))
+
+    return F
+
+
+def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, loss, dh_t):
+    with torch.no_grad():
+        net = bind(model)
+        params = net.params
+        s = flatten_net_state(state.h)
+        B, S = s.shape
+        F = _flat_step(net, state.h)
+        s_new, Jh = jvp(lambda v: F(params, v, x_t), (s,), (state.h_tilde,))
+        nu = random_signs((B, S), gen, s)
+
+        def per_example(s1, x1, nu1):
+            def f1(p):
+                return F(p, s1.unsqueeze(0), x1.unsqueeze(0)).squeeze(0)
+
+            _, fn = vjp(f1, params)
+            (gp,) = fn(nu1)
+            return torch.cat([g.reshape(-1) for layer in gp for g in layer.values()])
+
+        Mnu = vmap(per_example)(s, x_t, nu)  # (B, N): Mbar_t^T nu per example
+        th = state.theta_tilde
+        rho0 = ((th.norm(dim=1) + eps) / (Jh.norm(dim=1) + eps)).sqrt_()
+        rho1 = ((Mnu.norm(dim=1) + eps) / (nu.norm(dim=1) + eps)).sqrt_()
+        h_tilde = torch.addcmul(rho1.unsqueeze(1) * nu, rho0.unsqueeze(1), Jh)
+        th = th / rho0.unsqueeze(1) + Mnu / rho1.unsqueeze(1)
+        new_state = unflatten_net_state(s_new, state.h)
+        h = net.cells[-1].output(new_state[-1])
+        z, value, dz = readout_step(model, h, target_t, mask_t, loss)
+        q = None if dz is None else dz @ model.W_out.detach()
+        if dh_t is not None:
+            q = dh_t if q is None else q + dh_t
+        grads = None
+        if q is not None or dz is not None:
+            if q is None:
+                flat = th.new_zeros(th.shape[1])
+            else:
+                top = output_into_state(net.cells[-1], new_state[-1], q)  # (B, S_L)
+                c = (top * h_tilde[:, S - top.shape[1]:]).sum(1)  # q_t . h~_t
+                flat = c @ th
+            grads = split_flat(flat, net, model)
+            if dz is None:
+                grads["W_out"] = torch.zeros_like(model.W_out.detach())
+                grads["b_out"] = torch.zeros_like(model.b_out.detach())
+            else:
+                grads.update(output_grads(dz, h))
+    return NetUOROState(new_state, h_tilde, th), StepOutput(h, z, value), grads
