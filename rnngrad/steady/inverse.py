@@ -24,7 +24,7 @@ which is ``(db/dx)^T u``; read backwards, ``u(t) = D(t) [dR/dx(t) + W^T u(t+1)]`
 it is BPTT's backward pass. In rnngrad's RNN notation ``W = W_rec``,
 ``b(t) = W_in x_t + b_rec`` and ``x(t) = h_t`` (the vanilla cell, alpha = 1).
 
-All three need f^-1: x must lie inside f's open range (tanh, sigmoid, softplus,
+Every function here needs f^-1: x must lie inside f's open range (tanh, sigmoid, softplus,
 identity; relu has no inverse). Outside it, or where a result overflows to Inf or
 NaN, they raise ValueError naming the entries.
 """
