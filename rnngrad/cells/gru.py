@@ -1,0 +1,301 @@
+"""The GRU cell, PyTorch's equations, with its hand-derived whole-sequence BPTT.
+
+Shapes: x_t (B, D), h_t (B, H); parameters in PyTorch's layout and gate order r, z, n:
+``W_ih (3H, D)``, ``W_hh (3H, H)``, ``b_ih (3H,)``, ``b_hh (3H,)``; a subscript r, z or n
+is that gate's block of H rows (``W_hn = W_hh[2H:3H]``).
+
+Forward (one step; ``torch.nn.GRU`` computes exactly this)::
+
+    gi_t  = W_ih x_t + b_ih                     (B, 3H)  input part of every gate
+    gh_t  = W_hh h_{t-1} + b_hh                 (B, 3H)  recurrent part of every gate
+    r_t   = sigmoid(gi_r + gh_r)                (B, H)   reset gate
+    z_t   = sigmoid(gi_z + gh_z)                (B, H)   update gate
+    n_t   = tanh(gi_n + r_t * gh_n)             (B, H)   candidate (the reset gate scales
+                                                         W_hn h_{t-1} + b_hn, bias included)
+    h_t   = (1 - z_t) n_t + z_t h_{t-1}         (B, H)   = n_t + z_t (h_{t-1} - n_t)
+
+Backward, from ``delta_{T+1}``-terms zero; ``hbar_t = dL/dh_t`` arriving from outside
+(readout, next layer; plus ``d_state`` at t = T)::
+
+    delta_t = hbar_t + z_{t+1} delta_{t+1} + W_hh^T dgh_{t+1}   (B, H)  dL/dh_t, total
+    dn_t    = delta_t (1 - z_t)                                 (B, H)  dL/dn_t
+    da_n    = dn_t (1 - n_t^2)                                  (B, H)  dL/d(gi_n + r gh_n)
+    dgh_n   = r_t da_n                                          (B, H)  dL/d gh_n
+    da_r    = da_n gh_n r_t (1 - r_t)                           (B, H)  dL/d(gi_r + gh_r)
+    da_z    = delta_t (h_t - n_t) (1 - z_t)                     (B, H)  dL/d(gi_z + gh_z);
+                                                                        h_t - n_t = z_t (h_{t-1} - n_t)
+    dgi_t   = [da_r, da_z, da_n]                                (B, 3H) dL/dgi_t
+    dgh_t   = [da_r, da_z, dgh_n]                               (B, 3H) dL/dgh_t
+    dW_ih = sum_t dgi_t^T x_t       (3H, D)    db_ih = sum_t dgi_t    (3H,)
+    dW_hh = sum_t dgh_t^T h_{t-1}   (3H, H)    db_hh = sum_t dgh_t    (3H,)
+    dx_t  = dgi_t W_ih              (B, D)     dh_0  = z_1 delta_1 + dgh_1 W_hh
+
+Only the delta recursion is sequential (one (B, 3H) x (3H, H) GEMM per step); the
+input projections of all steps are one GEMM, and each weight gradient is one GEMM per
+gate group over the stacked (T B) rows.
+
+Structure declared for the online rules (one state component h, C = 1; every
+parameter owned row by row, G = 3). The per-gate factors, each (B, H)::
+
+    d_n = dh_t/d a_n = (1 - z_t)(1 - n_t^2)
+    d_r = dh_t/d a_r = d_n gh_n r_t (1 - r_t)
+    d_z = dh_t/d a_z = (h_{t-1} - n_t) z_t (1 - z_t)
+    Di  = [d_r, d_z, d_n]        (B, 3, H)  through gi (W_ih, b_ih)
+    Dh  = [d_r, d_z, r_t d_n]    (B, 3, H)  through gh (W_hh, b_hh): the n gate carries r_t
+
+    immediate       W_ih: Immediate(Di, x_t), b_ih: (Di, 1), W_hh: (Dh, h_{t-1}), b_hh: (Dh, 1)
+    jacobian        diag(z_t) + sum_g diag(Dh_g) W_hh[g]          (B, H, H)
+    input_jacobian  sum_g diag(Di_g) W_ih[g]                      (B, H, D)
+    local           z_t + sum_g Dh_g W_hh[g H + i, i]             (B, H, 1, 1): SnAp-1, every
+                    path within unit i, its own h_{t-1} through the gates included
+    eligibility     z_t                                           (B, H, 1, 1): e-prop's
+                    convention (Bellec et al. 2020): h_{t-1} where it enters the gates through
+                    W_hh (the unit's own entry included) is held fixed; only the carry
+                    z_t h_{t-1} remains
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .base import Cell, Immediate, Linearization
+from .elman import check_sizes
+
+__all__ = ["GRU", "GRUState", "gate_parameters", "gate_sum"]
+
+
+class GRUState(NamedTuple):
+    h: Tensor  # (B, H)
+
+
+def gate_parameters(cell: nn.Module, G: int, input_size: int, hidden_size: int,
+                    dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+    """Create W_ih (G H, D), W_hh (G H, H), b_ih, b_hh (G H,) on ``cell`` and draw them
+    U(-1/sqrt(H), 1/sqrt(H)), as ``torch.nn.GRU`` / ``LSTM`` do."""
+    check_sizes(input_size=input_size, hidden_size=hidden_size)
+    kw = {"dtype": dtype, "device": device}
+    H = hidden_size
+    cell.W_ih = nn.Parameter(torch.empty(G * H, input_size, **kw))
+    cell.W_hh = nn.Parameter(torch.empty(G * H, H, **kw))
+    cell.b_ih = nn.Parameter(torch.empty(G * H, **kw))
+    cell.b_hh = nn.Parameter(torch.empty(G * H, **kw))
+    bound = 1.0 / math.sqrt(H)
+    with torch.no_grad():
+        for p in (cell.W_ih, cell.W_hh, cell.b_ih, cell.b_hh):
+            p.uniform_(-bound, bound)
+
+
+def gate_sum(D: Tensor, W: Tensor) -> Tensor:
+    """``sum_g diag(D[..., g, :]) W[g]``: D (B, ..., G, H), W (G H, P) -> (B, ..., H, P).
+
+    The Jacobian of a cell whose gates are ``W v + ...`` with per-gate factors D; one
+    batched GEMM over the units (no (B, G, H, P) intermediate)."""
+    G, H = D.shape[-2], D.shape[-1]
+    return torch.einsum("...gi,gij->...ij", D, W.view(G, H, -1))
+
+
+def _diag_blocks(W: Tensor, G: int) -> Tensor:
+    """(G H, H) -> (G, H): ``W[g H + i, i]``, the unit's own recurrent weight per gate."""
+    H = W.shape[1]
+    return W.view(G, H, H).diagonal(dim1=1, dim2=2)
+
+
+def _check_inputs(cell: Cell, inputs: Tensor) -> None:
+    if inputs.dim() != 3 or inputs.shape[2] != cell.input_size:
+        raise ValueError(f"inputs has shape {tuple(inputs.shape)} but {type(cell).__name__} "
+                         f"expects (T, B, {cell.input_size})")
+
+
+def builds_graph(params, *tensors: Tensor) -> bool:
+    """True when autograd would record: the hand-derived loops (in place) must not run."""
+    return torch.is_grad_enabled() and (
+        any(t.requires_grad for t in tensors) or any(p.requires_grad for p in params.values()))
+
+
+class GRU(Cell):
+    """PyTorch's GRU cell (gate order r, z, n; the reset gate scales ``W_hn h + b_hn``).
+
+    Args:
+        input_size: D.  hidden_size: H.
+        dtype, device: of the parameters.
+
+    Parameters: ``W_ih (3H, D)``, ``W_hh (3H, H)``, ``b_ih (3H,)``, ``b_hh (3H,)``, drawn
+    U(-1/sqrt(H), 1/sqrt(H)) like ``torch.nn.GRU``'s (``weight_ih_l0`` is ``W_ih``, and so
+    on). State: ``GRUState(h)``; ``output(state)`` is h.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        gate_parameters(self, 3, input_size, hidden_size, dtype, device)
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, hidden_size={self.hidden_size}"
+
+    def init_state(self, batch_size: int) -> GRUState:
+        p = self.W_hh
+        return GRUState(torch.zeros(batch_size, self.hidden_size, dtype=p.dtype, device=p.device))
+
+    def output(self, state: GRUState) -> Tensor:
+        return state.h
+
+    def param_blocks(self) -> dict[str, int | None]:
+        return {"W_ih": 3, "W_hh": 3, "b_ih": 3, "b_hh": 3}
+
+    def _gates(self, params, h: Tensor, x: Tensor):
+        gi = torch.addmm(params["b_ih"], x, params["W_ih"].T)
+        gh = torch.addmm(params["b_hh"], h, params["W_hh"].T)
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(torch.addcmul(i_n, r, h_n))
+        return r, z, n, h_n, n + z * (h - n)
+
+    def step(self, params, state: GRUState, x: Tensor) -> GRUState:
+        return GRUState(self._gates(params, state.h, x)[-1])
+
+    def linearize(self, params, state: GRUState, x: Tensor, *, need=()) -> Linearization:
+        h_prev = state.h
+        r, z, n, h_n, h = self._gates(params, h_prev, x)
+        out = {}
+        if not need:
+            return Linearization(GRUState(h))
+        B, H = h.shape
+        W_hh = params["W_hh"]
+        d_n = (1 - z) * (1 - n * n)                       # dh_t / d a_n
+        d_r = d_n * h_n * r * (1 - r)                     # dh_t / d a_r
+        d_z = (h_prev - n) * z * (1 - z)                  # dh_t / d a_z
+        Di = torch.stack((d_r, d_z, d_n), 1)              # (B, 3, H): through gi
+        Dh = torch.stack((d_r, d_z, d_n * r), 1)          # (B, 3, H): through gh
+        if "local" in need:
+            loc = torch.einsum("bgi,gi->bi", Dh, _diag_blocks(W_hh, 3)) + z
+            out["local"] = loc.view(B, H, 1, 1)
+        if "eligibility" in need:
+            out["eligibility"] = z.reshape(B, H, 1, 1).clone()
+        if "immediate" in need:
+            ones = h.new_ones(B, 1, 1)
+            Di4, Dh4 = Di.unsqueeze(1), Dh.unsqueeze(1)
+            out["immediate"] = {"W_ih": Immediate(Di4, x.unsqueeze(1)),
+                                "W_hh": Immediate(Dh4, h_prev.unsqueeze(1)),
+                                "b_ih": Immediate(Di4, ones),
+                                "b_hh": Immediate(Dh4, ones)}
+        if "jacobian" in need:
+            J = gate_sum(Dh, W_hh)
+            J.diagonal(dim1=1, dim2=2).add_(z)
+            out["jacobian"] = J
+        if "input_jacobian" in need:
+            out["input_jacobian"] = gate_sum(Di, params["W_ih"])
+        return Linearization(GRUState(h), **out)
+
+    # ---- whole-sequence BPTT ----------------------------------------------------------
+
+    def forward_sequence(self, params, inputs: Tensor, state0: GRUState, *, cache: bool = False):
+        """``(outputs (T, B, H), state_T, cache)``; see the module docstring.
+
+        The cache holds r, z, n (T, B, 3H), gh_n (T, B, H) and h_1..h_T (T, B, H).
+        When autograd would record (grad enabled and a tensor requiring grad), the
+        outputs come from a plain loop of ``step`` so that they stay differentiable.
+        """
+        _check_inputs(self, inputs)
+        if builds_graph(params, inputs, state0.h):
+            outs, sT, _ = Cell.forward_sequence(self, params, inputs, state0)
+            if cache:
+                with torch.no_grad():
+                    cache = self._forward(params, inputs, state0.h)
+            return outs, sT, (cache if cache else None)
+        c = self._forward(params, inputs, state0.h)
+        hs = c[2]
+        return hs, GRUState(hs[-1]), (c if cache else None)
+
+    @torch.no_grad()
+    def _forward(self, params, inputs: Tensor, h0: Tensor):
+        T, B, D = inputs.shape
+        H = self.hidden_size
+        W_ih, W_hh, b_ih, b_hh = params["W_ih"], params["W_hh"], params["b_ih"], params["b_hh"]
+        # b_hr, b_hz add to the r, z pre-activations outside the reset gate: fold them into
+        # the input projection; b_hn stays with W_hn h (the reset gate scales it)
+        bias = b_ih.clone()
+        bias[:2 * H] += b_hh[:2 * H]
+        G = torch.addmm(bias, inputs.reshape(T * B, D), W_ih.T).view(T, B, 3 * H)
+        W_rz_T, W_n_T, b_hn = W_hh[:2 * H].T, W_hh[2 * H:].T, b_hh[2 * H:]
+        HN = torch.empty(T, B, H, dtype=G.dtype, device=G.device)     # gh_n
+        hs = torch.empty(T, B, H, dtype=G.dtype, device=G.device)
+        # views made once; G[t] turns from pre-activations into [r, z, n] in place
+        RZ, Rs, Zs, Ns = (G[..., :2 * H].unbind(0), G[..., :H].unbind(0),
+                          G[..., H:2 * H].unbind(0), G[..., 2 * H:].unbind(0))
+        HNs, Hs = HN.unbind(0), hs.unbind(0)
+        h = h0
+        for t in range(T):
+            RZ[t].addmm_(h, W_rz_T).sigmoid_()                            # r_t, z_t
+            torch.addmm(b_hn, h, W_n_T, out=HNs[t])                       # gh_n
+            n = Ns[t].addcmul_(Rs[t], HNs[t]).tanh_()                      # n_t
+            h = torch.lerp(n, h, Zs[t], out=Hs[t])                         # h_t
+        return G, HN, hs
+
+    def backward_sequence(self, params, inputs: Tensor, state0: GRUState, cache,
+                          d_outputs: Tensor, d_state: GRUState | None = None, *,
+                          input_grad: bool = True):
+        """The adjoint pass of the module docstring; ``cache`` is left unchanged."""
+        if cache is None:
+            raise ValueError("backward_sequence needs the cache of forward_sequence(..., cache=True)")
+        G, HN, hs = cache
+        T, B, D = inputs.shape
+        H = self.hidden_size
+        if tuple(d_outputs.shape) != (T, B, H):
+            raise ValueError(f"d_outputs has shape {tuple(d_outputs.shape)} but expected "
+                             f"({T}, {B}, {H})")
+        W_ih, W_hh = params["W_ih"], params["W_hh"]
+        with torch.no_grad():
+            W_ih, W_hh = W_ih.detach(), W_hh.detach()
+            # dG[t] = [da_r, da_z, dgh_n, da_n]: dgh_t is its first 3H columns, dgi_t the
+            # first 2H and the last H
+            dG = torch.empty(T, B, 4 * H, dtype=G.dtype, device=G.device)
+            dGs, dGh = dG.unbind(0), dG[..., :3 * H].unbind(0)
+            DAR, DAZ = dG[..., :H].unbind(0), dG[..., H:2 * H].unbind(0)
+            DGN, DAN = dG[..., 2 * H:3 * H].unbind(0), dG[..., 3 * H:].unbind(0)
+            Rs, Zs, Ns = G[..., :H].unbind(0), G[..., H:2 * H].unbind(0), G[..., 2 * H:].unbind(0)
+            HNs, Hs, hbar = HN.unbind(0), hs.unbind(0), d_outputs.detach().unbind(0)
+            tmp1, tmp2 = torch.empty(2, B, H, dtype=G.dtype, device=G.device).unbind(0)
+            ping = torch.empty(2, B, H, dtype=G.dtype, device=G.device).unbind(0)
+            delta = (hbar[T - 1] if d_state is None
+                     else torch.add(hbar[T - 1], d_state.h.detach(), out=ping[T % 2]))
+            for t in range(T - 1, -1, -1):
+                r, z, n = Rs[t], Zs[t], Ns[t]
+                dn = torch.addcmul(delta, delta, z, value=-1.0, out=tmp1)       # delta (1 - z)
+                torch.mul(dn, n, out=tmp2)
+                da_n = torch.addcmul(dn, tmp2, n, value=-1.0, out=DAN[t])      # dn (1 - n^2)
+                dgh_n = torch.mul(da_n, r, out=DGN[t])
+                q = torch.mul(dgh_n, HNs[t], out=tmp1)                          # da_n gh_n r
+                torch.addcmul(q, q, r, value=-1.0, out=DAR[t])                 # q (1 - r)
+                s = torch.sub(Hs[t], n, out=tmp2).mul_(delta)                   # delta (h_t - n)
+                torch.addcmul(s, s, z, value=-1.0, out=DAZ[t])                 # s (1 - z)
+                nxt = ping[t % 2]
+                if t > 0:
+                    torch.addcmul(hbar[t - 1], delta, z, out=nxt)
+                else:
+                    torch.mul(delta, z, out=nxt)
+                delta = nxt.addmm_(dGh[t], W_hh)
+            dG2 = dG.view(T * B, 4 * H)
+            X = inputs.detach().reshape(T * B, D)
+            dW_ih = torch.empty_like(W_ih)
+            torch.mm(dG2[:, :2 * H].T, X, out=dW_ih[:2 * H])
+            torch.mm(dG2[:, 3 * H:].T, X, out=dW_ih[2 * H:])
+            # dW_hh = sum_t dgh_t h_{t-1}^T: h_0 pairs with step 1, h_1..h_{T-1} with 2..T
+            dW_hh = dGs[0][:, :3 * H].T @ state0.h.detach()
+            if T > 1:
+                dW_hh.addmm_(dG2[B:, :3 * H].T, hs[:-1].reshape((T - 1) * B, H))
+            sums = dG2.sum(0)
+            grads = {"W_ih": dW_ih, "W_hh": dW_hh,
+                     "b_ih": torch.cat((sums[:2 * H], sums[3 * H:])),
+                     "b_hh": sums[:3 * H].clone()}
+            d_inputs = None
+            if input_grad:
+                d_inputs = torch.addmm(dG2[:, :2 * H] @ W_ih[:2 * H], dG2[:, 3 * H:],
+                                       W_ih[2 * H:]).view(T, B, D)
+        return grads, d_inputs, GRUState(delta)
