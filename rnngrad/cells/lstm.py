@@ -1,0 +1,261 @@
+"""The LSTM cell, PyTorch's equations, with its hand-derived whole-sequence BPTT.
+
+Shapes: x_t (B, D), h_t and c_t (B, H); parameters in PyTorch's layout and gate order
+i, f, g, o: ``W_ih (4H, D)``, ``W_hh (4H, H)``, ``b_ih (4H,)``, ``b_hh (4H,)``. The state
+is ``LSTMState(h, c)``; flattened (``base.flatten_state``) it is ``s = [h | c]`` (B, 2H).
+
+Forward (one step; ``torch.nn.LSTM`` computes exactly this)::
+
+    a_t  = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh      (B, 4H)  pre-activations [a_i, a_f, a_g, a_o]
+    i_t  = sigmoid(a_i),  f_t = sigmoid(a_f)           (B, H)   input and forget gates
+    g_t  = tanh(a_g),     o_t = sigmoid(a_o)           (B, H)   cell candidate, output gate
+    c_t  = f_t c_{t-1} + i_t g_t                       (B, H)   cell state
+    tc_t = tanh(c_t)                                   (B, H)
+    h_t  = o_t tc_t                                    (B, H)   hidden state (the output)
+
+Backward, from zero beyond T; ``hbar_t = dL/dh_t`` arriving from outside (readout, next
+layer; plus ``d_state.h`` at t = T, and ``d_state.c`` starts ``gamma``)::
+
+    delta_t = hbar_t + W_hh^T da_{t+1}                 (B, H)   dL/dh_t, total
+    dc_t    = gamma_{t+1} + delta_t o_t (1 - tc_t^2)   (B, H)   dL/dc_t, total
+    da_o    = delta_t tc_t o_t (1 - o_t)               (B, H)
+    da_i    = dc_t g_t i_t (1 - i_t)                   (B, H)
+    da_f    = dc_t c_{t-1} f_t (1 - f_t)               (B, H)
+    da_g    = dc_t i_t (1 - g_t^2)                     (B, H)
+    gamma_t = dc_t f_t                                 (B, H)   dL/dc_{t-1} through the cell
+    da_t    = [da_i, da_f, da_g, da_o]                 (B, 4H)  dL/da_t
+    dW_ih = sum_t da_t^T x_t       (4H, D)    db_ih = db_hh = sum_t da_t   (4H,)
+    dW_hh = sum_t da_t^T h_{t-1}   (4H, H)    dx_t  = da_t W_ih             (B, D)
+    dh_0  = W_hh^T da_1,   dc_0 = gamma_1
+
+Only delta and gamma are sequential (one (B, 4H) x (4H, H) GEMM per step); the input
+projections of all steps are one GEMM, each weight gradient one GEMM over the stacked
+(T B) rows. Inside the loops the gates are kept in the order i, f, o, g (rows of the
+weights permuted once per call), so that the three sigmoid gates are one contiguous
+block: one sigmoid and one derivative per step for the three.
+
+Structure declared for the online rules (C = 2 components h, c, per unit; every parameter
+owned row by row, G = 4). The per-gate factors, each (B, H), with k_t = o_t (1 - tc_t^2)::
+
+    dc_t/da = [g_t i_t (1 - i_t),  c_{t-1} f_t (1 - f_t),  i_t (1 - g_t^2),  0]
+    dh_t/da = k_t dc_t/da + [0, 0, 0, tc_t o_t (1 - o_t)]
+    D       = [dh_t/da, dc_t/da]                      (B, 2, 4, H)
+
+    immediate       every parameter: Immediate(D, inp), inp = x_t (W_ih), h_{t-1} (W_hh), 1
+    jacobian        [[sum_g diag(D_hg) W_hh[g],  diag(k_t f_t)],     (B, 2H, 2H) in [h | c]
+                     [sum_g diag(D_cg) W_hh[g],  diag(f_t)   ]]
+    input_jacobian  [sum_g diag(D_hg) W_ih[g]; sum_g diag(D_cg) W_ih[g]]   (B, 2H, D)
+    local           the (h_i, c_i) x (h_{i,t-1}, c_{i,t-1}) block of the jacobian, the unit's
+                    own h_{t-1} through W_hh[g H + i, i] included (SnAp-1)   (B, H, 2, 2)
+    eligibility     [[0, k_t f_t], [0, f_t]]    (B, H, 2, 2): e-prop's convention (Bellec
+                    et al. 2020): h_{t-1} where it enters the gates through W_hh (the unit's
+                    own entry included) is held fixed; only the cell path c_{t-1} -> c_t -> h_t
+                    remains, so the h_{t-1} columns are zero
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .base import Cell, Immediate, Linearization
+from .gru import _check_inputs, _diag_blocks, builds_graph, gate_parameters, gate_sum
+
+__all__ = ["LSTM", "LSTMState"]
+
+
+class LSTMState(NamedTuple):
+    h: Tensor  # (B, H)
+    c: Tensor  # (B, H)
+
+
+def _loop_order(H: int, device) -> Tensor:
+    """Row index (4H,): gates i, f, g, o -> i, f, o, g. Swapping two blocks is its own
+    inverse, so the same index brings gradients back to PyTorch's order."""
+    r = torch.arange(4 * H, device=device)
+    return torch.cat((r[:2 * H], r[3 * H:], r[2 * H:3 * H]))
+
+
+class LSTM(Cell):
+    """PyTorch's LSTM cell (gate order i, f, g, o).
+
+    Args:
+        input_size: D.  hidden_size: H.
+        dtype, device: of the parameters.
+
+    Parameters: ``W_ih (4H, D)``, ``W_hh (4H, H)``, ``b_ih (4H,)``, ``b_hh (4H,)``, drawn
+    U(-1/sqrt(H), 1/sqrt(H)) like ``torch.nn.LSTM``'s (``weight_ih_l0`` is ``W_ih``, and so
+    on). State: ``LSTMState(h, c)``; ``output(state)`` is h.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        gate_parameters(self, 4, input_size, hidden_size, dtype, device)
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, hidden_size={self.hidden_size}"
+
+    def init_state(self, batch_size: int) -> LSTMState:
+        p = self.W_hh
+        z = torch.zeros(batch_size, self.hidden_size, dtype=p.dtype, device=p.device)
+        return LSTMState(z, z.clone())
+
+    def output(self, state: LSTMState) -> Tensor:
+        return state.h
+
+    def param_blocks(self) -> dict[str, int | None]:
+        return {"W_ih": 4, "W_hh": 4, "b_ih": 4, "b_hh": 4}
+
+    def _gates(self, params, state: LSTMState, x: Tensor):
+        a = torch.addmm(torch.addmm(params["b_ih"], x, params["W_ih"].T) + params["b_hh"],
+                        state.h, params["W_hh"].T)
+        a_i, a_f, a_g, a_o = a.chunk(4, 1)
+        i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
+        c = f * state.c + i * g
+        tc = torch.tanh(c)
+        return i, f, g, o, tc, LSTMState(o * tc, c)
+
+    def step(self, params, state: LSTMState, x: Tensor) -> LSTMState:
+        return self._gates(params, state, x)[-1]
+
+    def linearize(self, params, state: LSTMState, x: Tensor, *, need=()) -> Linearization:
+        i, f, g, o, tc, new = self._gates(params, state, x)
+        if not need:
+            return Linearization(new)
+        B, H = tc.shape
+        out = {}
+        k = o * (1 - tc * tc)                                             # dh_t / dc_t
+        Dc = torch.stack((g * i * (1 - i), state.c * f * (1 - f), i * (1 - g * g),
+                          torch.zeros_like(o)), 1)                        # (B, 4, H)
+        Dh = k.unsqueeze(1) * Dc
+        Dh[:, 3] = tc * o * (1 - o)
+        D = torch.stack((Dh, Dc), 1)                                      # (B, 2, 4, H)
+        kf = k * f
+        if "local" in need or "eligibility" in need:
+            zero = torch.zeros_like(f)
+            if "local" in need:
+                own = torch.einsum("bcgi,gi->bci", D, _diag_blocks(params["W_hh"], 4))
+                out["local"] = torch.stack((torch.stack((own[:, 0], kf), -1),
+                                            torch.stack((own[:, 1], f), -1)), -2)
+            if "eligibility" in need:
+                out["eligibility"] = torch.stack((torch.stack((zero, kf), -1),
+                                                  torch.stack((zero, f), -1)), -2)
+        if "immediate" in need:
+            ones = tc.new_ones(B, 1, 1)
+            out["immediate"] = {"W_ih": Immediate(D, x.unsqueeze(1)),
+                                "W_hh": Immediate(D, state.h.unsqueeze(1)),
+                                "b_ih": Immediate(D, ones), "b_hh": Immediate(D, ones)}
+        if "jacobian" in need:
+            J = tc.new_zeros(B, 2, H, 2, H)
+            J[:, :, :, 0] = gate_sum(D, params["W_hh"])                   # d s_t / d h_{t-1}
+            J[:, 0, :, 1].diagonal(dim1=1, dim2=2).copy_(kf)              # d h_t / d c_{t-1}
+            J[:, 1, :, 1].diagonal(dim1=1, dim2=2).copy_(f)               # d c_t / d c_{t-1}
+            out["jacobian"] = J.view(B, 2 * H, 2 * H)
+        if "input_jacobian" in need:
+            out["input_jacobian"] = gate_sum(D, params["W_ih"]).reshape(B, 2 * H, -1)
+        return Linearization(new, **out)
+
+    # ---- whole-sequence BPTT ----------------------------------------------------------
+
+    def forward_sequence(self, params, inputs: Tensor, state0: LSTMState, *, cache: bool = False):
+        """``(outputs (T, B, H), state_T, cache)``; see the module docstring.
+
+        The cache holds the gates (T, B, 4H, order i, f, o, g), c_1..c_T, tanh(c_t) and
+        h_1..h_T (each (T, B, H)). When autograd would record (grad enabled and a tensor
+        requiring grad), the outputs come from a plain loop of ``step`` so that they stay
+        differentiable.
+        """
+        _check_inputs(self, inputs)
+        if builds_graph(params, inputs, *state0):
+            outs, sT, _ = Cell.forward_sequence(self, params, inputs, state0)
+            if cache:
+                with torch.no_grad():
+                    cache = self._forward(params, inputs, state0)
+            return outs, sT, (cache if cache else None)
+        c = self._forward(params, inputs, state0)
+        _, cs, _, hs = c
+        return hs, LSTMState(hs[-1], cs[-1]), (c if cache else None)
+
+    @torch.no_grad()
+    def _forward(self, params, inputs: Tensor, state0: LSTMState):
+        T, B, D = inputs.shape
+        H = self.hidden_size
+        order = _loop_order(H, inputs.device)
+        W_ih, W_hh = params["W_ih"][order], params["W_hh"][order]
+        bias = (params["b_ih"] + params["b_hh"])[order]
+        A = torch.addmm(bias, inputs.reshape(T * B, D), W_ih.T).view(T, B, 4 * H)
+        W_hh_T = W_hh.T
+        cs = torch.empty(3, T, B, H, dtype=A.dtype, device=A.device)
+        Cs, TCs, Hs = cs[0].unbind(0), cs[1].unbind(0), cs[2].unbind(0)
+        # views made once; A[t] turns from pre-activations into [i, f, o, g] in place
+        As, S3, Gs = A.unbind(0), A[..., :3 * H].unbind(0), A[..., 3 * H:].unbind(0)
+        Is, Fs, Os = A[..., :H].unbind(0), A[..., H:2 * H].unbind(0), A[..., 2 * H:3 * H].unbind(0)
+        h, c = state0
+        for t in range(T):
+            As[t].addmm_(h, W_hh_T)
+            S3[t].sigmoid_()                                              # i, f, o
+            Gs[t].tanh_()                                                 # g
+            c = torch.mul(Fs[t], c, out=Cs[t]).addcmul_(Is[t], Gs[t])     # c_t
+            h = torch.mul(Os[t], torch.tanh(c, out=TCs[t]), out=Hs[t])    # h_t = o tanh(c_t)
+        return A, cs[0], cs[1], cs[2]
+
+    def backward_sequence(self, params, inputs: Tensor, state0: LSTMState, cache,
+                          d_outputs: Tensor, d_state: LSTMState | None = None, *,
+                          input_grad: bool = True):
+        """The adjoint pass of the module docstring; ``cache`` is left unchanged."""
+        if cache is None:
+            raise ValueError("backward_sequence needs the cache of forward_sequence(..., cache=True)")
+        A, cs, tcs, hs = cache
+        T, B, D = inputs.shape
+        H = self.hidden_size
+        if tuple(d_outputs.shape) != (T, B, H):
+            raise ValueError(f"d_outputs has shape {tuple(d_outputs.shape)} but expected "
+                             f"({T}, {B}, {H})")
+        with torch.no_grad():
+            order = _loop_order(H, A.device)
+            W_ih, W_hh = params["W_ih"].detach()[order], params["W_hh"].detach()[order]
+            dA = torch.empty(T, B, 4 * H, dtype=A.dtype, device=A.device)   # [da_i, da_f, da_o, da_g]
+            dAs, dS3 = dA.unbind(0), dA[..., :3 * H].unbind(0)
+            DAI, DAF = dA[..., :H].unbind(0), dA[..., H:2 * H].unbind(0)
+            DAO, DAG = dA[..., 2 * H:3 * H].unbind(0), dA[..., 3 * H:].unbind(0)
+            S3, Gs = A[..., :3 * H].unbind(0), A[..., 3 * H:].unbind(0)
+            Is, Fs, Os = A[..., :H].unbind(0), A[..., H:2 * H].unbind(0), A[..., 2 * H:3 * H].unbind(0)
+            Cs, TCs, hbar = cs.unbind(0), tcs.unbind(0), d_outputs.detach().unbind(0)
+            c0 = state0.c.detach()
+            work = torch.empty(5, B, H, dtype=A.dtype, device=A.device)
+            tmp1, tmp2, dc, gamma, delta_buf = work.unbind(0)
+            if d_state is None:
+                delta = hbar[T - 1]
+                gamma.zero_()
+            else:
+                delta = torch.add(hbar[T - 1], d_state.h.detach(), out=delta_buf)
+                gamma.copy_(d_state.c.detach())
+            for t in range(T - 1, -1, -1):
+                i, f, o, g, tc = Is[t], Fs[t], Os[t], Gs[t], TCs[t]
+                torch.mul(torch.mul(delta, tc, out=tmp1), o, out=DAO[t])        # delta tc o
+                torch.add(gamma, torch.mul(delta, o, out=tmp2), out=dc)
+                dc.addcmul_(DAO[t], tc, value=-1.0)                             # dc_t
+                q = torch.mul(dc, i, out=tmp1)
+                torch.mul(q, g, out=DAI[t])                                     # dc i g
+                torch.addcmul(q, DAI[t], g, value=-1.0, out=DAG[t])             # dc i (1 - g^2)
+                torch.mul(torch.mul(dc, Cs[t - 1] if t > 0 else c0, out=tmp2), f, out=DAF[t])
+                dS3[t].addcmul_(dS3[t], S3[t], value=-1.0)                      # sigmoid' for i, f, o
+                torch.mul(dc, f, out=gamma)                                     # gamma_t
+                if t > 0:
+                    delta = torch.addmm(hbar[t - 1], dAs[t], W_hh, out=delta_buf)
+                else:
+                    delta = torch.mm(dAs[0], W_hh, out=delta_buf)
+            dA2 = dA.view(T * B, 4 * H)
+            X = inputs.detach().reshape(T * B, D)
+            dW_hh = dAs[0].T @ state0.h.detach()
+            if T > 1:
+                dW_hh.addmm_(dA2[B:].T, hs[:-1].reshape((T - 1) * B, H))
+            sums = dA2.sum(0)[order]
+            grads = {"W_ih": (dA2.T @ X)[order], "W_hh": dW_hh[order],
+                     "b_ih": sums, "b_hh": sums.clone()}
+            d_inputs = (dA2 @ W_ih).view(T, B, D) if input_grad else None
+        return grads, d_inputs, LSTMState(delta, gamma)
