@@ -8,7 +8,10 @@ algorithm that applies. ``activations`` holds the elementwise nonlinearities.
 from .activations import ACTIVATIONS, Activation, get_activation
 from .base import Cell, Immediate, Linearization, flatten_state, unflatten_state
 from .elman import Elman, ElmanState, cell_step, pre_activation
+from .gru import GRU, GRUState
+from .lstm import LSTM, LSTMState
 
 __all__ = ["Cell", "Immediate", "Linearization", "flatten_state", "unflatten_state",
-           "Elman", "ElmanState", "Activation", "ACTIVATIONS", "get_activation",
+           "Elman", "ElmanState", "GRU", "GRUState", "LSTM", "LSTMState",
+           "Activation", "ACTIVATIONS", "get_activation",
            "cell_step", "pre_activation"]
