@@ -1,14 +1,17 @@
-"""Check every exact algorithm against ``torch.autograd`` through a plain loop.
+"""Check every exact algorithm against ``torch.autograd`` on every kind of network.
 
-The reference is written independently of the algorithms (and of
+For ``rnngrad.RNN`` the reference is written independently of the algorithms (and of
 ``rnngrad.readouts`` and ``rnngrad.cells``): a Python loop over time of
 
     a_t = W_in x_t + W_rec h_{t-1} + b_rec,   h_t = (1 - alpha) h_{t-1} + alpha phi(a_t)
     z_t = W_out h_t + b_out,   L = (1/B) sum_{t,b} mask[t,b] l(t,b)  (- R(h_1..h_T))
 
-differentiated by ``torch.autograd.grad``. Each algorithm's gradient is compared
-with it by the max relative error ``max_name max|g - g_ref| / max|g_ref|`` over the
-parameters (and h0 when given); it passes below ``tol`` (1e-10 in float64).
+For any other ``rnngrad.Network`` (each built-in cell, mixed stacks, a user's cell given
+as ``module:Class``) it is the network's own definition, a loop over the cells' ``step``,
+with the same loss written out here; the algorithms never differentiate that loop.
+Each gradient is compared with autograd's by the max relative error
+``max_name max|g - g_ref| / max|g_ref|`` over the parameters (and h0 when given); it
+passes below ``tol`` (1e-10 in float64).
 
 ``run_checks`` returns rows and prints nothing; ``rnngrad check`` prints them.
 """
@@ -35,7 +38,12 @@ _PHI: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class CheckConfig(NamedTuple):
-    """One random problem: sizes, cell, readout and loss, and what is switched on."""
+    """One random problem: sizes, network, readout and loss, and what is switched on.
+
+    ``cell`` is "rnn" (``rnngrad.RNN`` with ``activation`` and ``alpha``) or a network: a
+    cell name of ``rnngrad.registry.CELLS`` or a user's ``module:Class``, layers joined
+    by "+" (``"gru+elman"``: a GRU layer under an Elman layer), each of H units.
+    """
 
     T: int = 5
     B: int = 3
@@ -49,10 +57,12 @@ class CheckConfig(NamedTuple):
     mask: str = "none"  # "none" | "random" (random 0/1/fractional weights) | "last" (many-to-one)
     h0: bool = False
     reward: bool = False
+    cell: str = "rnn"
 
     def label(self) -> str:
-        parts = [f"T={self.T} B={self.B} D={self.D} H={self.H} K={self.K}", self.activation,
-                 f"{self.readout}+{self.loss}"]
+        parts = [f"T={self.T} B={self.B} D={self.D} H={self.H} K={self.K}"]
+        parts += [self.activation] if self.cell == "rnn" else [self.cell]
+        parts.append(f"{self.readout}+{self.loss}")
         if self.alpha != 1.0:
             parts.append(f"alpha={self.alpha}")
         if self.mask != "none":
@@ -85,6 +95,42 @@ DEFAULT_CONFIGS: tuple[CheckConfig, ...] = (
 )
 
 
+def cell_configs(cell: str) -> tuple[CheckConfig, ...]:
+    """The problems for one network spec: plain; cross-entropy with a random mask, h0
+    and a reward; and T = B = 1."""
+    return (
+        CheckConfig(T=5, B=3, D=2, H=4, K=3, cell=cell),
+        CheckConfig(T=6, B=2, D=3, H=3, K=3, readout="softmax", loss="cross_entropy",
+                    mask="random", h0=True, reward=True, cell=cell),
+        CheckConfig(T=1, B=1, D=2, H=2, K=1, h0=True, cell=cell),
+    )
+
+
+def network_specs() -> list[str]:
+    """Every registered cell alone, and mixed two- and three-layer stacks of them."""
+    from .registry import CELLS
+
+    names = list(CELLS)
+    specs = names[:]
+    builtin = [n for n in ("gru", "elman", "lstm") if n in names]
+    if len(builtin) == 3:
+        specs += ["gru+elman", "lstm+gru+elman"]
+    return specs
+
+
+def build(spec: str, D: int, H: int, K: int, readout: str, dtype: torch.dtype):
+    """The network of a CheckConfig's ``cell`` spec (not "rnn")."""
+    from .network import Network
+    from .registry import get_cell
+
+    layers = spec.split("+")
+    cells = []
+    for i, name in enumerate(layers):
+        cell = get_cell(name)(D if i == 0 else H, H)
+        cells.append(cell.to(dtype=dtype))
+    return Network(cells, K, readout=readout).to(dtype=dtype)
+
+
 def _reward(h: Tensor) -> Tensor:
     """A smooth reward of the (T, B, H) trajectory (fixed, so the check is reproducible)."""
     T = h.shape[0]
@@ -102,11 +148,17 @@ def make_problem(config: CheckConfig, *, seed: int = 0, dtype: torch.dtype = tor
 
     c = config
     g = torch.Generator().manual_seed(seed)
-    model = RNN(c.D, c.H, c.K, activation=c.activation, alpha=c.alpha, readout=c.readout,
-                dtype=dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) / max(p.shape[-1], 1) ** 0.5)
+    if c.cell == "rnn":
+        model = RNN(c.D, c.H, c.K, activation=c.activation, alpha=c.alpha, readout=c.readout,
+                    dtype=dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype)
+                        / max(p.shape[-1], 1) ** 0.5)
+    else:
+        with torch.random.fork_rng(devices=[]):  # the cells' own init, seeded, not global
+            torch.manual_seed(seed)
+            model = build(c.cell, c.D, c.H, c.K, c.readout, dtype)
     inputs = torch.randn(c.T, c.B, c.D, generator=g, dtype=dtype)
     if c.loss == "cross_entropy":
         targets = torch.randint(c.K, (c.T, c.B), generator=g)
@@ -122,7 +174,12 @@ def make_problem(config: CheckConfig, *, seed: int = 0, dtype: torch.dtype = tor
     elif c.mask == "last":
         mask = torch.zeros(c.T, c.B, dtype=dtype)
         mask[-1] = 1.0
-    h0 = torch.randn(c.B, c.H, generator=g, dtype=dtype) * 0.5 if c.h0 else None
+    h0 = None
+    if c.h0 and c.cell == "rnn":
+        h0 = torch.randn(c.B, c.H, generator=g, dtype=dtype) * 0.5
+    elif c.h0:
+        h0 = tuple(type(s)(*(0.5 * torch.randn(x.shape, generator=g, dtype=dtype) for x in s))
+                   for s in model.init_state(c.B))
     reward = _reward if c.reward else None
     return model, inputs, targets, mask, h0, reward
 
@@ -153,6 +210,11 @@ def reference_gradient(model, inputs: Tensor, targets: Tensor | None, *, loss: s
     Returns:
         ``(loss (), grads)`` keyed like ``model.named_parameters()`` plus "h0" when given.
     """
+    from .model import RNN
+
+    if not isinstance(model, RNN):
+        return _network_reference(model, inputs, targets, loss=loss, mask=mask, h0=h0,
+                                  reward=reward, detach_every=detach_every)
     T, B, _ = inputs.shape
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
     phi = _PHI[model.activation]
@@ -187,6 +249,47 @@ def reference_gradient(model, inputs: Tensor, targets: Tensor | None, *, loss: s
     return L.detach(), grads
 
 
+def _network_reference(net, inputs, targets, *, loss, mask, h0, reward, detach_every):
+    """Autograd through the network's definition: a loop over the cells' ``step``."""
+    T, B, _ = inputs.shape
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
+    leaves = list(params.values())
+    with torch.enable_grad():
+        if h0 is None:
+            state = net.init_state(B)
+        else:
+            state = tuple(type(s)(*(c.detach().clone().requires_grad_(True) for c in s))
+                          for s in h0)
+            leaves += [c for s in state for c in s]
+        s0 = state
+        layer_params = net.layer_params(params)
+        L = inputs.new_zeros(())
+        hs = []
+        for t in range(T):
+            if detach_every is not None and t > 0 and t % detach_every == 0:
+                state = tuple(type(s)(*(c.detach() for c in s)) for s in state)
+            state, h = net.step(layer_params, state, inputs[t])
+            hs.append(h)
+            if targets is not None:
+                z = h @ params["W_out"].T + params["b_out"]
+                l = _step_loss(z, targets[t], net.readout, loss)
+                w = torch.ones(B, dtype=inputs.dtype) if mask is None else mask[t]
+                L = L + (w * l).sum() / B
+        if reward is not None:
+            L = L - reward(torch.stack(hs))
+        g = torch.autograd.grad(L, leaves, allow_unused=True)
+    g = [torch.zeros_like(v) if gi is None else gi for v, gi in zip(leaves, g)]
+    grads = dict(zip(params, g[:len(params)]))
+    if h0 is not None:
+        it = iter(g[len(params):])
+        grads["h0"] = tuple(type(s)(*(next(it) for _ in s)) for s in s0)
+    return L.detach(), grads
+
+
+def _flat(v) -> Tensor:
+    return v.reshape(-1) if isinstance(v, Tensor) else torch.cat([_flat(x) for x in v])
+
+
 def relative_error(grads: Mapping[str, Tensor], ref: Mapping[str, Tensor]) -> float:
     """``max over keys of max|g - g_ref| / max|g_ref|`` (absolute where g_ref is 0).
 
@@ -195,6 +298,8 @@ def relative_error(grads: Mapping[str, Tensor], ref: Mapping[str, Tensor]) -> fl
     worst = 0.0
     for name, r in ref.items():
         g = grads.get(name)
+        if g is not None and not isinstance(r, Tensor):  # a network's h0: nested states
+            g, r = _flat(g), _flat(r)
         if g is None or g.shape != r.shape:
             return float("inf")
         scale = r.abs().max()
@@ -224,7 +329,7 @@ def exact_algorithms(config: CheckConfig) -> dict[str, object]:
 
 
 def run_checks(*, seed: int = 0, dtype: torch.dtype = torch.float64,
-               configs: Sequence[CheckConfig] | None = None,
+               configs: Sequence[CheckConfig] | None = None, cell: str | None = None,
                algorithms: Callable[[CheckConfig], Mapping[str, object]] | None = None,
                tol: float = 1e-10, step_path: bool = True) -> list[CheckRow]:
     """Compare every exact algorithm with autograd on random networks.
@@ -232,8 +337,12 @@ def run_checks(*, seed: int = 0, dtype: torch.dtype = torch.float64,
     Args:
         seed: seed of the random problems (config i uses seed + i).
         dtype: float64 for the 1e-10 tolerance; float32 needs tol ~1e-4.
-        configs: the problems; default ``DEFAULT_CONFIGS`` (every activation, readout
-            and loss, masks, h0, leaky and vanilla cells, a reward, T = B = H = 1).
+        configs: the problems; default ``DEFAULT_CONFIGS`` (for ``rnngrad.RNN``: every
+            activation, readout and loss, masks, h0, leaky and vanilla cells, a reward,
+            T = B = H = 1) and ``cell_configs`` of every ``network_specs()`` entry (each
+            registered cell, mixed 2- and 3-layer stacks).
+        cell: check only this network spec (e.g. ``"lstm"``, ``"mymodule:MyCell"``): the
+            cell alone and two layers of it.
         algorithms: ``config -> {name: Algorithm}``; default ``exact_algorithms``.
         tol: the largest relative error that passes.
         step_path: also check each algorithm's init/step/flush path where it has a
@@ -245,14 +354,29 @@ def run_checks(*, seed: int = 0, dtype: torch.dtype = torch.float64,
     from .algorithms.base import Algorithm
     from .gradient import gradient
 
-    configs = DEFAULT_CONFIGS if configs is None else tuple(configs)
+    if cell is not None:
+        if configs is not None:
+            raise ValueError("give configs or cell, not both")
+        from .registry import get_cell
+
+        get_cell(cell)  # a clear error for an unknown or unimportable cell, up front
+        configs = cell_configs(cell) + cell_configs(f"{cell}+{cell}")[:1]
+    elif configs is None:
+        configs = DEFAULT_CONFIGS + tuple(c for spec in network_specs()
+                                          for c in cell_configs(spec))
+    configs = tuple(configs)
     algorithms = exact_algorithms if algorithms is None else algorithms
     rows: list[CheckRow] = []
     for i, config in enumerate(configs):
         if not isinstance(config, CheckConfig):
             raise TypeError(f"configs must hold rnngrad.check.CheckConfig, got "
                             f"{type(config).__name__}")
-        model, inputs, targets, mask, h0, reward = make_problem(config, seed=seed + i, dtype=dtype)
+        try:
+            model, inputs, targets, mask, h0, reward = make_problem(config, seed=seed + i,
+                                                                    dtype=dtype)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"building the network {config.cell!r} for the check failed: "
+                             f"{e}") from e
         _, ref = reference_gradient(model, inputs, targets, loss=config.loss, mask=mask, h0=h0,
                                     reward=reward)
         for name, algo in algorithms(config).items():

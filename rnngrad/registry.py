@@ -1,8 +1,10 @@
-"""One registry from CLI names to algorithm factories.
+"""One registry from CLI names to algorithm and cell factories.
 
 ``get_algorithm("tbptt:10")`` -> ``tbptt(10)``; ``get_algorithm("bptt")`` -> ``bptt()``.
-A name may carry one integer argument after a colon. Adding an algorithm means
-adding its factory here.
+A name may carry one integer argument after a colon. ``get_cell("gru")`` -> the class
+``rnngrad.cells.GRU``; ``get_cell("mycells:MGU")`` imports ``MGU`` from ``mycells`` (the
+working directory first). ``build_network`` makes the model a CLI run trains. Adding an
+algorithm or a cell means adding its factory here.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .algorithms import Algorithm, bptt, eprop, kf_rtrl, rflo, rtrl, snap1, tbptt, uoro
+from .cells.base import Cell
 
-__all__ = ["ALGORITHMS", "get_algorithm", "parse_algorithms"]
+__all__ = ["ALGORITHMS", "get_algorithm", "parse_algorithms", "CELLS", "get_cell",
+           "build_network"]
 
 # name -> (factory, takes an integer argument, help text)
 ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], bool, str]] = {
@@ -68,3 +72,84 @@ def parse_algorithms(specs: str) -> list[tuple[str, Algorithm]]:
     if not out:
         raise ValueError(f"no algorithm named in {specs!r}")
     return out
+
+
+def _builtin_cells() -> dict[str, tuple[Callable[..., Cell], str]]:
+    from .cells import GRU, LSTM, Elman
+
+    return {
+        "elman": (Elman, "the (leaky) Elman cell phi(W_in x + W_rec h + b_rec); "
+                         "--activation, --alpha, --init apply"),
+        "gru": (GRU, "PyTorch's GRU (gates r, z, n)"),
+        "lstm": (LSTM, "PyTorch's LSTM (gates i, f, g, o; state h, c)"),
+    }
+
+
+# name -> (factory called as factory(input_size, hidden_size, **options), help text)
+CELLS: dict[str, tuple[Callable[..., Cell], str]] = _builtin_cells()
+
+
+def get_cell(spec: str) -> Callable[..., Cell]:
+    """A cell class (or factory) from a CLI spec: a built-in name, or ``module:Class`` for a
+    user's ``rnngrad.cells.Cell`` subclass importable from the working directory, built as
+    ``Class(input_size, hidden_size)``."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"cell spec must be a non-empty string, got {spec!r}")
+    if spec in CELLS:
+        return CELLS[spec][0]
+    if ":" not in spec:
+        raise ValueError(f"unknown cell {spec!r}; known cells: {', '.join(CELLS)}, or "
+                         "module:Class for your own rnngrad.cells.Cell subclass")
+    import importlib
+    import os
+    import sys
+
+    module, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"cell {spec!r}: cannot import module {module!r} from the working "
+                         f"directory or the path ({e})") from None
+    cls = getattr(mod, name, None)
+    if cls is None:
+        raise ValueError(f"cell {spec!r}: module {module!r} has no attribute {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Cell)):
+        raise ValueError(f"cell {spec!r}: {name} is not a subclass of rnngrad.cells.Cell "
+                         f"(got {cls!r})")
+    return cls
+
+
+def build_network(cell: str, input_size: int, hidden_size: int, output_size: int, *,
+                  layers: int = 1, readout: str = "identity", activation: str = "tanh",
+                  alpha: float = 1.0, init: str = "uniform", dtype=None, device=None):
+    """The model of a CLI run: ``rnngrad.RNN`` for one Elman layer (the fast paths), else an
+    ``rnngrad.Network`` of ``layers`` cells of ``hidden_size`` units each."""
+    from .model import RNN
+    from .network import Network
+
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ValueError(f"layers must be a positive int, got {layers!r}")
+    factory = get_cell(cell)
+    if cell == "elman" and layers == 1:
+        return RNN(input_size, hidden_size, output_size, activation=activation, alpha=alpha,
+                   readout=readout, init=init, dtype=dtype, device=device)
+    if cell != "elman":
+        odd = [f"{flag} {value}" for flag, value, default in (
+            ("--activation", activation, "tanh"), ("--alpha", alpha, 1.0),
+            ("--init", init, "uniform")) if value != default]
+        if odd:
+            raise ValueError(f"{', '.join(odd)} apply to --cell elman only, not {cell!r}")
+    cells = []
+    for i in range(layers):
+        D = input_size if i == 0 else hidden_size
+        if cell == "elman":
+            c = factory(D, hidden_size, activation=activation, alpha=alpha, init=init,
+                        dtype=dtype, device=device)
+        else:
+            c = factory(D, hidden_size)
+            if dtype is not None or device is not None:
+                c = c.to(dtype=dtype, device=device)
+        cells.append(c)
+    return Network(cells, output_size, readout=readout)
