@@ -131,3 +131,37 @@ class Diagonal(Cell):
 
     def output(self, state):
         return state.h
+
+
+class BrokenElman(Cell):
+    """An Elman cell whose hand-derived backward pass is wrong by 0.1% on W_rec: what
+    ``rnngrad check --cell`` exists to catch."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        from rnngrad.cells import Elman
+
+        self.inner = Elman(input_size, hidden_size, dtype=torch.float64)
+        self.input_size, self.hidden_size = input_size, hidden_size
+
+    def init_state(self, batch_size):
+        return self.inner.init_state(batch_size)
+
+    def _own(self, params):
+        return {k.removeprefix("inner."): v for k, v in params.items()}
+
+    def step(self, params, state, x):
+        return self.inner.step(self._own(params), state, x)
+
+    def output(self, state):
+        return state.h
+
+    def forward_sequence(self, params, inputs, state0, *, cache=False):
+        return self.inner.forward_sequence(self._own(params), inputs, state0, cache=cache)
+
+    def backward_sequence(self, params, inputs, state0, cache, d_outputs, d_state=None, *,
+                          input_grad=True):
+        g, dx, d0 = self.inner.backward_sequence(self._own(params), inputs, state0, cache,
+                                                 d_outputs, d_state, input_grad=input_grad)
+        g = {f"inner.{k}": v * (1.001 if k == "W_rec" else 1.0) for k, v in g.items()}
+        return g, dx, d0

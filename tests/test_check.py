@@ -10,7 +10,9 @@ from rnngrad.check import (
     DEFAULT_CONFIGS,
     CheckConfig,
     CheckRow,
+    cell_configs,
     make_problem,
+    network_specs,
     reference_gradient,
     relative_error,
     run_checks,
@@ -26,8 +28,34 @@ def test_every_exact_algorithm_passes_on_every_default_config():
     for expected in ("bptt()", "bptt(checkpoint=1)", "rtrl()", "rtrl(generic=True)",
                      "bptt() [steps]", "tbptt(5) [steps]"):
         assert expected in names
-    assert len({r.config for r in rows}) == len(DEFAULT_CONFIGS)
+    configs = {r.config for r in rows}
+    specs = network_specs()
+    assert len(configs) == len(DEFAULT_CONFIGS) + sum(len(cell_configs(s)) for s in specs)
+    for spec in ("elman", "gru", "lstm", "gru+elman", "lstm+gru+elman"):
+        assert spec in specs and any(f" {spec} " in c for c in configs), spec
     assert max(r.error for r in rows) <= 1e-10
+
+
+def test_a_users_cell_by_module_and_class(monkeypatch):
+    """check(cell="module:Class") imports the cell from the working directory and checks it
+    alone and stacked on itself; a cell with a wrong hand-derived backward pass fails
+    (for BPTT, not for RTRL, which does not use it), and an unknown class is a clear
+    error."""
+    import pathlib
+
+    here = pathlib.Path(__file__).parent
+    monkeypatch.chdir(here)
+    rows = run_checks(cell="cell_zoo:Adaptive")
+    assert rows and all(r.passed for r in rows)
+    assert any("cell_zoo:Adaptive+cell_zoo:Adaptive" in r.config for r in rows)
+    rows = run_checks(cell="cell_zoo:BrokenElman")
+    bad = {r.algorithm for r in rows if not r.passed}
+    assert "bptt()" in bad and "tbptt(5)" in bad
+    assert not any(r.algorithm.startswith("rtrl") for r in rows if not r.passed)
+    with pytest.raises(ValueError, match="has no attribute 'Nope'"):
+        run_checks(cell="cell_zoo:Nope")
+    with pytest.raises(ValueError, match="not a subclass of rnngrad.cells.Cell"):
+        run_checks(cell="math:sqrt")
 
 
 def test_a_wrong_gradient_fails():
