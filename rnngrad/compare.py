@@ -43,31 +43,29 @@ from .algorithms.base import Algorithm
 from .algorithms.bptt import bptt
 from .gradient import gradient
 from .metrics import METRICS, alignment
-from .model import RNN, unroll
 from .readouts import loss_and_grad
+from .runs import DTYPES, make_model
 from .train import OPTIMIZERS, apply_update, make_optimizer, online_pass
 
 __all__ = ["compare", "evaluate_loss", "state_bytes", "OPTIMIZERS"]
 
-# alignment is measured on the recurrent parameters: every algorithm here has the exact
-# readout gradient, which would otherwise dominate the cosine
-RECURRENT = ("W_in", "W_rec", "b_rec")
+# alignment is measured on the recurrent parameters (all but the readout's): every
+# algorithm here has the exact readout gradient, which would otherwise dominate the cosine
+READOUT = ("W_out", "b_out")
 # (classification tasks add final_test_acc_mean and final_test_acc_std after the loss)
 TABLE_FIELDS = ("algorithm", "final_test_loss_mean", "final_test_loss_std", "ms_per_time_step",
                 "state_kib", "cosine_mean", "sign_agreement_mean", "norm_ratio_mean", "seeds",
                 "steps")
 
 
-def evaluate_loss(model: RNN, batch, *, loss: str, accuracy: bool = False
+def evaluate_loss(model, batch, *, loss: str, accuracy: bool = False
                   ) -> float | tuple[float, float]:
     """Mean loss per counted step, ``sum(mask l) / sum(mask)``, from h0 = 0; with
     ``accuracy=True`` also the fraction of counted steps whose argmax is the class."""
     inputs, targets, mask = batch[0], batch[1], batch[2]
-    T, B, _ = inputs.shape
     with torch.no_grad():
-        h0 = inputs.new_zeros(B, model.hidden_size)
-        hs, _ = unroll(model, inputs, h0, need_deriv=False)
-        z = torch.addmm(model.b_out, hs.reshape(T * B, -1), model.W_out.T).view(T, B, -1)
+        _, hs = model(inputs)
+        z = hs @ model.W_out.T + model.b_out
         value, _ = loss_and_grad(z, targets, mask, loss=loss, readout_name=model.readout)
         mean = float(value / mask.sum())
         if not accuracy:
@@ -145,6 +143,7 @@ def compare(
     clip: float | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    cell: str = "elman",
 ) -> list[dict]:
     """Train each algorithm from the same weights on the same data; tabulate and plot.
 
@@ -153,7 +152,8 @@ def compare(
         algorithms: CLI names (``"eprop"``), Algorithms, or (name, Algorithm) pairs.
         seeds: one run per seed and algorithm; a seed fixes the initial weights and data.
         steps: training steps (batches) per run.
-        hidden, alpha, activation, init: the ``rnngrad.RNN`` (readout from the task).
+        hidden, alpha, activation, init, cell: the network, built by
+            ``rnngrad.runs.make_model`` (readout from the task).
         lr, optimizer ("sgd" | "adam"), clip (max gradient norm or None): the update.
         batch_size: sequences (streams, for a streaming task) per batch.
         update_every: optimizer step every k time steps inside a batch (None: once per batch).
@@ -182,6 +182,8 @@ def compare(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
         raise ValueError(f"update_every must be a positive int or None, got {update_every!r}")
+    if dtype not in DTYPES.values():
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     seeds = list(seeds)
@@ -199,11 +201,12 @@ def compare(
     aligns: list[dict] = []
     times: dict[str, list[float]] = {n: [] for n, _ in named}
     mem: dict[str, int] = {}
+    dtype_name = str(dtype).removeprefix("torch.")
     for seed in seeds:
-        torch.manual_seed(seed)
-        model0 = RNN(task.input_size, hidden, task.output_size, activation=activation,
-                     alpha=alpha, readout=task.readout, init=init, dtype=dtype,
-                     device=device)
+        model0 = make_model({"cell": cell, "hidden": hidden, "activation": activation,
+                             "alpha": alpha, "init": init, "dtype": dtype_name,
+                             "device": str(device), "seed": seed}, task)
+        recurrent = [n for n, _ in model0.named_parameters() if n not in READOUT]
         for name, algo in named:
             model = copy.deepcopy(model0)
             opt = make_optimizer(optimizer, model.parameters(), lr)
@@ -251,7 +254,7 @@ def compare(
                 if track and used is not None:
                     _, exact = gradient(snapshot, inputs, targets, algorithm=reference,
                                         loss=loss, mask=mask, h0=h_start)
-                    a = alignment(used, exact, params=RECURRENT)["all"]
+                    a = alignment(used, exact, params=recurrent)["all"]
                     aligns.append({"algorithm": name, "seed": seed, "step": step, **a})
                 if not online_mode:
                     t1 = time.perf_counter()
@@ -264,7 +267,7 @@ def compare(
 
     rows = _table(named, seeds, steps, curves, aligns, times, mem)
     if out_dir is not None:
-        _write(Path(out_dir), rows, curves, aligns, task)
+        _write(Path(out_dir), rows, curves, aligns, task, reference, recurrent)
     return rows
 
 
@@ -307,7 +310,9 @@ def _table(named, seeds, steps, curves, aligns, times, mem) -> list[dict]:
     return rows
 
 
-def _write(out: Path, rows, curves, aligns, task) -> None:
+def _write(out: Path, rows, curves, aligns, task, reference: Algorithm, recurrent) -> None:
+    from .plots import plot_alignment, plot_learning_curves
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -325,73 +330,13 @@ def _write(out: Path, rows, curves, aligns, task) -> None:
             w.writeheader()
             for r in recs:
                 w.writerow(r)
-    _plot(out, rows, curves, aligns, task)
-
-
-def _band(recs: list[dict], name: str, key: str):
-    steps = sorted({r["step"] for r in recs if r["algorithm"] == name})
-    mean, lo, hi = [], [], []
-    for s in steps:
-        v = [r[key] for r in recs if r["algorithm"] == name and r["step"] == s
-             and not math.isnan(r[key])]
-        m, sd = (_mean(v), _std(v)) if v else (float("nan"), 0.0)
-        mean.append(m)
-        lo.append(m - sd)
-        hi.append(m + sd)
-    return steps, mean, lo, hi
-
-
-def _plot(out: Path, rows, curves, aligns, task) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r["algorithm"] for r in rows]
-    with_acc = bool(curves) and "test_acc" in curves[0]
-    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(13 if with_acc else 7, 4.5),
-                             squeeze=False)
-    ax = axes[0][0]
-    for name in names:
-        s, m, lo, hi = _band(curves, name, "test_loss")
-        (line,) = ax.plot(s, m, label=name)
-        ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.2)
-        if with_acc:
-            s, m, lo, hi = _band(curves, name, "test_acc")
-            axes[0][1].plot(s, m, label=name, color=line.get_color())
-            axes[0][1].fill_between(s, lo, hi, color=line.get_color(), alpha=0.2)
-    for attr, label in (("loss_no_memory", "no memory"), ("loss_first_dependency", "t1 only"),
-                        ("loss_optimal", "optimal")):
-        if hasattr(task, attr):
-            ax.axhline(getattr(task, attr), color="gray", ls=":", lw=1)
-            ax.text(0, getattr(task, attr), label, color="gray", fontsize=7, va="bottom")
-    ax.set_xlabel("training step (batch)")
-    ax.set_ylabel("test loss per counted step")
-    ax.set_title(f"{getattr(task, 'name', 'task')}: mean +- std over seeds")
-    ax.legend(fontsize=8)
-    if with_acc:
-        axes[0][1].set_xlabel("training step (batch)")
-        axes[0][1].set_ylabel("test accuracy")
-        axes[0][1].set_title("test accuracy: mean +- std over seeds")
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=120)
-    plt.close(fig)
-
-    if not aligns:  # alignment was not tracked
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        if not any(a["algorithm"] == name for a in aligns):
-            continue
-        s, m, lo, hi = _band(aligns, name, "cosine")
-        (line,) = ax.plot(s, m, label=name)
-        ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.2)
-    ax.axhline(0.0, color="gray", lw=0.8)
-    ax.set_ylim(-0.2, 1.05)
-    ax.set_xlabel("training step (batch)")
-    ax.set_ylabel("cosine with the reference (W_in, W_rec, b_rec)")
-    ax.set_title("gradient alignment over training")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "alignment.png", dpi=120)
-    plt.close(fig)
+    baselines = {label: getattr(task, attr) for attr, label in (
+        ("loss_no_memory", "no memory"), ("loss_first_dependency", "t1 only"),
+        ("loss_optimal", "optimal")) if hasattr(task, attr)}
+    plot_learning_curves(curves, out / "learning_curves.png", names,
+                         title=getattr(task, "name", "task"), baselines=baselines)
+    if aligns:  # alignment was tracked
+        plot_alignment(aligns, out / "alignment.png",
+                       [n for n in names if any(a["algorithm"] == n for a in aligns)],
+                       reference=reference.name, params=", ".join(recurrent))

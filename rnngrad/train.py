@@ -8,37 +8,54 @@ algorithm emitted since the last update (RTRL emits every step, TBPTT every k);
 for a streaming task (``task.streaming``) the hidden and algorithm state carry
 over from one batch to the next, so training runs on one continuous stream.
 
-Writes, when ``out`` is given: ``metrics.csv`` (one row per logged step),
-``curve.png`` (learning curve), ``model.pt`` (final ``state_dict``),
-``config.json``, and ``checkpoint.pt`` (atomically, every ``checkpoint_every``
-steps) from which ``resume=True`` continues to the same result as an
-uninterrupted run. The library never prints: progress goes to ``callback``.
+Nothing silently wrong: a loss, gradient or updated parameter that is not finite stops
+training with ``Diverged`` before the update is applied or anything is saved, so the
+last checkpoint and ``model.pt`` stay as they were.
+
+Writes, when ``out`` is given (a directory one run owns at a time: ``rnngrad.outdir``):
+``metrics.csv`` (one row per logged step), ``curve.png``, ``model.pt`` (final
+``state_dict``), ``config.json`` (what the run was), and ``checkpoint.pt`` every
+``checkpoint_every`` steps, every file written atomically. A checkpoint holds the
+configuration, the model, the optimizer, and every random generator and carried state
+the run uses (the data generator, the algorithm's generators, the stream and the
+algorithm state it carries): ``resume=True`` continues it to the bit-identical result
+of an uninterrupted run, and refuses a checkpoint of a different configuration.
+
+``rnngrad.runs.run(config)`` builds a run from a plain dict and calls ``train``. The
+library never prints: progress goes to the callbacks.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .algorithms.base import Algorithm, add_grads
+from .algorithms.base import Algorithm, add_grads, rng_state, set_rng_state
 from .algorithms.bptt import bptt
 from .gradient import gradient, write_grads
-from .readouts import loss_and_grad, readout
+from .outdir import OutputDir, atomic_write, torch_bytes
+from .readouts import loss_and_grad
 from .tasks.base import Batch, make_generator
 
 __all__ = ["train", "evaluate", "TrainResult", "OPTIMIZERS", "make_optimizer", "apply_update",
-           "online_pass"]
+           "online_pass", "load_checkpoint", "Diverged", "NonFinite", "CheckpointError",
+           "ConfigMismatch", "CheckpointExists", "CHECKPOINT"]
 
 OPTIMIZERS = ("adam", "sgd")
+CHECKPOINT = "checkpoint.pt"
+_FORMAT = 1
+
+# keys a resumed run may change: how long it runs and how often it logs
+_RESUMABLE = ("steps", "log_every")
 
 
 class TrainResult(NamedTuple):
@@ -47,31 +64,66 @@ class TrainResult(NamedTuple):
     final: dict[str, float]  # the last evaluation on the test set
 
 
+class NonFinite(ArithmeticError):
+    """A loss, gradient or parameter that is not finite (raised before the update)."""
+
+
+class Diverged(RuntimeError):
+    """Training stopped on a non-finite loss, gradient or parameter.
+
+    ``step``: the step it happened at; ``checkpoint_step``: the step of the checkpoint
+    kept (None: none); ``history``: the rows logged before it.
+    """
+
+    def __init__(self, message: str, *, step: int, checkpoint_step: int | None,
+                 history: list[dict[str, float]]) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint_step = checkpoint_step
+        self.history = history
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (truncated, corrupt, not rnngrad's)."""
+
+
+class ConfigMismatch(ValueError):
+    """``resume`` found a checkpoint of a different configuration."""
+
+
+class CheckpointExists(ValueError):
+    """A fresh run (no ``resume``) found a checkpoint it would overwrite."""
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# ---- evaluation and updates -------------------------------------------------------------
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task, batch: Batch | None = None) -> dict[str, float]:
-    """Test loss (the pinned loss), and accuracy (classification) or MSE (regression).
+    """Test loss, and accuracy (classification) or MSE (regression), through ``model(inputs)``.
 
-    Accuracy is the fraction of masked steps whose argmax matches the class index;
-    MSE is the mean over masked steps and outputs of ``(y - target)^2`` (not halved).
+    ``test_loss`` is the pinned loss (a sequence's counted steps summed, the mean over
+    sequences); ``test_loss_per_step`` is the mean over counted steps. Accuracy is the
+    fraction of counted steps whose argmax matches the class index; ``test_mse`` is the
+    mean over counted steps and outputs of ``(y - target)^2`` (not halved).
     """
-    p = model.W_rec
+    p = model.W_out
     batch = (task.test_batch() if batch is None else batch).to(device=p.device, dtype=p.dtype)
     T, B = batch.mask.shape
-    h0 = torch.zeros(B, model.hidden_size, dtype=p.dtype, device=p.device)
-    from .model import unroll
-
-    hs, _ = unroll(model, batch.inputs, h0, need_deriv=False)
-    z = hs @ model.W_out.T + model.b_out
+    y, h = model(batch.inputs)
+    z = h @ model.W_out.T + model.b_out
     loss, _ = loss_and_grad(z, batch.targets, batch.mask / B, loss=task.loss,
                             readout_name=model.readout)
-    out = {"test_loss": float(loss)}
     m = batch.mask > 0
     n = max(int(m.sum()), 1)
+    out = {"test_loss": float(loss), "test_loss_per_step": float(loss) * B / n}
     if task.classification:
         correct = (z.argmax(-1) == batch.targets) & m
         out["test_acc"] = float(correct.sum()) / n
     else:
-        y = readout(z, model.readout)
         err = ((y - batch.targets) ** 2).mean(-1)
         out["test_mse"] = float((err * m).sum()) / n
     return out
@@ -86,19 +138,101 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
 
 
-def apply_update(model, opt, grads, clip: float | None) -> None:
-    """Write ``grads`` into ``.grad``, clip the norm (unless None) and step ``opt``."""
+def _all_finite(tensors) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _first_nonfinite(named: Mapping[str, Tensor]) -> str:
+    for n, t in named.items():
+        bad = t[~torch.isfinite(t)]
+        if bad.numel():
+            return f"{float(bad[0])} in {n}"
+    return "none found"
+
+
+def apply_update(model, opt, grads, clip: float | None, *, check: bool = False) -> None:
+    """Write ``grads`` into ``.grad``, clip the norm (unless None) and step ``opt``.
+
+    With ``check=True``, raise ``NonFinite`` instead of stepping when an entry of the
+    gradient is not finite, and after the step when a parameter has become non-finite.
+    """
     write_grads(model, grads)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if check and params and not _all_finite([p.grad for p in params]):
+        named = {n: g for n, g in grads.items() if isinstance(g, Tensor)}
+        raise NonFinite(f"the gradient is not finite ({_first_nonfinite(named)})")
     if clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        nn.utils.clip_grad_norm_(params, clip)
     opt.step()
+    if check and params:
+        with torch.no_grad():
+            finite = _all_finite(params)
+        if not finite:
+            raise NonFinite("the update made the parameters non-finite ("
+                            f"{_first_nonfinite(dict(model.named_parameters()))})")
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _check_loss(loss: Tensor) -> float:
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NonFinite(f"the loss is {value}")
+    return value
 
+
+# ---- checkpoints ------------------------------------------------------------------------
+
+def _describe(model, task, algorithm, **training) -> dict[str, Any]:
+    """What ``train`` knows of a run, as plain JSON: the task, the algorithm, the training
+    settings and the model's parameter shapes (no reading of cell internals)."""
+    p = model.W_out
+    return {"task": getattr(task, "name", type(task).__name__), "algorithm": algorithm.name,
+            **training,
+            "model": {"class": type(model).__name__,
+                      "parameters": {n: list(t.shape) for n, t in model.named_parameters()},
+                      "dtype": str(p.dtype).removeprefix("torch."), "device": str(p.device)}}
+
+
+def _differences(saved: Mapping, current: Mapping) -> list[str]:
+    """What differs between two recorded configurations, the settings a user gives first
+    (the run's configuration), the model's parameter shapes last and in one item."""
+
+    def flat(a: Mapping, b: Mapping, skip=()) -> list[str]:
+        return [f"{k} {a.get(k, '(absent)')!r} there, {b.get(k, '(absent)')!r} here"
+                for k in sorted(set(a) | set(b))
+                if k not in _RESUMABLE and k not in skip and a.get(k) != b.get(k)]
+
+    out = flat(saved.get("run") or {}, current.get("run") or {})
+    named = {d.split(" ", 1)[0] for d in out}
+    out += flat(saved, current, skip=("run", "model", *named))
+    ms, mc = saved.get("model") or {}, current.get("model") or {}
+    out += [f"model.{d}" for d in flat(ms, mc, skip=("parameters",))]
+    if ms.get("parameters") != mc.get("parameters"):
+        out.append("the model's parameter shapes")
+    return out
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint; ``CheckpointError`` (one line) if it is unreadable."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load reports a torn file in many ways
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read (truncated or corrupt: {reason[:120]}); "
+                              "delete it to start afresh") from None
+    needed = {"format", "config", "step", "model", "optimizer", "data_rng"}
+    if not isinstance(ck, dict) or not needed <= set(ck):
+        raise CheckpointError(f"{path} is not an rnngrad training checkpoint (it lacks "
+                              f"{', '.join(sorted(needed - set(ck) if isinstance(ck, dict) else needed))})")
+    if ck["format"] != _FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {ck['format']!r}; this rnngrad "
+                              f"reads format {_FORMAT}")
+    return ck
+
+
+# ---- training ---------------------------------------------------------------------------
 
 def train(
     model: nn.Module,
@@ -116,13 +250,15 @@ def train(
     out: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    config: Mapping[str, Any] | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
     step_callback: Callable[[int, dict[str, Any]], dict[str, float] | None] | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``task`` with ``algorithm``'s gradients.
 
     Args:
-        model: an ``rnngrad.RNN`` whose sizes match the task.
+        model: an ``rnngrad.Network`` (``rnngrad.RNN`` included) whose sizes match the task.
         task: an ``rnngrad.tasks`` task (``batch``, ``test_batch``, ``loss``, ...).
         algorithm: any rnngrad algorithm; ``bptt()`` by default.
         steps: number of training batches.
@@ -134,25 +270,42 @@ def train(
             algorithm such as rtrl() or tbptt(k)).
         clip: clip the gradient norm to this value before each update (None: no clipping).
         log_every: evaluate on the test set and log every this many steps.
-        out: directory for metrics.csv, curve.png, model.pt, config.json, checkpoint.pt.
-        checkpoint_every: write checkpoint.pt every this many steps (needs out).
-        resume: continue from out/checkpoint.pt if it exists.
+        out: directory for metrics.csv, curve.png, model.pt, config.json, checkpoint.pt;
+            locked for the run (``rnngrad.outdir.OutputLocked`` if another run holds it).
+        checkpoint_every: write checkpoint.pt every this many steps and at the end
+            (needs out).
+        resume: continue from out/checkpoint.pt if it exists; ``ConfigMismatch`` if it
+            is from a different run, ``CheckpointError`` if it cannot be read. Without
+            it, a checkpoint in out is an error (``CheckpointExists``), never overwritten.
+        config: the caller's description of the run (JSON-serialisable, e.g. ``run``'s
+            configuration), recorded with train's own and compared on resume.
         callback: ``callback(step, row)`` after each logged step (progress bars).
         step_callback: ``step_callback(step, info)`` after each batch, with info holding
             "batch", "grads" and "algorithm"; a returned dict is merged into the next
             logged row (e.g. gradient alignment against an exact algorithm).
+        on_event: ``on_event(kind, info)``: "start" once the output directory is held
+            (info: "step" the run starts after, "resumed", "checkpoint" path or None),
+            "checkpoint" after each checkpoint
+            (info: "step", "path").
 
     Returns:
         ``TrainResult(model, history, final)``.
+
+    Raises:
+        Diverged: a non-finite loss, gradient or parameter; nothing is saved then
+            but metrics.csv (the checkpoint and model.pt keep their last good state).
     """
     algorithm = bptt() if algorithm is None else algorithm
     if not isinstance(algorithm, Algorithm):
         raise TypeError(f"algorithm must be an rnngrad algorithm, got {type(algorithm).__name__}")
     for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
-        if not isinstance(v, int) or v < 1:
+        if not _positive_int(v):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
+    if update_every is not None and not _positive_int(update_every):
         raise ValueError(f"update_every must be a positive int or None, got {update_every!r}")
+    if checkpoint_every is not None and not _positive_int(checkpoint_every):
+        raise ValueError(f"checkpoint_every must be a positive int or None, got "
+                         f"{checkpoint_every!r}")
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if (task.input_size, task.output_size) != (model.input_size, model.output_size):
@@ -161,87 +314,182 @@ def train(
             f"{task.output_size} but the model has {model.input_size} and {model.output_size}")
     if checkpoint_every is not None and out is None:
         raise ValueError("checkpoint_every needs an output directory (out)")
-
+    record = _describe(model, task, algorithm, steps=steps, lr=lr, optimizer=optimizer,
+                       batch_size=batch_size, seed=seed, update_every=update_every, clip=clip,
+                       log_every=log_every)
+    if config is not None:
+        record["run"] = dict(config)
+    try:
+        config_json = json.dumps(record, indent=2)
+    except TypeError as e:
+        raise TypeError(f"config must be JSON-serialisable: {e}") from None
     opt = make_optimizer(optimizer, model.parameters(), lr)
-    g = make_generator(seed)
-    p = model.W_rec
-    streaming = bool(getattr(task, "streaming", False))
-    history: list[dict[str, float]] = []
-    start = 1
-    out_dir = Path(out) if out is not None else None
-    ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
-    stream_state = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config = {"task": task.name, "algorithm": algorithm.name, "steps": steps, "lr": lr,
-                  "optimizer": optimizer, "batch_size": batch_size, "seed": seed,
-                  "update_every": update_every, "clip": clip, "hidden": model.hidden_size,
-                  "activation": model.activation, "alpha": model.alpha,
-                  "readout": model.readout}
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        g.set_state(ck["generator"])
-        history = ck["history"]
-        start = ck["step"] + 1
-        stream_state = ck.get("stream_state")
-        if ck.get("task_state") is not None and hasattr(task, "load_state_dict"):
-            task.load_state_dict(ck["task_state"])  # where the data stream had got to
 
-    extra: dict[str, float] = {}
-    t0 = time.perf_counter()
-    done_since_log = 0
-    train_loss_acc = 0.0
-    for step in range(start, steps + 1):
-        batch = task.batch(batch_size, generator=g).to(device=p.device, dtype=p.dtype)
-        if update_every is None:
+    loop = _Loop(model, task, algorithm, opt, steps=steps, batch_size=batch_size, seed=seed,
+                 update_every=update_every, clip=clip, log_every=log_every,
+                 checkpoint_every=checkpoint_every, record=record, callback=callback,
+                 step_callback=step_callback, on_event=on_event)
+    if out is None:
+        loop.start(None, resume=False)
+        return loop.run()
+    with OutputDir(out) as d:
+        loop.start(d.path, resume=resume)
+        atomic_write(d.path / "config.json", config_json.encode())
+        return loop.run()
+
+
+class _Loop:
+    """The training loop's state, so that a checkpoint is all of it."""
+
+    def __init__(self, model, task, algorithm, opt, *, steps, batch_size, seed, update_every,
+                 clip, log_every, checkpoint_every, record, callback, step_callback,
+                 on_event) -> None:
+        self.model, self.task, self.algorithm, self.opt = model, task, algorithm, opt
+        self.steps, self.batch_size, self.update_every = steps, batch_size, update_every
+        self.clip, self.log_every, self.checkpoint_every = clip, log_every, checkpoint_every
+        self.record = record
+        self.callback, self.step_callback, self.on_event = callback, step_callback, on_event
+        self.data = make_generator(seed)
+        self.streaming = bool(getattr(task, "streaming", False))
+        self.stream_state = None
+        self.history: list[dict[str, float]] = []
+        self.pending = {"train_loss": 0.0, "steps": 0, "extra": {}}
+        self.step = 0  # the last step done
+        self.out: Path | None = None
+        self.checkpoint_step: int | None = None
+
+    # -- checkpoints
+    def _state(self) -> dict[str, Any]:
+        task = self.task
+        return {"format": _FORMAT, "config": self.record, "step": self.step,
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "data_rng": self.data.get_state(), "algorithm_rng": rng_state(self.algorithm),
+                "stream_state": self.stream_state if self.streaming else None,
+                "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
+                "history": self.history, "pending": self.pending}
+
+    def start(self, out: Path | None, *, resume: bool) -> None:
+        self.out = out
+        path = out / CHECKPOINT if out is not None else None
+        found = path is not None and path.exists()
+        if found and not resume:
+            raise CheckpointExists(f"{path} holds the checkpoint of an earlier run: resume it, "
+                                   f"or delete it (or use another output directory) to start "
+                                   f"afresh")
+        if found:
+            ck = load_checkpoint(path)
+            diff = _differences(ck["config"], self.record)
+            if diff:
+                raise ConfigMismatch(f"{path} is from a different run ({'; '.join(diff[:4])}"
+                                     f"{'; ...' if len(diff) > 4 else ''}): resume with the "
+                                     f"same settings, or use another output directory")
+            if ck["step"] > self.steps:
+                raise ConfigMismatch(f"{path} is at step {ck['step']}, beyond the {self.steps} "
+                                     f"steps asked for")
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.data.set_state(ck["data_rng"])
+            set_rng_state(self.algorithm, ck.get("algorithm_rng") or {})
+            self.stream_state = ck.get("stream_state")
+            if ck.get("task_state") is not None and hasattr(self.task, "load_state_dict"):
+                self.task.load_state_dict(ck["task_state"])  # where the data stream had got to
+            self.history = ck["history"]
+            self.pending = ck["pending"]
+            self.step = self.checkpoint_step = ck["step"]
+        if self.on_event is not None:
+            self.on_event("start", {"step": self.step, "resumed": found,
+                                    "checkpoint": str(path) if path is not None else None})
+
+    def _save_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        atomic_write(path, torch_bytes(self._state()))
+        self.checkpoint_step = self.step
+        if self.on_event is not None:
+            self.on_event("checkpoint", {"step": self.step, "path": str(path)})
+
+    # -- the loop
+    def _one_step(self, step: int) -> None:
+        model, task, algorithm = self.model, self.task, self.algorithm
+        p = model.W_out
+        batch = task.batch(self.batch_size, generator=self.data).to(device=p.device,
+                                                                    dtype=p.dtype)
+        if self.update_every is None:
             loss, grads = gradient(model, batch.inputs, batch.targets, algorithm=algorithm,
                                    loss=task.loss, mask=batch.mask)
-            apply_update(model, opt, grads, clip)
+            value = _check_loss(loss)
+            apply_update(model, self.opt, grads, self.clip, check=True)
         else:
-            state = stream_state if streaming else None
+            state = self.stream_state if self.streaming else None
             if state is None:
-                state = algorithm.init(model, batch_size)
-            stream_state, loss, grads = online_pass(model, opt, algorithm, batch, state,
-                                                    task.loss, update_every, clip)
-        train_loss_acc += float(loss)
-        done_since_log += 1
-        if step_callback is not None:
-            got = step_callback(step, {"batch": batch, "grads": grads, "algorithm": algorithm})
+                state = algorithm.init(model, self.batch_size)
+            self.stream_state, loss, grads = online_pass(
+                model, self.opt, algorithm, batch, state, task.loss, self.update_every,
+                self.clip, check=True)
+            value = _check_loss(loss)
+        self.pending["train_loss"] += value
+        self.pending["steps"] += 1
+        if self.step_callback is not None:
+            got = self.step_callback(step, {"batch": batch, "grads": grads,
+                                            "algorithm": algorithm})
             if got:
-                extra.update(got)
-        if step % log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - t0
-            row = {"step": step, "train_loss": train_loss_acc / done_since_log,
-                   **evaluate(model, task), "steps_per_s": done_since_log / max(elapsed, 1e-9),
-                   **extra}
-            history.append(row)
-            extra = {}
-            if callback is not None:
-                callback(step, row)
-            train_loss_acc, done_since_log = 0.0, 0
-            if checkpoint_every is not None and (step % checkpoint_every == 0 or step == steps):
-                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "generator": g.get_state(), "history": history, "step": step,
-                              "stream_state": stream_state,
-                              "task_state": task.state_dict() if streaming else None},
-                             ckpt_path)
-            t0 = time.perf_counter()
+                self.pending["extra"].update(got)
 
-    final = evaluate(model, task)
-    if out_dir is not None:
-        _write_metrics(history, out_dir / "metrics.csv")
-        _atomic_save(model.state_dict(), out_dir / "model.pt")
-        from .plots import plot_curve
+    def run(self) -> TrainResult:
+        t0 = time.perf_counter()
+        done_since_t0 = 0
+        for step in range(self.step + 1, self.steps + 1):
+            try:
+                self._one_step(step)
+            except NonFinite as e:
+                raise self._diverged(step, e) from None
+            self.step = step
+            done_since_t0 += 1
+            if step % self.log_every == 0 or step == self.steps:
+                elapsed = time.perf_counter() - t0
+                n = max(self.pending["steps"], 1)
+                row = {"step": step, "train_loss": self.pending["train_loss"] / n,
+                       **evaluate(self.model, self.task),
+                       "steps_per_s": done_since_t0 / max(elapsed, 1e-9),
+                       **self.pending["extra"]}
+                self.history.append(row)
+                self.pending = {"train_loss": 0.0, "steps": 0, "extra": {}}
+                if self.callback is not None:
+                    self.callback(step, row)
+                t0, done_since_t0 = time.perf_counter(), 0
+            if self.checkpoint_every is not None and (step % self.checkpoint_every == 0
+                                                      or step == self.steps):
+                self._save_checkpoint()
 
-        plot_curve(history, out_dir / "curve.png", title=f"{task.name}, {algorithm.name}")
-    return TrainResult(model, history, final)
+        final = evaluate(self.model, self.task)
+        if self.out is not None:
+            atomic_write(self.out / "metrics.csv", _metrics_csv(self.history))
+            atomic_write(self.out / "model.pt", torch_bytes(self.model.state_dict()))
+            from .plots import plot_curve
+
+            buf = io.BytesIO()
+            plot_curve(self.history, buf, title=f"{self.task.name}, {self.algorithm.name}")
+            atomic_write(self.out / "curve.png", buf.getvalue())
+        return TrainResult(self.model, self.history, final)
+
+    def _diverged(self, step: int, e: NonFinite) -> Diverged:
+        kept = "nothing was saved"
+        if self.out is not None:
+            # the rows so far are worth keeping; the weights are not
+            atomic_write(self.out / "metrics.csv", _metrics_csv(self.history))
+            if self.checkpoint_step is not None:
+                kept = (f"the checkpoint of step {self.checkpoint_step} is kept in "
+                        f"{self.out / CHECKPOINT}")
+            else:
+                kept = "no checkpoint had been written"
+            kept += " and model.pt was not written"
+        return Diverged(f"training diverged at step {step}: {e}; {kept}. Try a smaller "
+                        f"learning rate or gradient clipping", step=step,
+                        checkpoint_step=self.checkpoint_step, history=self.history)
 
 
 def online_pass(model, opt, algorithm: Algorithm, batch: Batch, state, loss: str,
-                update_every: int | None, clip: float | None) -> tuple[Any, Tensor, dict]:
+                update_every: int | None, clip: float | None, *, check: bool = False
+                ) -> tuple[Any, Tensor, dict]:
     """Step ``algorithm`` through one batch, applying the optimizer during it.
 
     Every ``update_every`` time steps (and at the end of the batch) the optimizer is
@@ -252,6 +500,8 @@ def online_pass(model, opt, algorithm: Algorithm, batch: Batch, state, loss: str
     Args:
         state: the algorithm's state to start from (``algorithm.init(...)`` or the state
             carried from the previous batch of a stream).
+        check: raise ``NonFinite`` at the first update whose loss or gradient is not
+            finite, before applying it (see ``apply_update``).
 
     Returns:
         ``(state, loss, grads)``: the state after the batch, the batch's pinned loss,
@@ -260,6 +510,12 @@ def online_pass(model, opt, algorithm: Algorithm, batch: Batch, state, loss: str
     T = batch.inputs.shape[0]
     total = pending = None
     value = batch.inputs.new_zeros(())
+
+    def update(pending):
+        if check:
+            _check_loss(value)
+        apply_update(model, opt, pending, clip, check=check)
+
     for t in range(T):
         state, out, g = algorithm.step(model, state, batch.inputs[t], batch.targets[t],
                                        mask_t=batch.mask[t], loss=loss)
@@ -270,24 +526,23 @@ def online_pass(model, opt, algorithm: Algorithm, batch: Batch, state, loss: str
                 state, g = algorithm.flush(model, state)
                 pending = add_grads(pending, g)
             if pending is not None:
-                apply_update(model, opt, pending, clip)
+                update(pending)
                 total, pending = add_grads(total, pending), None
     state, g = algorithm.flush(model, state)
     pending = add_grads(pending, g)
     if pending is not None:
-        apply_update(model, opt, pending, clip)
+        update(pending)
         total = add_grads(total, pending)
     return state, value, total if total is not None else {}
 
 
-def _write_metrics(history: list[dict[str, float]], path: Path) -> None:
+def _metrics_csv(history: list[dict[str, float]]) -> bytes:
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for row in history:
-            w.writerow(row)
-    os.replace(tmp, path)
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    for row in history:
+        w.writerow(row)
+    return f.getvalue().encode()

@@ -1,13 +1,27 @@
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import rnngrad
 from rnngrad.cli import main
+from rnngrad.registry import ALGORITHMS
+from rnngrad.runs import run
 from rnngrad.tasks import get_task
-from rnngrad.train import train
+from rnngrad.train import (
+    CheckpointError,
+    CheckpointExists,
+    ConfigMismatch,
+    Diverged,
+    load_checkpoint,
+    train,
+)
 
 
 def test_digits_learns():
@@ -134,3 +148,158 @@ def test_online_bptt_is_cut_at_each_update_like_tbptt():
         assert torch.allclose(a, b, atol=1e-12), n
     # and it is not the same as one update per sequence
     assert not torch.allclose(m1.W_rec, m3.W_rec, atol=1e-6)
+
+
+# ---- runs that survive: resume, divergence, checkpoints ---------------------------------
+
+SPECS = [n + (":3" if ALGORITHMS[n][1] else "") for n in ALGORITHMS]
+STREAM = dict(task="stream_add", seq_len=6, stream=True, update_every=2, hidden=4, batch_size=3,
+              optimizer="sgd", lr=0.1, log_every=2, dtype="float64")
+SEQUENCES = dict(task="adding", seq_len=5, hidden=4, batch_size=3, log_every=2, dtype="float64")
+
+
+def _resumed_equals_uninterrupted(tmp_path, config, steps=6, cut=3):
+    full = run({**config, "steps": steps}).model
+    run({**config, "steps": cut}, out=tmp_path / "run", checkpoint_every=cut)  # "interrupted"
+    resumed = run({**config, "steps": steps}, out=tmp_path / "run", checkpoint_every=cut,
+                  resume=True).model
+    return [n for (n, a), b in zip(full.named_parameters(), resumed.parameters())
+            if not torch.equal(a, b)]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_algorithm_resumes_bit_identically_online_on_a_stream(tmp_path, spec):
+    """The stream, the carried algorithm state and the algorithm's generators resume."""
+    assert _resumed_equals_uninterrupted(tmp_path, {**STREAM, "algorithm": spec}) == []
+
+
+@pytest.mark.parametrize("spec", ["uoro", "kf_rtrl", "eprop_rand"])
+def test_randomised_algorithms_resume_bit_identically_per_sequence(tmp_path, spec):
+    assert _resumed_equals_uninterrupted(tmp_path, {**SEQUENCES, "algorithm": spec}) == []
+
+
+def test_resume_without_the_algorithms_generators_would_differ(tmp_path, monkeypatch):
+    """The check above has teeth: UORO resumed with fresh noise is not the same run."""
+    import rnngrad.train as train_module
+
+    monkeypatch.setattr(train_module, "set_rng_state", lambda algorithm, state: None)
+    assert _resumed_equals_uninterrupted(tmp_path, {**STREAM, "algorithm": "uoro"}) != []
+
+
+def test_checkpoint_every_n_steps_not_only_on_logging_steps(tmp_path):
+    seen = []
+    run({**SEQUENCES, "algorithm": "bptt", "steps": 10, "log_every": 7}, out=tmp_path,
+        checkpoint_every=3, on_event=lambda kind, info: seen.append((kind, info["step"])))
+    assert seen == [("start", 0), ("checkpoint", 3), ("checkpoint", 6), ("checkpoint", 9),
+                    ("checkpoint", 10)]
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["step"] == 10 and ck["config"]["run"]["algorithm"] == "bptt"
+
+
+def _finite(state):
+    return all(torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["per_sequence", "online"])
+def test_a_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, online):
+    """SGD at lr 1e6 without clipping: the loss is NaN at step 4 (per sequence and with an
+    update every time step alike); nothing of it reaches the checkpoint or model.pt."""
+    config = {**SEQUENCES, "algorithm": "rtrl", "update_every": 1 if online else None,
+              "optimizer": "sgd", "lr": 1e6, "clip": None, "steps": 8, "dtype": "float32",
+              "seq_len": 6}
+    with pytest.raises(Diverged) as info:
+        run(config, out=tmp_path, checkpoint_every=1)
+    e = info.value
+    assert e.step == 4 and e.checkpoint_step == 3
+    assert str(e).startswith("training diverged at step 4: the loss is nan; the checkpoint of "
+                             "step 3 is kept in ")
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["step"] == 3 and _finite(ck["model"])
+    assert not (tmp_path / "model.pt").exists()
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2]
+
+
+def test_a_nonfinite_gradient_is_not_applied():
+    torch.manual_seed(0)
+    m = rnngrad.RNN(2, 3, 1)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    grads = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    grads["W_rec"][1, 2] = float("inf")
+    from rnngrad.train import NonFinite, apply_update
+
+    with pytest.raises(NonFinite, match=r"the gradient is not finite \(inf in W_rec\)"):
+        apply_update(m, torch.optim.SGD(m.parameters(), lr=0.1), grads, 1.0, check=True)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    config = {**SEQUENCES, "algorithm": "bptt", "steps": 4}
+    run(config, out=tmp_path, checkpoint_every=2)
+    for change, named in (({"lr": 0.5}, "lr 0.01 there, 0.5 here"),
+                          ({"seed": 3}, "seed 0 there, 3 here"),
+                          ({"algorithm": "rtrl"}, "algorithm"),
+                          ({"hidden": 5}, "hidden 4 there, 5 here"),
+                          ({"task": "sine"}, "task")):
+        with pytest.raises(ConfigMismatch, match="is from a different run") as info:
+            run({**config, **change, "steps": 6}, out=tmp_path, checkpoint_every=2,
+                resume=True)
+        assert named in str(info.value) and "\n" not in str(info.value)
+    # longer runs and other logging intervals are the same run
+    run({**config, "steps": 6, "log_every": 3}, out=tmp_path, checkpoint_every=2, resume=True)
+
+
+def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    config = {**SEQUENCES, "algorithm": "bptt", "steps": 4}
+    run(config, out=tmp_path, checkpoint_every=2)
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    for broken in (data[: len(data) // 2], b"", b"not a checkpoint at all"):
+        path.write_bytes(broken)
+        with pytest.raises(CheckpointError, match="cannot be read") as info:
+            run(config, out=tmp_path, checkpoint_every=2, resume=True)
+        assert "\n" not in str(info.value)
+
+
+def test_a_fresh_run_never_overwrites_a_checkpoint(tmp_path):
+    config = {**SEQUENCES, "algorithm": "bptt", "steps": 4}
+    run(config, out=tmp_path, checkpoint_every=2)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointExists, match="resume it"):
+        run(config, out=tmp_path, checkpoint_every=2)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rnngrad.cli", *args]
+
+
+KILL_ARGS = ("train", "--task", "adding", "--seq-len", "5", "--hidden", "4", "--batch-size", "4",
+             "--steps", "1000", "--log-every", "500", "--dtype", "float64", "--no-progress")
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < timeout, "no checkpoint appeared"
+        time.sleep(0.005)
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*KILL_ARGS, "--checkpoint-every", "20", "--out", str(killed)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(killed / "checkpoint.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    step = load_checkpoint(killed / "checkpoint.pt")["step"]
+    assert 20 <= step < 1000 and not (killed / "model.pt").exists()
+    assert main([*KILL_ARGS, "--checkpoint-every", "20", "--out", str(killed), "--resume"]) == 0
+    assert main([*KILL_ARGS, "--out", str(tmp_path / "whole")]) == 0
+    a = torch.load(killed / "model.pt")
+    b = torch.load(tmp_path / "whole" / "model.pt")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the temporary files of the killed writer are gone, and so is the lock
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith(".")) == []

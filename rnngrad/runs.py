@@ -1,0 +1,168 @@
+"""One training run as a plain dict: what ``rnngrad train`` runs and what a sweep trial is.
+
+    config = {"task": "digits", "algorithm": "rtrl", "hidden": 32, "lr": 1e-2, "seed": 0}
+    result = rnngrad.runs.run(config, out="runs/x", checkpoint_every=100)
+
+``DEFAULTS`` lists every key and its default; a configuration is JSON-serialisable, so it
+is recorded in ``config.json`` and the checkpoints (``--resume`` compares it), travels to
+Ray workers and fills a row of a sweep's table. ``make_task`` and ``make_model`` build
+what it names: ``make_model`` is the one place a run's network is built (``rnngrad
+train``, sweep trials, ``compare``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .registry import get_algorithm
+from .train import OPTIMIZERS, TrainResult, _positive_int, train
+
+__all__ = ["DEFAULTS", "DTYPES", "CELLS", "check_config", "check_cell", "make_task", "make_model",
+           "run"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CELLS = ("elman",)
+
+# One training run as a plain dict: what `rnngrad train` takes, what a sweep trial is.
+DEFAULTS: dict[str, Any] = {
+    # task
+    "task": "digits", "seq_len": None, "stream": False,
+    # model
+    "cell": "elman", "hidden": 64, "activation": "tanh", "alpha": 1.0, "init": "uniform",
+    "dtype": "float32", "device": "cpu",
+    # training
+    "algorithm": "bptt", "steps": 2000, "lr": 1e-2, "optimizer": "adam", "batch_size": 32,
+    "clip": 1.0, "update_every": None, "seed": 0, "log_every": 50, "track_alignment": None,
+}
+
+
+def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``DEFAULTS`` updated with ``config``, checked; unknown keys are an error."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"a run configuration is a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown configuration key(s) {', '.join(map(repr, unknown))}; "
+                         f"known keys: {', '.join(DEFAULTS)}")
+    cfg = {**DEFAULTS, **config}
+    for k in ("hidden", "steps", "batch_size", "log_every"):
+        if not _positive_int(cfg[k]):
+            raise ValueError(f"{k} must be a positive int, got {cfg[k]!r}")
+    for k in ("seq_len", "update_every", "track_alignment"):
+        if cfg[k] is not None and not _positive_int(cfg[k]):
+            raise ValueError(f"{k} must be a positive int or None, got {cfg[k]!r}")
+    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or cfg["seed"] < 0:
+        raise ValueError(f"seed must be an int >= 0, got {cfg['seed']!r}")
+    for k in ("lr", "alpha"):
+        v = cfg[k]
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                and math.isfinite(v)):
+            raise ValueError(f"{k} must be a positive number, got {v!r}")
+    c = cfg["clip"]
+    if c is not None and not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)):
+        raise ValueError(f"clip must be a positive number or None (no clipping), got {c!r}")
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    if cfg["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; known optimizers: "
+                         f"{', '.join(OPTIMIZERS)}")
+    if not isinstance(cfg["stream"], bool):
+        raise ValueError(f"stream must be True or False, got {cfg['stream']!r}")
+    for k in ("task", "cell", "activation", "init", "device", "algorithm"):
+        if not isinstance(cfg[k], str) or not cfg[k]:
+            raise ValueError(f"{k} must be a non-empty string, got {cfg[k]!r}")
+    check_cell(cfg["cell"])
+    get_algorithm(cfg["algorithm"])  # an unknown name fails here, not in the middle of a sweep
+    return cfg
+
+
+def check_cell(name: str) -> str:
+    """``name`` if it names a cell ``make_model`` can build; a ValueError otherwise."""
+    if name not in CELLS:
+        raise ValueError(f"unknown cell {name!r}; known cells: {', '.join(CELLS)}")
+    return name
+
+
+def make_task(config: Mapping[str, Any]):
+    """The task a configuration names (``task``, ``seq_len``, ``stream``)."""
+    from .tasks import get_task
+
+    kw: dict[str, Any] = {}
+    if config.get("seq_len") is not None:
+        kw["seq_len"] = config["seq_len"]
+    if config.get("stream"):
+        if config["task"] != "stream_add":
+            raise ValueError(f"stream needs a streaming task (stream_add), got "
+                             f"{config['task']!r}")
+        kw["streaming"] = True
+    return get_task(config["task"], **kw)
+
+
+def make_model(config: Mapping[str, Any], task) -> nn.Module:
+    """The network of a training run: the cell, sizes and initialisation ``config`` names,
+    the input and output sizes and the readout from ``task``; its initial weights are
+    drawn from ``config["seed"]`` (the global torch generator is left as it was).
+
+    This is the one place a run's model is built (``rnngrad train``, sweep trials, compare).
+    """
+    from .model import RNN
+
+    check_cell(config.get("cell", "elman"))
+    dtype = config.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = torch.device(config.get("device", "cpu"))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.get("seed", 0))
+        return RNN(task.input_size, config["hidden"], task.output_size,
+                   activation=config.get("activation", "tanh"), alpha=config.get("alpha", 1.0),
+                   readout=task.readout, init=config.get("init", "uniform"),
+                   dtype=DTYPES[dtype], device=device)
+
+
+def run(
+    config: Mapping[str, Any],
+    *,
+    out: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """One training run from a configuration dict (keys of ``DEFAULTS``).
+
+    Builds the task, the algorithm (``rnngrad.registry`` name, e.g. ``"tbptt:10"``) and the
+    model (``make_model``), then ``train``s, recording ``config`` in ``config.json`` and
+    the checkpoints. ``track_alignment=N`` logs the cosine, sign agreement and norm ratio
+    of the gradient used against exact BPTT on the recurrent parameters every N steps.
+    """
+    cfg = check_config(config)
+    task = make_task(cfg)
+    algorithm = get_algorithm(cfg["algorithm"])
+    model = make_model(cfg, task)
+    step_callback = None
+    if cfg["track_alignment"]:
+        from .metrics import alignment_metrics
+
+        every = cfg["track_alignment"]
+        # the recurrent part: every algorithm has the exact readout gradient
+        recurrent = [n for n, _ in model.named_parameters() if n not in ("W_out", "b_out")]
+
+        def step_callback(step: int, info: dict):
+            if step % every or not info["grads"]:
+                return None
+            with torch.no_grad():
+                return alignment_metrics(model, info["batch"], algorithm, loss=task.loss,
+                                         approx=info["grads"], params=recurrent)
+
+    return train(model, task, algorithm=algorithm, steps=cfg["steps"], lr=cfg["lr"],
+                 optimizer=cfg["optimizer"], batch_size=cfg["batch_size"], seed=cfg["seed"],
+                 update_every=cfg["update_every"], clip=cfg["clip"], log_every=cfg["log_every"],
+                 out=out, checkpoint_every=checkpoint_every, resume=resume, config=cfg,
+                 callback=callback, step_callback=step_callback, on_event=on_event)
