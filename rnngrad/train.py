@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import errors
 from .algorithms.base import Algorithm, add_grads, rng_state, set_rng_state
 from .algorithms.bptt import bptt
 from .gradient import gradient, write_grads
@@ -66,6 +67,10 @@ class TrainResult(NamedTuple):
 
 class NonFinite(ArithmeticError):
     """A loss, gradient or parameter that is not finite (raised before the update)."""
+
+
+# what the algorithms raise when their own computation meets a NaN or an Inf
+_ALGORITHM_NONFINITE = getattr(errors, "NonFiniteError", NonFinite)
 
 
 class Diverged(RuntimeError):
@@ -440,7 +445,7 @@ class _Loop:
         for step in range(self.step + 1, self.steps + 1):
             try:
                 self._one_step(step)
-            except NonFinite as e:
+            except (NonFinite, _ALGORITHM_NONFINITE) as e:
                 raise self._diverged(step, e) from None
             self.step = step
             done_since_t0 += 1
@@ -471,7 +476,7 @@ class _Loop:
             atomic_write(self.out / "curve.png", buf.getvalue())
         return TrainResult(self.model, self.history, final)
 
-    def _diverged(self, step: int, e: NonFinite) -> Diverged:
+    def _diverged(self, step: int, e: Exception) -> Diverged:
         kept = "nothing was saved"
         if self.out is not None:
             # the rows so far are worth keeping; the weights are not
