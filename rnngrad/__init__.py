@@ -2,7 +2,7 @@
 
 from . import cells, check, steady, tasks
 from .algorithms import Algorithm, StepOutput, bptt, eprop, kf_rtrl, rflo, rtrl, snap1, tbptt, uoro
-from .errors import ConvergenceError
+from .errors import ConvergenceError, NonFiniteError
 from .gradient import gradient, write_grads
 from .model import RNN
 from .network import Network
@@ -20,6 +20,7 @@ __all__ = [
     "Algorithm",
     "StepOutput",
     "ConvergenceError",
+    "NonFiniteError",
     "tasks",
 ]
 __all__ += ["eprop", "rflo", "snap1", "uoro", "kf_rtrl"]

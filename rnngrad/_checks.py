@@ -5,10 +5,19 @@ Every message names what was given and what was expected.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
+from .errors import NonFiniteError
+
 __all__ = [
+    "check_batch_size",
+    "check_step_inputs",
+    "check_outputs_finite",
+    "check_int",
+    "check_seed_value",
     "check_inputs",
     "check_targets",
     "check_mask",
@@ -27,11 +36,41 @@ def _param(model: nn.Module) -> Tensor:
     return model.W_out
 
 
+def _type_name(t: object) -> str:
+    mod = type(t).__module__
+    return f"{mod}.{type(t).__name__}" if mod not in ("builtins",) else type(t).__name__
+
+
+def check_int(name: str, value: object, *, minimum: int = 1) -> int:
+    """An int (numpy ints too, not bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} "
+                        f"({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_batch_size(batch_size: object) -> int:
+    return check_int("batch_size", batch_size)
+
+
+def check_seed_value(name: str, seed: object) -> int:
+    """A seed torch.Generator.manual_seed takes: an int in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int in [0, 2**63), got {seed!r} "
+                        f"({type(seed).__name__})")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 def check_tensor(name: str, t: object, model: nn.Module, *, floating: bool = True) -> Tensor:
     """A tensor on the model's device (and, if floating, of the model's dtype)."""
     ref = _param(model)
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        hint = " (convert it with torch.as_tensor)" if hasattr(t, "__array__") else ""
+        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(t)}{hint}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on device {t.device} but the model is on {ref.device}")
     if floating and t.dtype != ref.dtype:
@@ -39,16 +78,25 @@ def check_tensor(name: str, t: object, model: nn.Module, *, floating: bool = Tru
     return t
 
 
-def check_finite(name: str, t: Tensor) -> None:
+def check_finite(name: str, t: Tensor, *, step: int | None = None) -> None:
     # one reduction first: a NaN or Inf entry always makes the sum non-finite; only then
     # (or on overflow of a finite sum) is the tensor searched entry by entry
     if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
         return
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).nonzero()
-        n = bad.shape[0]
-        first = tuple(int(i) for i in bad[0])
-        raise ValueError(f"{name} contains {n} NaN or Inf entries (first at index {first})")
+    _raise_non_finite(name, t, step=step)
+
+
+def _raise_non_finite(name: str, t: Tensor, *, step: int | None = None, what: str = "",
+                      hint: str = "") -> None:
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()
+    n = bad.shape[0]
+    first = tuple(int(i) for i in bad[0])
+    at = f" at step {step}" if step is not None else ""
+    raise NonFiniteError(f"{what}{name}{at} contains {n} NaN or Inf entries (first at index "
+                         f"{first}){hint}", quantity=name, step=step)
 
 
 def check_params_finite(model: nn.Module) -> None:
@@ -95,11 +143,13 @@ def check_mask(model: nn.Module, mask: Tensor | None, T: int, B: int) -> Tensor:
     if mask is None:
         return torch.ones(T, B, dtype=ref.dtype, device=ref.device)
     check_tensor("mask", mask, model, floating=False)
+    if mask.is_complex():
+        raise TypeError(f"mask must be real (bool, integer or floating), got dtype {mask.dtype}")
     if mask.dim() == 1 and mask.shape[0] == T:
         mask = mask.unsqueeze(1).expand(T, B)
     if tuple(mask.shape) != (T, B):
         raise ValueError(f"mask has shape {_shape(mask)} but expected ({T}, {B}) or ({T},)")
-    mask = mask.to(ref.dtype)
+    mask = mask.to(ref.dtype).contiguous()  # a transposed mask is valid input
     check_finite("mask", mask)
     return mask
 
@@ -111,9 +161,99 @@ def check_h0(model: nn.Module, h0: Tensor | None, B: int) -> Tensor:
     if h0 is None:
         return torch.zeros(B, H, dtype=ref.dtype, device=ref.device)
     check_tensor("h0", h0, model)
+    if h0.is_complex() or not h0.is_floating_point():
+        raise TypeError(f"h0 must be a real floating tensor, got dtype {h0.dtype}")
     if h0.dim() == 1 and h0.shape[0] == H:
         h0 = h0.expand(B, H)
     if tuple(h0.shape) != (B, H):
         raise ValueError(f"h0 has shape {_shape(h0)} but expected ({B}, {H}) or ({H},)")
     check_finite("h0", h0)
     return h0
+
+
+# ---- the online interface: one step's inputs, and what a step produced -----------------
+
+
+def check_step_inputs(model: nn.Module, B: int, x_t: object, target_t: object, mask_t: object,
+                      loss: object, dh_t: object) -> None:
+    """The arguments of an algorithm's ``step`` against the model and the state's batch B:
+    shapes, dtypes, devices, ranges and finiteness, with one reduction for finiteness."""
+    from .readouts import check_loss
+
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a string ('mse', 'cross_entropy' or 'bce'), got {loss!r}")
+    check_loss(loss, model.readout)
+    D, K, H = model.input_size, model.output_size, model.hidden_size
+    check_tensor("x_t", x_t, model)
+    if tuple(x_t.shape) != (B, D):
+        raise ValueError(f"x_t has shape {_shape(x_t)} but the model and state expect ({B}, {D})")
+    sums = [x_t.sum()]
+    if target_t is not None:
+        if loss == "cross_entropy":
+            check_tensor("target_t", target_t, model, floating=False)
+            if target_t.is_floating_point() or target_t.is_complex() or target_t.dtype == torch.bool:
+                raise TypeError(f"target_t for loss 'cross_entropy' holds class indices: an "
+                                f"integer tensor of shape ({B},), got dtype {target_t.dtype}")
+            if tuple(target_t.shape) != (B,):
+                raise ValueError(f"target_t has shape {_shape(target_t)} but loss "
+                                 f"'cross_entropy' expects class indices of shape ({B},)")
+            if B and (int(target_t.min()) < 0 or int(target_t.max()) >= K):
+                raise ValueError(f"target_t holds class indices in [{int(target_t.min())}, "
+                                 f"{int(target_t.max())}] but the model has {K} classes "
+                                 f"(0..{K - 1})")
+        else:
+            check_tensor("target_t", target_t, model)
+            if tuple(target_t.shape) != (B, K):
+                raise ValueError(f"target_t has shape {_shape(target_t)} but loss {loss!r} "
+                                 f"expects ({B}, {K})")
+            sums.append(target_t.sum())
+    if mask_t is not None:
+        check_tensor("mask_t", mask_t, model, floating=False)
+        if mask_t.is_complex():
+            raise TypeError(f"mask_t must be real, got dtype {mask_t.dtype}")
+        if tuple(mask_t.shape) != (B,):
+            raise ValueError(f"mask_t has shape {_shape(mask_t)} but expected ({B},)")
+        if mask_t.is_floating_point():
+            sums.append(mask_t.sum())
+    if dh_t is not None:
+        check_tensor("dh_t", dh_t, model)
+        if tuple(dh_t.shape) != (B, H):
+            raise ValueError(f"dh_t has shape {_shape(dh_t)} but expected ({B}, {H})")
+        sums.append(dh_t.sum())
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    if not bool(torch.isfinite(total)):
+        for name, t in (("x_t", x_t), ("target_t", target_t), ("mask_t", mask_t),
+                        ("dh_t", dh_t)):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                _raise_non_finite(name, t)
+
+
+def check_outputs_finite(who: str, out, grads) -> None:
+    """One reduction over what a step produced (h_t, its loss and the emitted gradients);
+    on a NaN or Inf, name the first quantity that has it."""
+    parts = [out.h.sum(), out.loss.reshape(())]
+    tensors = []
+    if grads:
+        tensors = [g for g in grads.values() if isinstance(g, Tensor)]
+        if tensors:
+            parts.append(torch.stack(torch._foreach_norm(tensors)).sum())
+    if bool(torch.isfinite(torch.stack(parts).sum())):
+        return
+    hint = (": the forward pass overflowed (weights or inputs too large, or an unstable "
+            "recurrence)")
+    _raise_non_finite("h_t", out.h, what=f"{who}: ", hint=hint)
+    big = float(out.h.abs().max())
+    _raise_non_finite("the step's loss", out.loss, what=f"{who}: ",
+                      hint=f": the readout or the loss overflowed (largest |h_t| = {big:.3g})")
+    for name, g in (grads or {}).items():
+        if isinstance(g, Tensor):
+            _raise_non_finite(f"grads[{name!r}]", g, what=f"{who}: ",
+                              hint=": the algorithm's state (influence, traces) overflowed: "
+                                   "exploding gradients over the sequence")
+            if not bool(torch.isfinite(g.norm())):
+                raise NonFiniteError(
+                    f"{who}: grads[{name!r}] has entries so large (up to "
+                    f"{float(g.abs().max()):.3g}) that its norm overflows {g.dtype}: exploding "
+                    "gradients over the sequence", quantity=f"grads[{name!r}]")
+    raise NonFiniteError(f"{who}: the step produced values whose sum overflows (finite "
+                         "entries too large to add up)", quantity="outputs")

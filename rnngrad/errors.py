@@ -16,3 +16,18 @@ class ConvergenceError(RuntimeError):
         self.residual = residual
         self.tol = tol
         self.iterations = iterations
+
+
+class NonFiniteError(ValueError):
+    """A NaN or Inf where rnngrad needs a finite number: in an input, or arising during the
+    computation (the forward pass overflowed, the backward pass exploded, a trace blew up).
+
+    ``quantity`` names it (e.g. ``"h_t"``, ``"grads['W_rec']"``, ``"x_t"``) and ``step`` is
+    the time step (1-based) where it was found, or None when it is not tied to one.
+    """
+
+    def __init__(self, message: str, *, quantity: str | None = None,
+                 step: int | None = None) -> None:
+        super().__init__(message)
+        self.quantity = quantity
+        self.step = step

@@ -20,6 +20,7 @@ from ._checks import check_h0, check_inputs, check_mask, check_params_finite, ch
 from .algorithms._network import is_rnn, trajectory
 from .algorithms.base import Algorithm, Grads, add_grads
 from .algorithms.bptt import bptt, reward_grad
+from .errors import NonFiniteError
 from .network import Network
 from .readouts import check_loss
 
@@ -95,9 +96,11 @@ def gradient(
 
     if algorithm.sequence is not None:
         value, grads = algorithm.sequence(model, inputs, targets, mask, h0, loss, reward)
+        _check_result(algorithm, model, inputs, h0, value, grads)
     else:
         value, grads = _step_loop(algorithm, model, inputs, targets, mask, h0, loss, reward,
                                   track_h0)
+        _check_result(algorithm, model, inputs, h0, value, grads)
 
     if track_h0:
         if is_rnn(model):
@@ -125,8 +128,12 @@ def _step_loop(algorithm: Algorithm, model, inputs, targets, mask, h0, loss, rew
     total: Grads | None = None
     for t in range(T):
         target_t = None if targets is None else targets[t]
-        state, out, g = algorithm.step(model, state, inputs[t], target_t, mask_t=mask[t],
-                                       loss=loss, dh_t=None if dh is None else dh[t])
+        try:
+            state, out, g = algorithm.step(model, state, inputs[t], target_t, mask_t=mask[t],
+                                           loss=loss, dh_t=None if dh is None else dh[t])
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e} (at step {t + 1} of {T})", quantity=e.quantity,
+                                 step=t + 1) from None
         value = value + out.loss
         total = add_grads(total, g)
     state, g = algorithm.flush(model, state)
@@ -134,6 +141,43 @@ def _step_loop(algorithm: Algorithm, model, inputs, targets, mask, h0, loss, rew
     if total is None:  # an algorithm that never emitted: the gradient is zero
         total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     return value, total
+
+
+def _flat_tensors(v):
+    if isinstance(v, torch.Tensor):
+        return [v]
+    return [t for x in v for t in _flat_tensors(x)]
+
+
+def _check_result(algorithm, model, inputs, h0, value, grads) -> None:
+    """One reduction over the loss and every gradient; on a NaN or Inf, say where it arose:
+    the first step whose forward state is not finite, or else the backward pass."""
+    tensors = [value.reshape(1)] + [t for g in grads.values() for t in _flat_tensors(g)]
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors)).sum())):
+        return
+    hs = trajectory(model, inputs, h0)
+    finite = torch.isfinite(hs).flatten(1).all(1)
+    if not bool(finite.all()):
+        t = int((~finite).nonzero()[0]) + 1
+        prev = hs[t - 2].abs().max().item() if t > 1 else float("nan")
+        raise NonFiniteError(
+            f"{algorithm.name}: the forward pass overflowed at step {t} of {inputs.shape[0]}: "
+            f"the network's output h_{t} has NaN or Inf entries (largest |h_{t - 1}| = "
+            f"{prev:.3g}); the weights or inputs are too large, or the recurrence is unstable",
+            quantity="h_t", step=t)
+    if not bool(torch.isfinite(value)):
+        raise NonFiniteError(f"{algorithm.name}: the loss is {float(value)} though the forward "
+                             "pass is finite: the targets, the reward or the readout overflowed",
+                             quantity="loss")
+    for name, g in grads.items():
+        if not all(bool(torch.isfinite(t).all()) for t in _flat_tensors(g)):
+            raise NonFiniteError(
+                f"{algorithm.name}: grads[{name!r}] has NaN or Inf entries though the forward "
+                "pass and the loss are finite: the backward pass (or the algorithm's influence "
+                "or traces) overflowed: exploding gradients over the sequence",
+                quantity=f"grads[{name!r}]")
+    raise NonFiniteError(f"{algorithm.name}: the gradient's entries are finite but too large "
+                         "to add up (overflow)", quantity="grads")
 
 
 def write_grads(model: nn.Module, grads: Grads, *, accumulate: bool = False) -> None:

@@ -104,7 +104,7 @@ def test_rtrl_bad_input():
     model = rnngrad.RNN(2, 3, 1, dtype=torch.float64)
     algo = rnngrad.rtrl()
     state = algo.init(model, 4)
-    with pytest.raises(ValueError, match=r"x_t has shape \(4, 3\) but the state expects \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"x_t has shape \(4, 3\) but the model and state expect \(4, 2\)"):
         algo.step(model, state, torch.zeros(4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="h0 has shape"):
         algo.init(model, 4, h0=torch.zeros(3, 3, dtype=torch.float64))

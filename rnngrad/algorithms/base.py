@@ -60,7 +60,7 @@ class StepOutput(NamedTuple):
     loss: Tensor  # () (1/B) sum_b mask_t[b] l_t[b]; zero when the step has no target
 
 
-class Algorithm(NamedTuple):
+class _AlgorithmFields(NamedTuple):
     """A gradient algorithm: its name, its pure functions and what it promises.
 
     name:     how it prints, e.g. "tbptt(k=10)".
@@ -90,6 +90,16 @@ class Algorithm(NamedTuple):
     cost: str
     sequence: Callable[..., tuple[Tensor, Grads]] | None = None
     rng: dict | None = None
+
+
+class Algorithm(_AlgorithmFields):
+    __doc__ = _AlgorithmFields.__doc__
+    __slots__ = ()
+
+    def __new__(cls, name, init, step, flush, exact, online, cost, sequence=None, rng=None):
+        # every factory's init / step / flush is validated here, in one place (_checked)
+        init, step, flush = _checked(name, init, step, flush)
+        return super().__new__(cls, name, init, step, flush, exact, online, cost, sequence, rng)
 
     def __repr__(self) -> str:
         return self.name
@@ -171,3 +181,173 @@ def add_grads(total: Grads | None, g: Grads | None) -> Grads | None:
     for k, v in g.items():
         out[k] = _add(out[k], v) if k in out else _clone(v)
     return out
+
+
+# ---- validation of the online interface, shared by every algorithm ------------------------
+
+# state type -> the algorithm families (name up to "(") whose init has produced it
+_STATE_OWNERS: dict[type, set[str]] = {}
+_SHAPES: Any = None  # model -> {(batch size, state type): the shapes of a fresh state}
+
+
+def _family(name: str) -> str:
+    return name.split("(", 1)[0]
+
+
+def _shape_tree(x):
+    if isinstance(x, Tensor):
+        return tuple(x.shape)
+    if isinstance(x, tuple):
+        return tuple(_shape_tree(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _shape_tree(v) for k, v in x.items()}
+    return None  # lists (pending steps), scalars, None: not compared
+
+
+def _first_mismatch(given, ref, path: str) -> str | None:
+    if given is None or ref is None:
+        return None
+    if isinstance(ref, tuple) and ref and all(isinstance(v, int) for v in ref):
+        if given != ref:
+            return f"{path} has shape {given} but this model and batch need {ref}"
+        return None
+    if isinstance(ref, tuple) and isinstance(given, tuple):
+        if len(given) != len(ref):
+            return f"{path} has {len(given)} entries but this model needs {len(ref)}"
+        for i, (g, r) in enumerate(zip(given, ref)):
+            bad = _first_mismatch(g, r, f"{path}[{i}]")
+            if bad:
+                return bad
+    if isinstance(ref, dict) and isinstance(given, dict):
+        for k in ref:
+            if k in given:
+                bad = _first_mismatch(given[k], ref[k], f"{path}[{k!r}]")
+                if bad:
+                    return bad
+    return None
+
+
+def _check_model(model, who: str) -> None:
+    from ..network import Network
+
+    if not isinstance(model, Network):
+        raise TypeError(f"{who}: model must be an rnngrad.Network or rnngrad.RNN, got "
+                        f"{type(model).__name__}")
+
+
+def _batch_of(state, who: str) -> int:
+    if not (isinstance(state, tuple) and hasattr(state, "_fields") and state._fields
+            and state._fields[0] == "h"):
+        raise TypeError(f"{who}: state must be the state this algorithm's init returned (a "
+                        f"NamedTuple whose first field is h), got {type(state).__name__}")
+    h = state.h
+    while isinstance(h, tuple):
+        h = h[0] if h else None
+    if not isinstance(h, Tensor) or h.dim() != 2:
+        raise TypeError(f"{who}: state.h must hold (B, n) tensors, got {type(h).__name__}")
+    return h.shape[0]
+
+
+def _check_state(name: str, init, model, state) -> int:
+    global _SHAPES
+    who = name
+    owners = _STATE_OWNERS.get(type(state))
+    if owners is None or _family(name) not in owners:
+        made_by = (f", which {', '.join(sorted(f + '()' for f in owners))} make(s)" if owners
+                   else "")
+        raise TypeError(f"{who}: state is a {type(state).__name__}{made_by}; pass the state that "
+                        f"{_family(name)}()'s init (or its last step) returned")
+    B = _batch_of(state, who)
+    # the state's tensors against those of a fresh state for this model and batch
+    import weakref
+
+    if _SHAPES is None:
+        _SHAPES = weakref.WeakKeyDictionary()
+    per_model = _SHAPES.setdefault(model, {})
+    key = (B, type(state))
+    ref = per_model.get(key)
+    if ref is None:
+        with torch.no_grad():
+            fresh = init(model, B)
+        if type(fresh) is not type(state):
+            ref = None
+        else:
+            ref = _shape_tree(fresh)
+            per_model[key] = ref
+    if ref is not None:
+        bad = _first_mismatch(_shape_tree(state), ref, "state")
+        if bad:
+            raise ValueError(f"{who}: the state does not fit this model: {bad} (a state made "
+                             "for another model, or for another batch size?)")
+    h = state.h
+    leaf = h
+    while isinstance(leaf, tuple):
+        leaf = leaf[0]
+    p = model.W_out
+    if leaf.dtype != p.dtype or leaf.device != p.device:
+        raise TypeError(f"{who}: the state is {leaf.dtype} on {leaf.device} but the model is "
+                        f"{p.dtype} on {p.device}")
+    return B
+
+
+def _checked(name: str, init, step, flush):
+    """Wrap an algorithm's functions with the validation every entry point shares."""
+    if getattr(step, "__rnngrad_checked__", False):
+        return init, step, flush
+    from .._checks import (
+        check_batch_size,
+        check_h0,
+        check_outputs_finite,
+        check_step_inputs,
+    )
+
+    def c_init(model, batch_size, *, h0=None):
+        _check_model(model, name)
+        B = check_batch_size(batch_size)
+        if h0 is not None:
+            from ._network import is_rnn
+
+            if is_rnn(model):
+                if not isinstance(h0, Tensor):
+                    from .._checks import _type_name
+
+                    raise TypeError(f"{name}: h0 must be a torch.Tensor of shape ({B}, "
+                                    f"{model.hidden_size}) or ({model.hidden_size},), got "
+                                    f"{_type_name(h0)}")
+                h0 = check_h0(model, h0, B).contiguous()
+            else:
+                h0 = model.coerce_state(h0, B)[0]
+        state = init(model, B, h0=h0)
+        _STATE_OWNERS.setdefault(type(state), set()).add(_family(name))
+        return state
+
+    def c_step(model, state, x_t, target_t=None, *, mask_t=None, loss="mse", dh_t=None):
+        _check_model(model, name)
+        B = _check_state(name, init, model, state)
+        check_step_inputs(model, B, x_t, target_t, mask_t, loss, dh_t)
+        new, out, grads = step(model, state, x_t, target_t, mask_t=mask_t, loss=loss, dh_t=dh_t)
+        check_outputs_finite(name, out, grads)
+        return new, out, grads
+
+    def c_flush(model, state):
+        _check_model(model, name)
+        _check_state(name, init, model, state)
+        new, grads = flush(model, state)
+        if grads:
+            tensors = [g for g in grads.values() if isinstance(g, Tensor)]
+            total = torch.stack(torch._foreach_norm(tensors)).sum()
+            if not bool(torch.isfinite(total)):
+                from .._checks import _raise_non_finite
+
+                for n, g in grads.items():
+                    if isinstance(g, Tensor):
+                        _raise_non_finite(f"grads[{n!r}]", g, what=f"{name} flush: ",
+                                          hint=": the backward pass overflowed (exploding "
+                                               "gradients)")
+        return new, grads
+
+    for f, raw in ((c_init, init), (c_step, step), (c_flush, flush)):
+        f.__rnngrad_checked__ = True
+        f.__wrapped__ = raw
+        f.__doc__ = raw.__doc__
+    return c_init, c_step, c_flush
