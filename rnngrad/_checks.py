@@ -5,6 +5,7 @@ Every message names what was given and what was expected.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -175,57 +176,71 @@ def check_h0(model: nn.Module, h0: Tensor | None, B: int) -> Tensor:
 
 
 def check_step_inputs(model: nn.Module, B: int, x_t: object, target_t: object, mask_t: object,
-                      loss: object, dh_t: object) -> None:
+                      loss: object, dh_t: object) -> list[tuple[str, Tensor]]:
     """The arguments of an algorithm's ``step`` against the model and the state's batch B:
-    shapes, dtypes, devices, ranges and finiteness, with one reduction for finiteness."""
+    shapes, dtypes, devices and class ranges. Returns the floating tensors whose
+    finiteness ``check_step_finite`` checks after the step, with the step's outputs, in
+    one reduction."""
     from .readouts import check_loss
 
     if not isinstance(loss, str):
         raise TypeError(f"loss must be a string ('mse', 'cross_entropy' or 'bce'), got {loss!r}")
     check_loss(loss, model.readout)
-    D, K, H = model.input_size, model.output_size, model.hidden_size
+    W_out = model.W_out
+    K, H = W_out.shape
+    D = model.input_size
     check_tensor("x_t", x_t, model)
-    if tuple(x_t.shape) != (B, D):
+    if x_t.shape != (B, D):
         raise ValueError(f"x_t has shape {_shape(x_t)} but the model and state expect ({B}, {D})")
-    sums = [x_t.sum()]
+    floats = [("x_t", x_t)]
     if target_t is not None:
         if loss == "cross_entropy":
             check_tensor("target_t", target_t, model, floating=False)
             if target_t.is_floating_point() or target_t.is_complex() or target_t.dtype == torch.bool:
                 raise TypeError(f"target_t for loss 'cross_entropy' holds class indices: an "
                                 f"integer tensor of shape ({B},), got dtype {target_t.dtype}")
-            if tuple(target_t.shape) != (B,):
+            if target_t.shape != (B,):
                 raise ValueError(f"target_t has shape {_shape(target_t)} but loss "
                                  f"'cross_entropy' expects class indices of shape ({B},)")
-            if B and (int(target_t.min()) < 0 or int(target_t.max()) >= K):
-                raise ValueError(f"target_t holds class indices in [{int(target_t.min())}, "
-                                 f"{int(target_t.max())}] but the model has {K} classes "
-                                 f"(0..{K - 1})")
+            lo, hi = torch.aminmax(target_t)
+            lo, hi = torch.stack((lo, hi)).tolist()
+            if lo < 0 or hi >= K:
+                raise ValueError(f"target_t holds class indices in [{lo}, {hi}] but the model has "
+                                 f"{K} classes (0..{K - 1})")
         else:
             check_tensor("target_t", target_t, model)
-            if tuple(target_t.shape) != (B, K):
+            if target_t.shape != (B, K):
                 raise ValueError(f"target_t has shape {_shape(target_t)} but loss {loss!r} "
                                  f"expects ({B}, {K})")
-            sums.append(target_t.sum())
+            floats.append(("target_t", target_t))
     if mask_t is not None:
         check_tensor("mask_t", mask_t, model, floating=False)
         if mask_t.is_complex():
             raise TypeError(f"mask_t must be real, got dtype {mask_t.dtype}")
-        if tuple(mask_t.shape) != (B,):
+        if mask_t.shape != (B,):
             raise ValueError(f"mask_t has shape {_shape(mask_t)} but expected ({B},)")
         if mask_t.is_floating_point():
-            sums.append(mask_t.sum())
+            floats.append(("mask_t", mask_t))
     if dh_t is not None:
         check_tensor("dh_t", dh_t, model)
-        if tuple(dh_t.shape) != (B, H):
+        if dh_t.shape != (B, H):
             raise ValueError(f"dh_t has shape {_shape(dh_t)} but expected ({B}, {H})")
-        sums.append(dh_t.sum())
-    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
-    if not bool(torch.isfinite(total)):
-        for name, t in (("x_t", x_t), ("target_t", target_t), ("mask_t", mask_t),
-                        ("dh_t", dh_t)):
-            if isinstance(t, Tensor) and t.is_floating_point():
-                _raise_non_finite(name, t)
+        floats.append(("dh_t", dh_t))
+    return floats
+
+
+def check_step_finite(who: str, inputs: list[tuple[str, Tensor]], out, grads) -> None:
+    """One reduction (and one host sync) over a step's floating inputs, its output h_t, its
+    loss and the gradients it emitted; on a NaN or Inf, name the first quantity that has it
+    (an input first: a bad input is the caller's, not the algorithm's)."""
+    tensors = [t for _, t in inputs] + [out.h, out.loss]
+    if grads:
+        tensors += [g for g in grads.values() if isinstance(g, Tensor)]
+    if math.isfinite(torch.stack(torch._foreach_norm(tensors)).sum().item()):
+        return
+    for name, t in inputs:  # a bad input is the caller's: named before any output
+        _raise_non_finite(name, t)
+    check_outputs_finite(who, out, grads)
 
 
 def check_outputs_finite(who: str, out, grads) -> None:
