@@ -1,17 +1,39 @@
-"""``rnngrad train | compare | check | bench``: the command line, and the only place that prints."""
+"""``rnngrad train | sweep | compare | check | bench``: the command line, and the only place
+that prints.
+
+Exit codes (``rnngrad --help`` lists them too): 0 done; 1 training diverged (a
+non-finite loss or gradient; the last checkpoint is kept), a check failed, or a sweep
+trial failed with an error; 2 a bad command line or input (a resume that does not match
+its checkpoint included), or a missing optional dependency; 3 the output directory
+cannot be used (held by another run, a file, read-only, full, or its checkpoint is
+unreadable); 130 interrupted (Ctrl-C). Every error is one line on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_CODES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+EXIT_CODES = {
+    0: "done",
+    1: "training diverged (non-finite loss or gradient; the last checkpoint is kept), a "
+       "check failed, or a sweep trial failed with an error",
+    2: "bad command line or input (a --resume that does not match its checkpoint "
+       "included), or a missing optional dependency",
+    3: "the output directory cannot be used: held by another run, a file, read-only, "
+       "full, or its checkpoint is unreadable",
+    130: "interrupted (Ctrl-C)",
+}
 
 
 def _check_device(name: str) -> str:
@@ -25,21 +47,31 @@ def _check_device(name: str) -> str:
     return name
 
 
-def _task_kwargs(args) -> dict:
-    kw = {}
-    if getattr(args, "seq_len", None) is not None:
-        kw["seq_len"] = args.seq_len
-    if getattr(args, "stream", False):
-        if args.task != "stream_add":
-            raise ValueError(f"--stream needs a streaming task (stream_add), got {args.task!r}")
-        kw["streaming"] = True
-    return kw
+def _list(kind):
+    """An argparse type: a comma-separated list of ``kind``."""
+
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
+        return values
+
+    return parse
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, *, hidden: int = 64,
+                     sweep: bool = False) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--hidden", type=int, default=64, metavar="H",
-                   help="number of hidden units H (default: 64)")
+    if sweep:
+        g.add_argument("--hidden", type=_list(int), default=[hidden], metavar="H[,H...]",
+                       help=f"numbers of hidden units H, comma-separated (default: {hidden})")
+    else:
+        g.add_argument("--hidden", type=int, default=hidden, metavar="H",
+                       help=f"number of hidden units H (default: {hidden})")
     g.add_argument("--activation", default="tanh",
                    help="hidden nonlinearity phi: tanh, sigmoid, relu, identity, softplus "
                         "(default: tanh)")
@@ -68,11 +100,16 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size: int,
-                        compare: bool = False) -> argparse._ArgumentGroup:
+                        mode: str = "train") -> argparse._ArgumentGroup:
     g = p.add_argument_group("training")
+    per_run = " per run" if mode != "train" else ""
     g.add_argument("--steps", type=int, default=steps,
-                   help=f"training batches{' per run' if compare else ''} (default: {steps})")
-    g.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: 1e-2)")
+                   help=f"training batches{per_run} (default: {steps})")
+    if mode == "sweep":
+        g.add_argument("--lr", type=_list(float), default=[1e-2], metavar="LR[,LR...]",
+                       help="learning rates, comma-separated (default: 1e-2)")
+    else:
+        g.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: 1e-2)")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
                    help="optimizer (default: adam)")
     g.add_argument("--batch-size", type=int, default=batch_size, metavar="B",
@@ -83,27 +120,39 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size: i
                    help="online learning: apply the optimizer every N time steps during the "
                         "sequence with what the algorithm emitted; BPTT is cut there "
                         "(default: once per sequence)")
-    if not compare:
+    if mode == "train":
         g.add_argument("--seed", type=int, default=0,
                        help="seed for the initial weights and the data stream (default: 0)")
+    if mode != "compare":
         g.add_argument("--log-every", type=int, default=50,
                        help="evaluate and log every this many steps (default: 50)")
     return g
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"rnngrad {__version__} (torch {torch.__version__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .registry import ALGORITHMS
 
     algos = ", ".join(f"{n}:K" if a[1] else n for n, a in ALGORITHMS.items())
+    codes = "; ".join(f"{c} {what}" for c, what in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
         prog="rnngrad",
         description="Gradients of recurrent networks by every method, behind one PyTorch API.",
+        epilog=f"exit codes: {codes}.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a network on a built-in task",
                        description="Train an rnngrad.RNN on a built-in task with any gradient "
-                                   "algorithm; writes metrics.csv, curve.png, model.pt.")
+                                   "algorithm; writes metrics.csv, curve.png, model.pt and "
+                                   "config.json to DIR, which one run holds at a time.",
+                       epilog=f"exit codes: {codes}.")
     _add_task_flags(p)
     p.add_argument("--algorithm", default=None,
                    help=f"gradient algorithm: {algos} (default: bptt); with --model steady: "
@@ -119,38 +168,88 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for metrics.csv, curve.png, model.pt, config.json "
                         "(default: runs/TASK-ALGORITHM)")
     g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                   help="write DIR/checkpoint.pt atomically every N steps")
+                   help="write DIR/checkpoint.pt (atomically) every N steps and at the end; "
+                        "it holds the configuration, weights, optimizer and every random "
+                        "generator, so --resume continues bit-identically")
     g.add_argument("--resume", action="store_true",
-                   help="continue from DIR/checkpoint.pt if it exists")
+                   help="continue from DIR/checkpoint.pt (refused if it is from different "
+                        "settings); without it, a checkpoint in DIR is an error, never "
+                        "overwritten")
     g.add_argument("--track-alignment", type=int, default=None, metavar="N",
                    help="every N steps, log the cosine, sign agreement and norm ratio of the "
-                        "recurrent part (W_in, W_rec, b_rec) of the gradient used against "
+                        "recurrent part (all but W_out, b_out) of the gradient used against "
                         "exact BPTT on the same batch")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress display (when stderr is not a terminal, a plain line "
+                        "at most every 30 s stands in for the bar)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="a grid of training runs on Ray, gathered in one table",
+                       description="Train one run per point of the grid algorithms x cells x "
+                                   "hidden sizes x learning rates x seeds, each exactly as "
+                                   "`rnngrad train` would, as Ray tasks: on an embedded local "
+                                   "Ray with --workers CPUs, or on a running cluster with "
+                                   "--address. Writes DIR/sweep.csv (one row per trial: its "
+                                   "values, final test metrics, wall time, status, error), "
+                                   "learning_curves.png, and each trial's run in "
+                                   "DIR/trials/. A failed trial is a row with its error; "
+                                   "--resume skips the finished ones. Needs Ray: pip "
+                                   "install 'rnngrad[ray]'.",
+                       epilog=f"exit codes: {codes}.")
+    _add_task_flags(p)
+    p.add_argument("--algorithms", type=_list(str), default=["bptt"], metavar="A[,A...]",
+                   help=f"comma-separated algorithms from: {algos} (default: bptt)")
+    p.add_argument("--cells", type=_list(str), default=["elman"], metavar="C[,C...]",
+                   help="comma-separated cells (default: elman)")
+    p.add_argument("--seeds", type=int, default=1, metavar="S",
+                   help="number of seeds, 0..S-1; each fixes initial weights and data "
+                        "(default: 1)")
+    _add_model_flags(p, hidden=32, sweep=True)
+    g = _add_training_flags(p, steps=300, batch_size=16, mode="sweep")
+    g.add_argument("--track-alignment", type=int, default=None, metavar="N",
+                   help="every N steps, each trial logs its alignment with exact BPTT "
+                        "(then alignment.png)")
+    g = p.add_argument_group("Ray")
+    g.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="CPUs of the embedded local Ray: N trials at a time (default: 2)")
+    g.add_argument("--address", default=None,
+                   help="join a running Ray cluster instead (e.g. auto, ray://head:10001); "
+                        "rnngrad must be installed on its nodes, and DIR should be on a "
+                        "shared filesystem to collect each trial's files")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="the sweep's directory (default: runs/sweep-TASK)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the sweep in DIR: trials recorded ok or diverged are "
+                        "skipped, the rest run")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="each trial checkpoints every N steps, so that a trial cut off "
+                        "resumes where it was")
+    g.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="train several algorithms side by side",
                        description="Train each algorithm from the same initial weights on the "
                                    "same data stream, for several seeds; write compare.csv "
                                    "(final test loss with spread over seeds, time per step, "
                                    "memory, alignment with the exact gradient), curves.csv, "
-                                   "alignment.csv and PNG plots to DIR, and print the table.")
+                                   "alignment.csv and PNG plots to DIR, and print the table.",
+                       epilog=f"exit codes: {codes}.")
     _add_task_flags(p)
     p.add_argument("--algorithms", default="bptt,tbptt:10,rtrl,eprop,rflo,snap1,uoro,kf_rtrl",
                    help=f"comma-separated algorithms from: {algos} "
                         "(default: bptt,tbptt:10,rtrl,eprop,rflo,snap1,uoro,kf_rtrl)")
     p.add_argument("--seeds", type=int, default=3, metavar="S",
                    help="number of seeds, 0..S-1; each fixes initial weights and data (default: 3)")
-    _add_model_flags(p)
-    p.set_defaults(hidden=32)
-    g = _add_training_flags(p, steps=300, batch_size=16, compare=True)
+    _add_model_flags(p, hidden=32)
+    g = _add_training_flags(p, steps=300, batch_size=16, mode="compare")
     g.add_argument("--track-every", type=int, default=20, metavar="N",
                    help="measure alignment with exact BPTT every N steps; 0 disables "
                         "(default: 20)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default: runs/compare-TASK)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="time rnngrad's BPTT against torch.nn.RNN + autograd",
@@ -182,10 +281,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress(total: int, disable: bool, initial: int = 0):
+class _Lines:
+    """Progress where stderr is not a terminal (a log file, CI): one plain line at most
+    every ``every`` seconds instead of a bar redrawn many times a second."""
+
+    def __init__(self, total: int, initial: int = 0, every: float = 30.0) -> None:
+        self.total, self.n, self.every = total, initial, every
+        self.postfix = ""
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"{self.n}/{self.total} {self.postfix}".rstrip(), file=sys.stderr, flush=True)
+
+    def set_postfix(self, **kw) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in kw.items())
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, disable: bool, initial: int = 0, unit: str = "step"):
+    """A tqdm bar on a terminal; throttled plain lines otherwise; nothing when disabled."""
+    if not disable and not sys.stderr.isatty():
+        return _Lines(total, initial)
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, disable=disable, unit=unit, dynamic_ncols=True,
                 file=sys.stderr)
 
 
@@ -201,6 +326,10 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join([line, sep, *body])
+
+
+def _note(command: str, text: str) -> None:
+    print(f"rnngrad {command}: {text}", file=sys.stderr, flush=True)
 
 
 STEADY_ALGORITHMS = {"rbp": "direct", "rbp_iterate": "iterate", "rbp_gmres": "gmres"}
@@ -283,69 +412,162 @@ def cmd_train_steady(args) -> int:
     return 0
 
 
+def _model_config(args) -> dict:
+    """The model part of a run's configuration (see ``rnngrad.runs.DEFAULTS``)."""
+    return {"cell": "elman", "activation": args.activation, "alpha": args.alpha,
+            "init": args.init, "dtype": args.dtype, "device": args.device}
+
+
+def _training_config(args) -> dict:
+    return {"task": args.task, "seq_len": args.seq_len, "stream": args.stream,
+            "steps": args.steps, "optimizer": args.optimizer, "batch_size": args.batch_size,
+            "clip": args.clip or None, "update_every": args.update_every,
+            "log_every": args.log_every, "track_alignment": args.track_alignment}
+
+
+def _final_columns(final: dict) -> dict:
+    """The test metrics, labelled with what they are per: a sequence's counted steps
+    summed (the pinned loss) or one counted step."""
+    out = {"test_loss (sum/seq)": final["test_loss"]}
+    per_step = final.get("test_loss_per_step")
+    if per_step is not None and abs(per_step - final["test_loss"]) > 1e-9 * abs(per_step):
+        out["test_loss (per step)"] = per_step
+    if "test_acc" in final:
+        out["test_acc"] = final["test_acc"]
+    if "test_mse" in final:
+        out["test_mse (per step)"] = final["test_mse"]
+    return out
+
+
+def _resume_command(args, out: Path) -> str:
+    """The command line that continues this run: the one given, with --resume and --out."""
+    tokens = list(getattr(args, "_argv", None) or [args.command])
+    if "--resume" not in tokens:
+        tokens.append("--resume")
+    if not any(t == "--out" or t.startswith("--out=") for t in tokens):
+        tokens += ["--out", str(out)]
+    return "rnngrad " + shlex.join(tokens)
+
+
 def cmd_train(args) -> int:
     if args.model == "steady":
         return cmd_train_steady(args)
-    from . import RNN
-    from .registry import get_algorithm
-    from .tasks import get_task
-    from .train import train
+    from .runs import run
 
     _check_device(args.device)
-    task = get_task(args.task, **_task_kwargs(args))
-    algorithm = get_algorithm(args.algorithm or "bptt")
-    torch.manual_seed(args.seed)
-    model = RNN(task.input_size, args.hidden, task.output_size, activation=args.activation,
-                alpha=args.alpha, readout=task.readout, init=args.init,
-                dtype=DTYPES[args.dtype], device=args.device)
+    config = {**_training_config(args), **_model_config(args), "hidden": args.hidden,
+              "algorithm": args.algorithm or "bptt", "lr": args.lr, "seed": args.seed}
     out = Path(args.out) if args.out else Path("runs") / f"{args.task}-{args.algorithm or 'bptt'}"
-    bar = _progress(args.steps, args.no_progress)
-    last = [0]
-    metric = "test_acc" if task.classification else "test_mse"
+    state: dict = {"bar": None, "checkpoint": None, "logged": 0}
+    classification = None
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "start":
+            if info["resumed"]:
+                _note("train", f"resuming {info['checkpoint']} from step {info['step']}")
+                state["checkpoint"] = info["step"]
+            elif args.resume:
+                _note("train", f"no checkpoint in {out}: starting fresh")
+            state["logged"] = info["step"]
+            state["bar"] = _progress(args.steps, args.no_progress, initial=info["step"])
+        elif kind == "checkpoint":
+            state["checkpoint"] = info["step"]
 
     def on_log(step: int, row: dict) -> None:
-        bar.update(step - last[0])
-        last[0] = step
-        bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{metric: f"{row[metric]:.4f}"},
-                        steps_per_s=f"{row['steps_per_s']:.1f}")
-
-    step_callback = None
-    if args.track_alignment:
-        from .metrics import alignment_metrics
-
-        every = args.track_alignment
-
-        def step_callback(step: int, info: dict):
-            if step % every or not info["grads"]:
-                return None
-            with torch.no_grad():
-                # the recurrent part: every algorithm has the exact readout gradient
-                return alignment_metrics(model, info["batch"], algorithm, loss=task.loss,
-                                         approx=info["grads"],
-                                         params=("W_in", "W_rec", "b_rec"))
+        nonlocal classification
+        bar = state["bar"]
+        bar.update(step - state["logged"])
+        state["logged"] = step
+        classification = "test_acc" in row
+        metric = {"test_acc": f"{row['test_acc']:.4f}"} if classification else {
+            "test_mse/step": f"{row['test_mse']:.4g}"}
+        bar.set_postfix({"loss/seq": f"{row['train_loss']:.4f}", **metric,
+                         "steps/s": f"{row['steps_per_s']:.1f}"})
 
     t0 = time.perf_counter()
-    result = train(model, task, algorithm=algorithm, steps=args.steps, lr=args.lr,
-                   optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed,
-                   update_every=args.update_every, clip=args.clip or None,
-                   log_every=args.log_every, out=out, checkpoint_every=args.checkpoint_every,
-                   resume=args.resume, callback=on_log, step_callback=step_callback)
-    bar.close()
+    try:
+        result = run(config, out=out, checkpoint_every=args.checkpoint_every,
+                     resume=args.resume, callback=on_log, on_event=on_event)
+    except KeyboardInterrupt:
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+        if state["checkpoint"] is None:
+            _note("train", "interrupted; no checkpoint was written, so the run cannot be "
+                           "continued (--checkpoint-every N writes one every N steps)")
+        else:
+            _note("train", f"interrupted; the checkpoint of step {state['checkpoint']} is "
+                           f"{out / 'checkpoint.pt'}; continue with: "
+                           f"{_resume_command(args, out)}")
+        return 130
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
     wall = time.perf_counter() - t0
-    row = {"task": task.name, "algorithm": algorithm.name, "hidden": args.hidden,
-           "steps": args.steps, **result.final, "wall_s": wall}
+    row = {"task": args.task, "algorithm": config["algorithm"], "hidden": args.hidden,
+           "steps": args.steps, **_final_columns(result.final), "wall_s": wall}
     print(_table([row], list(row)))
     print(f"wrote {out / 'metrics.csv'}, {out / 'curve.png'}, {out / 'model.pt'}")
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import AXES, sweep
+
+    _check_device(args.device)
+    for flag, v in (("--seeds", args.seeds), ("--workers", args.workers)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    base = {**_training_config(args), **_model_config(args)}
+    grid = {"algorithm": args.algorithms, "cell": args.cells, "hidden": args.hidden,
+            "lr": args.lr, "seed": list(range(args.seeds))}
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.task}"
+    state: dict = {"bar": None}
+
+    def on_start(info: dict) -> None:
+        where = f"Ray at {args.address}" if args.address else f"a local Ray, {args.workers} workers"
+        skipped = f", {info['skipped']} recorded as finished (skipped)" if info["skipped"] else ""
+        _note("sweep", f"{info['trials']} trials: {info['to_run']} to run on {where}{skipped}")
+        state["bar"] = _progress(info["to_run"], args.no_progress, unit="trial")
+
+    def progress(row: dict) -> None:
+        state["bar"].update(1)
+        state["bar"].set_postfix(last=row["trial"], status=row["status"])
+
+    t0 = time.perf_counter()
+    try:
+        rows = sweep(base, grid, out=out, workers=args.workers, address=args.address,
+                     resume=args.resume, checkpoint_every=args.checkpoint_every,
+                     progress=progress, on_start=on_start)
+    except KeyboardInterrupt:
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+        _note("sweep", f"interrupted; the finished trials are recorded in {out / 'trials'}; "
+                       f"continue with: {_resume_command(args, out)}")
+        return 130
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "diverged", "error")}
+    print(f"{args.task}: {len(rows)} trials ({counts['ok']} ok, {counts['diverged']} diverged, "
+          f"{counts['error']} failed), {time.perf_counter() - t0:.0f} s")
+    metrics = [k for k in ("test_loss_per_step", "test_acc", "test_mse")
+               if any(k in r for r in rows)]
+    table = [{**r, "error": (r["error"][:60] + "...") if len(r["error"]) > 60 else r["error"]}
+             for r in rows]
+    print(_table(table, [*AXES, *metrics, "wall_s", "status", "error"]))
+    print(f"wrote {out / 'sweep.csv'} and plots in {out}")
+    return 1 if counts["error"] else 0
+
+
 def cmd_compare(args) -> int:
     from .compare import compare
     from .registry import parse_algorithms
-    from .tasks import get_task
+    from .runs import make_task
 
     _check_device(args.device)
-    task = get_task(args.task, **_task_kwargs(args))
+    task = make_task({"task": args.task, "seq_len": args.seq_len, "stream": args.stream})
     named = parse_algorithms(args.algorithms)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
@@ -361,15 +583,18 @@ def cmd_compare(args) -> int:
                         test_loss=f"{info['test_loss']:.4f}")
 
     t0 = time.perf_counter()
-    rows = compare(task, named, seeds=list(range(args.seeds)), steps=args.steps,
-                   hidden=args.hidden, lr=args.lr, optimizer=args.optimizer,
-                   batch_size=args.batch_size, update_every=args.update_every,
-                   track_every=args.track_every or None, out_dir=out, progress=on_progress,
-                   alpha=args.alpha, activation=args.activation, init=args.init,
-                   clip=args.clip or None, dtype=DTYPES[args.dtype], device=args.device)
-    bar.close()
+    try:
+        rows = compare(task, named, seeds=list(range(args.seeds)), steps=args.steps,
+                       hidden=args.hidden, lr=args.lr, optimizer=args.optimizer,
+                       batch_size=args.batch_size, update_every=args.update_every,
+                       track_every=args.track_every or None, out_dir=out,
+                       progress=on_progress, alpha=args.alpha, activation=args.activation,
+                       init=args.init, clip=args.clip or None, dtype=DTYPES[args.dtype],
+                       device=args.device)
+    finally:
+        bar.close()
     print(f"{task.name}: {args.seeds} seed(s) x {args.steps} steps, H={args.hidden}, "
-          f"{time.perf_counter() - t0:.0f} s")
+          f"{time.perf_counter() - t0:.0f} s; test_loss is per counted step")
     print(_table(rows, list(rows[0])))
     print(f"wrote {out}/compare.csv and plots in {out}")
     return 0
@@ -429,17 +654,54 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _os_error(e: OSError) -> str:
+    """One line for a filesystem error."""
+    name = e.filename
+    if name is None:
+        return str(e)
+    if e.errno == errno.ENOTDIR:
+        return f"{name} is not a directory (it, or a folder above it, is a file)"
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device writing {name}; what was written before it "
+                f"(the last checkpoint included) is intact")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {name}: {e.strerror} (a read-only place, or not yours)"
+    return f"{e.strerror or type(e).__name__}: {name}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .outdir import OutputLocked
+    from .sweep import RayMissing
+    from .train import CheckpointError, Diverged
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args._argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    where = f"rnngrad {args.command}"
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:
-        print(f"rnngrad {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    except Diverged as e:
+        print(f"{where}: {e}", file=sys.stderr)
+        return 1
+    except (OutputLocked, CheckpointError) as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 3
+    except RayMissing as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError) as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{where}: error: {_os_error(e)}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,10 +1,20 @@
 """The CLI's subcommands, end to end on tiny settings."""
 
 import csv
+import errno
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
-from rnngrad.cli import main
+import rnngrad
+from rnngrad.cli import _Lines, _progress, main
+from rnngrad.outdir import OutputDir
 
 
 def test_no_command_prints_help(capsys):
@@ -98,3 +108,208 @@ def test_compare_reports_accuracy_on_a_classification_task(tmp_path):
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(0.0 <= float(r["final_test_acc_mean"]) <= 1.0 for r in rows)
+
+
+# ---- one clear line for every way a run can go wrong -------------------------------------
+
+TINY = ["train", "--task", "adding", "--seq-len", "4", "--hidden", "3", "--batch-size", "4",
+        "--steps", "4", "--log-every", "2", "--no-progress"]
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"rnngrad {rnngrad.__version__} "
+                                               f"(torch {torch.__version__})")
+
+
+def test_compare_help_states_the_hidden_size_it_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "number of hidden units H (default: 32)" in text
+    assert "exit codes: 0 done; 1 training diverged" in text
+
+
+def test_a_diverging_run_exits_1_with_one_line(tmp_path, capsys):
+    rc = main([*TINY, "--algorithm", "rtrl", "--update-every", "1", "--optimizer", "sgd",
+               "--lr", "1e6", "--clip", "0", "--steps", "8", "--checkpoint-every", "1",
+               "--out", str(tmp_path)])
+    assert rc == 1
+    line = _one_line(capsys.readouterr().err)
+    # the loss is NaN at step 4 (train's own check or the algorithm's may say so first)
+    assert line.startswith("rnngrad train: training diverged at step 4: ")
+    assert "the checkpoint of step 3 is kept" in line
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_resume_without_a_checkpoint_starts_fresh_saying_so(tmp_path, capsys):
+    assert main([*TINY, "--out", str(tmp_path), "--resume"]) == 0
+    assert _one_line(capsys.readouterr().err) == (f"rnngrad train: no checkpoint in {tmp_path}: "
+                                                  "starting fresh")
+
+
+def test_resume_messages_and_refusals(tmp_path, capsys):
+    out = ["--out", str(tmp_path), "--checkpoint-every", "2"]
+    assert main([*TINY, *out]) == 0
+    capsys.readouterr()
+    assert main([*TINY, *out]) == 2  # a fresh run would overwrite the checkpoint
+    assert "holds the checkpoint of an earlier run: resume it" in _one_line(
+        capsys.readouterr().err)
+    assert main([*TINY, *out, "--resume", "--seed", "1"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "is from a different run (seed 0 there, 1 here)" in line
+    assert main([*TINY, *out, "--resume", "--steps", "6"]) == 0
+    assert _one_line(capsys.readouterr().err) == (
+        f"rnngrad train: resuming {tmp_path / 'checkpoint.pt'} from step 4")
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 10)
+    assert main([*TINY, *out, "--resume", "--steps", "6"]) == 3
+    assert "cannot be read (truncated or corrupt" in _one_line(capsys.readouterr().err)
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert main([*TINY, "--out", str(f)]) == 3
+    assert _one_line(capsys.readouterr().err) == (
+        f"rnngrad train: error: {f} is not a directory (it, or a folder above it, is a file)")
+
+
+@pytest.mark.parametrize("code, says", [(errno.ENOSPC, "no space left on the device writing"),
+                                        (errno.EACCES, "cannot write"),
+                                        (errno.EROFS, "a read-only place")])
+def test_disk_full_or_read_only_is_one_line(tmp_path, capsys, monkeypatch, code, says):
+    import rnngrad.train as train_module
+
+    real = train_module.atomic_write
+
+    def failing(path, data):
+        if path.name == "checkpoint.pt" and (tmp_path / "checkpoint.pt").exists():
+            raise OSError(code, os.strerror(code), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(train_module, "atomic_write", failing)
+    assert main([*TINY, "--out", str(tmp_path), "--checkpoint-every", "2"]) == 3
+    line = _one_line(capsys.readouterr().err)
+    assert says in line and str(tmp_path / "checkpoint.pt") in line
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2  # intact
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_really_read_only_directory(tmp_path, capsys):
+    tmp_path.chmod(0o500)
+    try:
+        assert main([*TINY, "--out", str(tmp_path / "run")]) == 3
+    finally:
+        tmp_path.chmod(0o700)
+    assert "cannot write" in _one_line(capsys.readouterr().err)
+
+
+def test_a_directory_held_by_another_run(tmp_path, capsys):
+    with OutputDir(tmp_path):
+        assert main([*TINY, "--out", str(tmp_path)]) == 3
+    line = _one_line(capsys.readouterr().err)
+    assert f"is in use by another run (pid {os.getpid()} on " in line
+
+
+def test_the_stream_tasks_losses_are_labelled(tmp_path, capsys):
+    assert main(["train", "--task", "stream_add", "--seq-len", "12", "--hidden", "3",
+                 "--batch-size", "2", "--steps", "2", "--log-every", "2", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    for label in ("test_loss (sum/seq)", "test_loss (per step)", "test_mse (per step)"):
+        assert label in header
+
+
+def test_progress_is_throttled_when_stderr_is_not_a_terminal(capsys):
+    bar = _progress(1000, disable=False)
+    assert isinstance(bar, _Lines)  # pytest's stderr is not a TTY
+    for _ in range(1000):
+        bar.update(1)
+        bar.set_postfix(loss="0.1")
+    assert capsys.readouterr().err == ""  # nothing within 30 s
+    lines = _Lines(10, every=0.0)
+    lines.set_postfix(loss="0.5")
+    lines.update(3)
+    assert capsys.readouterr().err == "3/10 loss=0.5\n"
+
+
+def test_sweep_without_ray_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["sweep", "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    assert "pip install 'rnngrad[ray]'" in _one_line(capsys.readouterr().err)
+
+
+def test_compare_needs_no_ray(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["compare", "--task", "adding", "--seq-len", "4", "--algorithms", "bptt",
+                 "--seeds", "1", "--steps", "2", "--hidden", "3", "--track-every", "0",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+
+
+def test_sweep_command_table_and_exit_code(tmp_path, capsys, monkeypatch):
+    """The CLI's plumbing (the trials run in this process; test_sweep runs them on Ray)."""
+    import rnngrad.sweep as sweep_module
+
+    def serial(jobs, *, workers, address, checkpoint_every, finished):
+        for config, tdir in jobs:
+            finished(sweep_module.run_trial(config, tdir, checkpoint_every=checkpoint_every))
+
+    monkeypatch.setattr(sweep_module, "_run_on_ray", serial)
+    monkeypatch.setattr(sweep_module, "_import_ray", lambda: None)
+    args = ["sweep", "--task", "adding", "--seq-len", "4", "--algorithms", "bptt,eprop",
+            "--hidden", "3,4", "--lr", "0.05", "--seeds", "1", "--steps", "2",
+            "--log-every", "2", "--batch-size", "4", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "adding: 4 trials (4 ok, 0 diverged, 0 failed)" in captured.out
+    assert captured.err.strip() == "rnngrad sweep: 4 trials: 4 to run on a local Ray, 2 workers"
+    with open(tmp_path / "sweep.csv") as f:
+        assert [(r["algorithm"], r["hidden"]) for r in csv.DictReader(f)] == [
+            ("bptt", "3"), ("bptt", "4"), ("eprop", "3"), ("eprop", "4")]
+    assert main(args) == 2
+    assert "already holds a sweep" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "0 to run" in capsys.readouterr().err
+
+
+KILL_ARGS = ("train", "--task", "adding", "--seq-len", "5", "--hidden", "4", "--batch-size", "4",
+             "--steps", "1000", "--log-every", "500", "--dtype", "float64", "--no-progress")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rnngrad.cli", *args]
+
+
+def _wait_for(path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < timeout, "no checkpoint appeared"
+        time.sleep(0.005)
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(*KILL_ARGS, "--checkpoint-every", "20", "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "checkpoint.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "interrupted; the checkpoint of step" in lines[0] and str(out / "checkpoint.pt") in err
+    command = lines[0].split("continue with: ")[1]
+    tokens = shlex.split(command)
+    assert tokens[0] == "rnngrad" and "--resume" in tokens
+    assert main(tokens[1:]) == 0
+    assert torch.isfinite(torch.load(out / "model.pt")["W_rec"]).all()
+    assert os.path.exists(out / "metrics.csv")

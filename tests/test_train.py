@@ -211,8 +211,9 @@ def test_a_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_
         run(config, out=tmp_path, checkpoint_every=1)
     e = info.value
     assert e.step == 4 and e.checkpoint_step == 3
-    assert str(e).startswith("training diverged at step 4: the loss is nan; the checkpoint of "
-                             "step 3 is kept in ")
+    # (train's own check or the algorithm's may be the one to see the NaN)
+    assert str(e).startswith("training diverged at step 4: ")
+    assert f"the checkpoint of step 3 is kept in {tmp_path / 'checkpoint.pt'}" in str(e)
     ck = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ck["step"] == 3 and _finite(ck["model"])
     assert not (tmp_path / "model.pt").exists()
