@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from ._checks import check_h0, check_inputs, check_mask, check_params_finite, check_targets
 from .algorithms._network import is_rnn, trajectory
 from .algorithms.base import Algorithm, Grads, add_grads
-from .algorithms.bptt import bptt, reward_grad
+from .algorithms.bptt import bptt
 from .errors import NonFiniteError
 from .network import Network
-from .readouts import check_loss
+from .readouts import check_loss, reward_grad
 
 __all__ = ["gradient", "write_grads"]
 

@@ -293,4 +293,55 @@ def _as_cells(cells) -> list[Cell]:
         if not dt.is_floating_point or dt.is_complex:
             raise TypeError(f"cells[{i}] has parameters of dtype {dt}; rnngrad needs a real "
                             "floating dtype (float32 or float64)")
+        for n, p in c.named_parameters():
+            if p.is_complex() or not p.dtype.is_floating_point:
+                raise TypeError(f"cells[{i}] ({type(c).__name__}) has parameter {n!r} of dtype "
+                                f"{p.dtype}; rnngrad needs real parameters (float32 or float64): "
+                                "write a complex parameter as its real and imaginary parts, as "
+                                "rnngrad.cells.LRU does (B_re, B_im)")
+        check_contract(c, f"cells[{i}] ({type(c).__name__})")
     return cells
+
+
+def check_contract(cell: Cell, label: str) -> None:
+    """Run the cell once on a batch of 2 from its initial state, and check what the
+    protocol promises: a NamedTuple state of (B, n) tensors of the parameters' dtype, a
+    step returning the same type and shapes, an output of (B, hidden_size)."""
+    like = cell._like()
+    with torch.no_grad():
+        try:
+            state = cell.init_state(2)
+        except Exception as e:
+            raise TypeError(f"{label}: init_state(2) raised {type(e).__name__}: {e}") from e
+        if not (isinstance(state, tuple) and hasattr(state, "_fields")):
+            raise TypeError(f"{label}: init_state must return a NamedTuple of (B, n) tensors, "
+                            f"got {type(state).__name__}")
+        for f, v in zip(state._fields, state):
+            if not isinstance(v, Tensor) or v.dim() != 2 or v.shape[0] != 2:
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise TypeError(f"{label}: init_state(2).{f} must be a (2, n) tensor, got {got}")
+            if v.dtype != like.dtype or v.device != like.device:
+                raise TypeError(f"{label}: init_state(2).{f} is {v.dtype} on {v.device} but the "
+                                f"cell's parameters are {like.dtype} on {like.device}")
+        x = torch.zeros(2, cell.input_size, dtype=like.dtype, device=like.device)
+        params = cell.params()
+        try:
+            new = cell.step(params, state, x)
+        except Exception as e:
+            raise TypeError(f"{label}: step(params, state, x) raised on a (2, {cell.input_size}) "
+                            f"input: {type(e).__name__}: {e}") from e
+        if type(new) is not type(state):
+            raise TypeError(f"{label}: step must return a {type(state).__name__} (the type "
+                            f"init_state returns), got {type(new).__name__}")
+        for f, a, b in zip(state._fields, new, state):
+            if not isinstance(a, Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+                got = (f"{tuple(a.shape)} {a.dtype}" if isinstance(a, Tensor)
+                       else type(a).__name__)
+                raise TypeError(f"{label}: step returned state.{f} of {got} but the state has "
+                                f"{tuple(b.shape)} {b.dtype}")
+        emit = getattr(cell, "emit", None)
+        out = emit(params, new, x) if emit is not None else cell.output(new)
+        if not isinstance(out, Tensor) or out.shape != (2, cell.hidden_size):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"{label}: its output must be (B, hidden_size) = "
+                            f"(2, {cell.hidden_size}), got {got}")

@@ -1,4 +1,4 @@
-"""Readouts ``y = g(z)`` and the per-step losses with their gradients ``dl/dz``.
+"""Readouts ``y = g(z)``, the per-step losses with their gradients ``dl/dz``, and rewards.
 
 The loss is pinned so results compare across algorithms and papers::
 
@@ -13,6 +13,9 @@ logits into the probabilities they score (softmax, resp. sigmoid) or with identi
 any other pairing raises rather than computing something nobody asked for. "mse"
 goes through the readout, so with softmax it carries seed 002's dense softmax
 Jacobian: ``dl/dz = J_g(z)^T (y - target)`` with ``J = diag(y) - y y^T``.
+
+A reward ``R(h_1..h_T)`` is any differentiable function of the trajectory; the loss is
+then ``L - R`` and ``reward_grad`` gives ``dR/dh_t`` by autograd on R alone.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["READOUTS", "LOSSES", "check_readout", "check_loss", "readout", "loss_and_grad"]
+__all__ = ["READOUTS", "LOSSES", "check_readout", "check_loss", "readout", "loss_and_grad",
+           "reward_grad"]
 
 READOUTS = ("identity", "softmax", "sigmoid")
 LOSSES = ("mse", "cross_entropy", "bce")
@@ -97,3 +101,38 @@ def loss_and_grad(
     else:
         raise ValueError(f"unknown loss {loss!r}; known losses: {', '.join(LOSSES)}")
     return (weight * l).sum(), w * dz
+
+
+def reward_grad(reward, hs: Tensor) -> tuple[Tensor, Tensor]:
+    """``R(h_1..h_T)`` and ``dR/dh_t`` (T, B, H) by autograd on R alone (not the recurrence).
+
+    R receives a copy of the trajectory (never a buffer the algorithm reuses) and must
+    return a real scalar tensor that depends differentiably on it, finite, with a finite
+    gradient; anything else raises a clear error."""
+    from .errors import NonFiniteError
+
+    with torch.enable_grad():
+        h = hs.detach().clone().requires_grad_(True)
+        R = reward(h)
+        if not isinstance(R, Tensor):
+            raise TypeError(f"reward must return a scalar torch.Tensor of R(h), got "
+                            f"{type(R).__name__}")
+        if R.dim() != 0:
+            raise ValueError(f"reward must return a scalar tensor (shape ()), got shape "
+                             f"{tuple(R.shape)}")
+        if not R.is_floating_point() or R.is_complex():
+            raise TypeError(f"reward must return a real floating scalar, got dtype {R.dtype}")
+        if not R.requires_grad:
+            raise TypeError("reward must be differentiable in h: R(h) returned a tensor with no "
+                            "gradient path to h (did it detach, call .item() or go through "
+                            "NumPy?)")
+        if not bool(torch.isfinite(R)):
+            raise NonFiniteError(f"reward returned {float(R)}: R(h) must be finite",
+                                 quantity="reward")
+        (dR,) = torch.autograd.grad(R, h, allow_unused=True)
+    if dR is None:
+        dR = torch.zeros_like(hs)
+    elif not bool(torch.isfinite(dR).all()):
+        raise NonFiniteError("the reward's gradient dR/dh has NaN or Inf entries",
+                             quantity="dR/dh")
+    return R.detach(), dR

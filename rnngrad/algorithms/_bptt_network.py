@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..readouts import loss_and_grad
+from ..readouts import loss_and_grad, reward_grad
 from ._network import bind, net_step, stack_backward, stack_forward
 from .base import Grads, StepOutput, add_grads, output_grads, readout_step
 
@@ -119,8 +119,6 @@ def _readout(model, hs: Tensor, targets, mask, loss):
 
 def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward):
     """Whole-sequence BPTT (``c`` None) or checkpointed BPTT over a network."""
-    from .bptt import reward_grad
-
     T, B, _ = inputs.shape
     with torch.no_grad():
         net = bind(model)
@@ -172,8 +170,6 @@ def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward):
 def truncated_sequence(model, k: int, inputs, targets, mask, h0, loss, reward):
     """TBPTT(k) over a network: BPTT on each chunk of k steps, the state carried forward
     and cut (``d_state = 0`` at each chunk's end); ``grads["h0"]`` from the first chunk."""
-    from .bptt import reward_grad
-
     T, B, _ = inputs.shape
     with torch.no_grad():
         net = bind(model)

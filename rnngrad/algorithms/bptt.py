@@ -43,12 +43,12 @@ from torch import Tensor
 
 from ..cells.activations import get_activation
 from ..cells.elman import backward, cell_step, unroll
-from ..readouts import loss_and_grad
+from ..readouts import loss_and_grad, reward_grad
 from . import _bptt_network as _net
 from ._network import is_rnn
 from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads, readout_step
 
-__all__ = ["bptt", "BPTTState", "CheckpointState", "backward", "reward_grad", "checkpointed_bptt"]
+__all__ = ["bptt", "BPTTState", "CheckpointState", "backward", "checkpointed_bptt"]
 
 
 class BPTTState(NamedTuple):
@@ -60,41 +60,6 @@ class BPTTState(NamedTuple):
     dphi: list  # pending phi'(a_t), each (B, H)
     hbar: list  # pending immediate terms dl/dh_t, each (B, H)
     dz: list  # pending dl/dz_t (weighted by mask / B), each (B, K)
-
-
-def reward_grad(reward, hs: Tensor) -> tuple[Tensor, Tensor]:
-    """``R(h_1..h_T)`` and ``dR/dh_t`` (T, B, H) by autograd on R alone (not the recurrence).
-
-    R receives a copy of the trajectory (never a buffer the algorithm reuses) and must
-    return a real scalar tensor that depends differentiably on it, finite, with a finite
-    gradient; anything else raises a clear error."""
-    from ..errors import NonFiniteError
-
-    with torch.enable_grad():
-        h = hs.detach().clone().requires_grad_(True)
-        R = reward(h)
-        if not isinstance(R, Tensor):
-            raise TypeError(f"reward must return a scalar torch.Tensor of R(h), got "
-                            f"{type(R).__name__}")
-        if R.dim() != 0:
-            raise ValueError(f"reward must return a scalar tensor (shape ()), got shape "
-                             f"{tuple(R.shape)}")
-        if not R.is_floating_point() or R.is_complex():
-            raise TypeError(f"reward must return a real floating scalar, got dtype {R.dtype}")
-        if not R.requires_grad:
-            raise TypeError("reward must be differentiable in h: R(h) returned a tensor with no "
-                            "gradient path to h (did it detach, call .item() or go through "
-                            "NumPy?)")
-        if not bool(torch.isfinite(R)):
-            raise NonFiniteError(f"reward returned {float(R)}: R(h) must be finite",
-                                 quantity="reward")
-        (dR,) = torch.autograd.grad(R, h, allow_unused=True)
-    if dR is None:
-        dR = torch.zeros_like(hs)
-    elif not bool(torch.isfinite(dR).all()):
-        raise NonFiniteError("the reward's gradient dR/dh has NaN or Inf entries",
-                             quantity="dR/dh")
-    return R.detach(), dR
 
 
 def _no_sensitivities(model, sensitivities: bool) -> None:

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from ..cells.elman import unroll
-from ..readouts import loss_and_grad
+from ..readouts import loss_and_grad, reward_grad
 from . import _bptt_network as _net
 from ._network import is_rnn
 from .base import Algorithm, Grads, add_grads, output_grads
-from .bptt import BPTTState, backward, bptt, reward_grad
+from .bptt import BPTTState, backward, bptt
 
 __all__ = ["tbptt", "TBPTTState"]
 

@@ -31,8 +31,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .activations import get_activation
+from .activations import Activation, get_activation
 from .base import Cell, Immediate, Linearization
+
+Grads = dict[str, Tensor]
 
 __all__ = ["Elman", "ElmanState", "INITS", "cell_step", "pre_activation", "unroll", "backward"]
 
