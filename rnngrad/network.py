@@ -194,7 +194,9 @@ class Network(nn.Module):
                 if not bool(torch.isfinite(c).all()):
                     raise ValueError(f"{lab} contains NaN or Inf entries")
                 vals.append(c)
-            out.append(type(ref)(*vals))
+            st = type(ref)(*vals)
+            cell.check_state(st, batch_size, name=label)  # a cell's own checks of its values
+            out.append(st)
             spec.append((kind, tuple(shared)))
         return tuple(out), H0Spec(wrapped, tuple(spec))
 

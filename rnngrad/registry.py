@@ -75,13 +75,17 @@ def parse_algorithms(specs: str) -> list[tuple[str, Algorithm]]:
 
 
 def _builtin_cells() -> dict[str, tuple[Callable[..., Cell], str]]:
-    from .cells import GRU, LSTM, Elman
+    from .cells import ALIF, GRU, LIF, LSTM, Elman
 
     return {
         "elman": (Elman, "the (leaky) Elman cell phi(W_in x + W_rec h + b_rec); "
                          "--activation, --alpha, --init apply"),
         "gru": (GRU, "PyTorch's GRU (gates r, z, n)"),
         "lstm": (LSTM, "PyTorch's LSTM (gates i, f, g, o; state h, c)"),
+        "lif": (LIF, "leaky integrate-and-fire spiking neurons (Bellec et al. 2020; state v, "
+                     "output spikes; triangle pseudo-derivative)"),
+        "alif": (ALIF, "adaptive-threshold LIF neurons, Bellec et al. 2020's LSNN units "
+                       "(state v, a)"),
     }
 
 

@@ -9,9 +9,13 @@ from .activations import ACTIVATIONS, Activation, get_activation
 from .base import Cell, Immediate, Linearization, flatten_state, unflatten_state
 from .elman import Elman, ElmanState, cell_step, pre_activation
 from .gru import GRU, GRUState
+from .lif import ALIF, LIF, ALIFRefractoryState, ALIFState, LIFRefractoryState, LIFState
 from .lstm import LSTM, LSTMState
+from .surrogate import SURROGATES, Surrogate
 
 __all__ = ["Cell", "Immediate", "Linearization", "flatten_state", "unflatten_state",
            "Elman", "ElmanState", "GRU", "GRUState", "LSTM", "LSTMState",
            "Activation", "ACTIVATIONS", "get_activation",
            "cell_step", "pre_activation"]
+__all__ += ["LIF", "ALIF", "LIFState", "LIFRefractoryState", "ALIFState",
+            "ALIFRefractoryState", "Surrogate", "SURROGATES"]
