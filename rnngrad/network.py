@@ -50,17 +50,28 @@ class Network(nn.Module):
             feeds layer l + 1; sizes must chain).
         output_size: K, the width of z_t.
         readout: g, one of identity, softmax, sigmoid.
+        readout_decay: kappa in [0, 1), a leaky (non-spiking) readout with its own time
+            constant, as in Bellec et al. 2020's tasks: ``z_t = kappa z_{t-1} + W_out h^L_t
+            + b_out`` from ``z_0 = 0`` (kappa = exp(-dt / tau_out)); 0 (the default) is the
+            plain readout. Every algorithm on a Network takes it (``rnngrad.RNN`` does not).
 
     Parameters: each cell's as ``cells.{l}.{name}``, and ``W_out (K, H)``, ``b_out (K,)``
     with H the last cell's ``hidden_size``, drawn U(-1/sqrt(H), 1/sqrt(H)).
     """
 
+    readout_decay: float = 0.0  # kappa (rnngrad.RNN keeps 0)
+
     def __init__(self, cells: Cell | Sequence[Cell], output_size: int, *,
-                 readout: str = "identity") -> None:
+                 readout: str = "identity", readout_decay: float = 0.0) -> None:
         super().__init__()
         cells = _as_cells(cells)
         if not isinstance(output_size, int) or isinstance(output_size, bool) or output_size < 1:
             raise ValueError(f"output_size must be a positive int, got {output_size!r}")
+        if (not isinstance(readout_decay, (int, float)) or isinstance(readout_decay, bool)
+                or not 0.0 <= readout_decay < 1.0):
+            raise ValueError(f"readout_decay must be a number kappa in [0, 1) (z_t = kappa "
+                             f"z_{{t-1}} + W_out h_t + b_out), got {readout_decay!r}")
+        self.readout_decay = float(readout_decay)
         self.cells = nn.ModuleList(cells)
         self.readout = check_readout(readout)
         like = cells[-1]._like()
@@ -233,11 +244,24 @@ class Network(nn.Module):
             state, h = self.step(params, state, inputs[t])
             hs.append(h)
         h = torch.stack(hs)
+        return readout(self.readout_z(h), self.readout), h
+
+    def readout_z(self, h: Tensor) -> Tensor:
+        """z_1..z_T (T, B, K) from the last layer's outputs h (T, B, H): ``W_out h_t + b_out``,
+        low-pass filtered ``z_t = kappa z_{t-1} + ...`` (z_0 = 0) with ``readout_decay``."""
         z = h @ self.W_out.T + self.b_out
-        return readout(z, self.readout), h
+        kappa = self.readout_decay
+        if kappa == 0.0:
+            return z
+        zs, prev = [], None
+        for u in z.unbind(0):
+            prev = u if prev is None else kappa * prev + u
+            zs.append(prev)
+        return torch.stack(zs)
 
     def extra_repr(self) -> str:
-        return f"output_size={self.output_size}, readout={self.readout!r}"
+        leak = f", readout_decay={self.readout_decay:g}" if self.readout_decay else ""
+        return f"output_size={self.output_size}, readout={self.readout!r}{leak}"
 
     # ---- from torch.nn ----------------------------------------------------------------
 

@@ -140,29 +140,14 @@ def run(
     Builds the task, the algorithm (``rnngrad.registry`` name, e.g. ``"tbptt:10"``) and the
     model (``make_model``), then ``train``s, recording ``config`` in ``config.json`` and
     the checkpoints. ``track_alignment=N`` logs the cosine, sign agreement and norm ratio
-    of the gradient used against exact BPTT on the recurrent parameters every N steps.
+    of the gradient used against exact BPTT's on the recurrent parameters every N steps.
     """
     cfg = check_config(config)
     task = make_task(cfg)
     algorithm = get_algorithm(cfg["algorithm"])
     model = make_model(cfg, task)
-    step_callback = None
-    if cfg["track_alignment"]:
-        from .metrics import alignment_metrics
-
-        every = cfg["track_alignment"]
-        # the recurrent part: every algorithm has the exact readout gradient
-        recurrent = [n for n, _ in model.named_parameters() if n not in ("W_out", "b_out")]
-
-        def step_callback(step: int, info: dict):
-            if step % every or not info["grads"]:
-                return None
-            with torch.no_grad():
-                return alignment_metrics(model, info["batch"], algorithm, loss=task.loss,
-                                         approx=info["grads"], params=recurrent)
-
     return train(model, task, algorithm=algorithm, steps=cfg["steps"], lr=cfg["lr"],
                  optimizer=cfg["optimizer"], batch_size=cfg["batch_size"], seed=cfg["seed"],
                  update_every=cfg["update_every"], clip=cfg["clip"], log_every=cfg["log_every"],
                  out=out, checkpoint_every=checkpoint_every, resume=resume, config=cfg,
-                 callback=callback, step_callback=step_callback, on_event=on_event)
+                 track_alignment=cfg["track_alignment"], callback=callback, on_event=on_event)

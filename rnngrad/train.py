@@ -27,6 +27,7 @@ library never prints: progress goes to the callbacks.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -43,6 +44,7 @@ from . import errors
 from .algorithms.base import Algorithm, add_grads, rng_state, set_rng_state
 from .algorithms.bptt import bptt
 from .gradient import gradient, write_grads
+from .metrics import alignment
 from .outdir import OutputDir, atomic_write, torch_bytes
 from .readouts import loss_and_grad
 from .tasks.base import Batch, make_generator
@@ -256,6 +258,7 @@ def train(
     checkpoint_every: int | None = None,
     resume: bool = False,
     config: Mapping[str, Any] | None = None,
+    track_alignment: int | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
     step_callback: Callable[[int, dict[str, Any]], dict[str, float] | None] | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
@@ -284,6 +287,10 @@ def train(
             it, a checkpoint in out is an error (``CheckpointExists``), never overwritten.
         config: the caller's description of the run (JSON-serialisable, e.g. ``run``'s
             configuration), recorded with train's own and compared on resume.
+        track_alignment: every this many steps, log ``rnngrad.metrics``' cosine, sign
+            agreement and norm ratio of the gradient used against exact BPTT's on the same
+            batch and weights (those the batch started from), over the recurrent
+            parameters (all but W_out, b_out): keys "cosine", "sign_agreement", "norm_ratio".
         callback: ``callback(step, row)`` after each logged step (progress bars).
         step_callback: ``step_callback(step, info)`` after each batch, with info holding
             "batch", "grads" and "algorithm"; a returned dict is merged into the next
@@ -308,6 +315,9 @@ def train(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if update_every is not None and not _positive_int(update_every):
         raise ValueError(f"update_every must be a positive int or None, got {update_every!r}")
+    if track_alignment is not None and not _positive_int(track_alignment):
+        raise ValueError(f"track_alignment must be a positive int or None, got "
+                         f"{track_alignment!r}")
     if checkpoint_every is not None and not _positive_int(checkpoint_every):
         raise ValueError(f"checkpoint_every must be a positive int or None, got "
                          f"{checkpoint_every!r}")
@@ -333,7 +343,7 @@ def train(
     loop = _Loop(model, task, algorithm, opt, steps=steps, batch_size=batch_size, seed=seed,
                  update_every=update_every, clip=clip, log_every=log_every,
                  checkpoint_every=checkpoint_every, record=record, callback=callback,
-                 step_callback=step_callback, on_event=on_event)
+                 step_callback=step_callback, on_event=on_event, track=track_alignment)
     if out is None:
         loop.start(None, resume=False)
         return loop.run()
@@ -348,12 +358,15 @@ class _Loop:
 
     def __init__(self, model, task, algorithm, opt, *, steps, batch_size, seed, update_every,
                  clip, log_every, checkpoint_every, record, callback, step_callback,
-                 on_event) -> None:
+                 on_event, track) -> None:
         self.model, self.task, self.algorithm, self.opt = model, task, algorithm, opt
         self.steps, self.batch_size, self.update_every = steps, batch_size, update_every
         self.clip, self.log_every, self.checkpoint_every = clip, log_every, checkpoint_every
         self.record = record
         self.callback, self.step_callback, self.on_event = callback, step_callback, on_event
+        self.track = track
+        # alignment on the recurrent part: every algorithm has the exact readout gradient
+        self.recurrent = [n for n, _ in model.named_parameters() if n not in ("W_out", "b_out")]
         self.data = make_generator(seed)
         self.streaming = bool(getattr(task, "streaming", False))
         self.stream_state = None
@@ -418,19 +431,28 @@ class _Loop:
         p = model.W_out
         batch = task.batch(self.batch_size, generator=self.data).to(device=p.device,
                                                                     dtype=p.dtype)
+        tracked = self.track is not None and step % self.track == 0
         if self.update_every is None:
             loss, grads = gradient(model, batch.inputs, batch.targets, algorithm=algorithm,
                                    loss=task.loss, mask=batch.mask)
             value = _check_loss(loss)
+            if tracked:
+                self._align(model, batch, grads, None)
             apply_update(model, self.opt, grads, self.clip, check=True)
         else:
             state = self.stream_state if self.streaming else None
             if state is None:
                 state = algorithm.init(model, self.batch_size)
+            # the reference sees the weights and hidden state the batch starts from
+            before = (copy.deepcopy(model), getattr(state, "h", None) if self.streaming
+                      else None) if tracked else None
             self.stream_state, loss, grads = online_pass(
                 model, self.opt, algorithm, batch, state, task.loss, self.update_every,
                 self.clip, check=True)
             value = _check_loss(loss)
+            if tracked and grads:
+                snapshot, h_start = before
+                self._align(snapshot, batch, grads, h_start)
         self.pending["train_loss"] += value
         self.pending["steps"] += 1
         if self.step_callback is not None:
@@ -438,6 +460,12 @@ class _Loop:
                                             "algorithm": algorithm})
             if got:
                 self.pending["extra"].update(got)
+
+    def _align(self, model, batch: Batch, grads, h0) -> None:
+        with torch.no_grad():
+            _, exact = gradient(model, batch.inputs, batch.targets, algorithm=bptt(),
+                                loss=self.task.loss, mask=batch.mask, h0=h0)
+            self.pending["extra"].update(alignment(grads, exact, params=self.recurrent)["all"])
 
     def run(self) -> TrainResult:
         t0 = time.perf_counter()

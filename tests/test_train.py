@@ -304,3 +304,18 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     # the temporary files of the killed writer are gone, and so is the lock
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("extra", [{}, {"update_every": 100},
+                                   {"task": "stream_add", "stream": True, "update_every": 12,
+                                    "seq_len": 12}], ids=["per_sequence", "online", "stream"])
+def test_alignment_is_measured_on_the_weights_the_gradient_saw(extra):
+    """BPTT against BPTT is exactly aligned: the reference runs before the update (on the
+    batch's starting weights and hidden state), not after it."""
+    history = run({**SEQUENCES, "algorithm": "bptt", "steps": 4, "track_alignment": 2,
+                   "lr": 0.5, **extra}).history
+    tracked = [r for r in history if "cosine" in r]
+    assert [r["step"] for r in tracked] == [2, 4]
+    for r in tracked:
+        assert r["cosine"] == pytest.approx(1.0, abs=1e-12)
+        assert r["norm_ratio"] == pytest.approx(1.0, abs=1e-12)

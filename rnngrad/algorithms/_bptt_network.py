@@ -13,6 +13,10 @@ Checkpointing (``c``) keeps the network state only every c steps and reruns each
 segment forward, with cache, during the backward pass; the adjoint leaving a segment
 at its start is the ``d_state`` of the segment before it. Truncation (``k``) runs the
 same on chunks of k steps with ``d_state = 0`` at each chunk's end.
+
+A leaky readout (``readout_decay`` kappa > 0) filters the readout's signal backwards,
+``dzbar_t = dz_t + kappa dzbar_{t+1}`` (within a chunk for truncation), and
+``hbar^L_t = W_out^T dzbar_t`` (``_leaky_readout``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..readouts import loss_and_grad, reward_grad
+from . import _leaky_readout as _leak
 from ._network import bind, net_step, stack_backward, stack_forward
 from .base import Grads, StepOutput, add_grads, output_grads, readout_step
 
@@ -39,6 +44,7 @@ class NetBPTTState(NamedTuple):
     ckpt: list  # the state at the start of every segment of c steps (h_start first)
     dW_out: Tensor  # (K, H) sum_t dz_t^T h^L_t so far
     db_out: Tensor  # (K,)
+    leak: _leak.Leak | None = None  # the leaky readout's filters (readout_decay > 0)
 
 
 def init(model, batch_size: int, h0: tuple | None) -> NetBPTTState:
@@ -46,23 +52,29 @@ def init(model, batch_size: int, h0: tuple | None) -> NetBPTTState:
     if h0 is None:
         h0 = model.init_state(batch_size)
     return NetBPTTState(h0, h0, track, [], [], [], [h0], torch.zeros_like(model.W_out.detach()),
-                        torch.zeros_like(model.b_out.detach()))
+                        torch.zeros_like(model.b_out.detach()), _leak.init(model, batch_size))
 
 
 def step(model, c: int | None, state: NetBPTTState, x_t, target_t, mask_t, loss, dh_t):
     with torch.no_grad():
         new, h = net_step(bind(model), state.h, x_t)
-        z, value, dz = readout_step(model, h, target_t, mask_t, loss)
+        leak, hf, n_b = state.leak, h, 1.0
+        if leak is None:
+            z, value, dz = readout_step(model, h, target_t, mask_t, loss)
+        else:  # dz_t/dW_out = hf_t, dz_t/db_out = c_t (since the last cut)
+            leak, z, value, dz = _leak.step(model, leak, h, target_t, mask_t, loss)
+            hf, n_b = leak.hf, leak.c
         if dz is None:
             dz = torch.zeros_like(z)
-        dW_out = torch.addmm(state.dW_out, dz.T, h)
-        db_out = state.db_out + dz.sum(0)
+        dW_out = torch.addmm(state.dW_out, dz.T, hf)
+        db_out = state.db_out + n_b * dz.sum(0)
         state.xs.append(x_t)
         state.dz.append(dz)
         state.dh.append(dh_t)
         if c is not None and len(state.xs) % c == 0:
             state.ckpt.append(new)
-    return state._replace(h=new, dW_out=dW_out, db_out=db_out), StepOutput(h, z, value), None
+    return state._replace(h=new, dW_out=dW_out, db_out=db_out, leak=leak), \
+        StepOutput(h, z, value), None
 
 
 def _segments(net, c: int, n: int, inputs_of, hbar_of, ckpt: list) -> tuple[Grads, tuple]:
@@ -90,8 +102,10 @@ def flush(model, c: int | None, state: NetBPTTState):
         def inputs_of(s, e):
             return torch.stack(state.xs[s:e])
 
+        dzbar = _leak.backward_filter(torch.stack(state.dz), _leak.decay(model))
+
         def hbar_of(s, e):
-            hbar = torch.stack(state.dz[s:e]) @ W_out
+            hbar = dzbar[s:e] @ W_out
             for j, dh in enumerate(state.dh[s:e]):
                 if dh is not None:
                     hbar[j] += dh
@@ -102,19 +116,22 @@ def flush(model, c: int | None, state: NetBPTTState):
         if state.track_h0:
             grads["h0"] = d0
     h = state.h
-    fresh = init(model, h[0][0].shape[0], h)._replace(track_h0=False)
+    fresh = init(model, h[0][0].shape[0], h)._replace(track_h0=False, leak=_leak.cut(state.leak))
     return fresh, grads
 
 
-def _readout(model, hs: Tensor, targets, mask, loss):
-    """Loss and dl/dz (T, B, K) of a segment's outputs hs (T, B, H)."""
+def _readout(model, hs: Tensor, targets, mask, loss, z0=None):
+    """Loss, dl/dz (T, B, K) and the leaky readout's z_T (None for a plain readout) of a
+    segment's outputs hs (T, B, H), from the leaky readout's state z0."""
+    if _leak.decay(model) != 0.0:
+        return _leak.sequence_readout(model, hs, targets, mask, loss, z0)
     T, B, H = hs.shape
     K = model.output_size
     W_out, b_out = model.W_out.detach(), model.b_out.detach()
     z = torch.addmm(b_out, hs.reshape(T * B, H), W_out.T).view(T, B, K)
     if targets is None:
-        return hs.new_zeros(()), hs.new_zeros(T, B, K)
-    return loss_and_grad(z, targets, mask / B, loss=loss, readout_name=model.readout)
+        return hs.new_zeros(()), hs.new_zeros(T, B, K), None
+    return (*loss_and_grad(z, targets, mask / B, loss=loss, readout_name=model.readout), None)
 
 
 def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward):
@@ -125,7 +142,8 @@ def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward):
         W_out = model.W_out.detach()
         if c is None:
             hs, _, caches, ins = stack_forward(net, inputs, h0, cache=True)
-            value, dz = _readout(model, hs, targets, mask, loss)
+            value, dz, _ = _readout(model, hs, targets, mask, loss)
+            dz = _leak.backward_filter(dz, _leak.decay(model))  # dzbar, the leaky readout's filter
             hbar = dz @ W_out
             if reward is not None:
                 R, dR = reward_grad(reward, hs)
@@ -138,18 +156,23 @@ def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward):
             dz_all = inputs.new_zeros(T, B, model.output_size)
             dW_out, db_out = torch.zeros_like(W_out), torch.zeros_like(model.b_out.detach())
             ckpt, h = [], h0
+            kappa, z0, hf, c_t = _leak.decay(model), None, None, 0.0
             for s in range(0, T, c):  # forward, keeping the state at each segment's start
                 e = min(s + c, T)
                 ckpt.append(h)
                 hs, h, _, _ = stack_forward(net, inputs[s:e], h, cache=False)
-                v, dz = _readout(model, hs, None if targets is None else targets[s:e],
-                                 mask[s:e], loss)
+                v, dz, z0 = _readout(model, hs, None if targets is None else targets[s:e],
+                                     mask[s:e], loss, z0)
                 value = value + v
                 dz_all[s:e] = dz
                 H = hs.shape[2]
-                dW_out.addmm_(dz.reshape(-1, dz.shape[2]).T, hs.reshape(-1, H))
-                db_out += dz.sum((0, 1))
-                del hs
+                # the leaky readout: dz_t/dW_out = hf_t, dz_t/db_out = c_t (forward filters)
+                hf_seg, c_seg = _leak.forward_filter(hs, kappa, hf, c_t)
+                hf, c_t = hf_seg[-1], float(c_seg[-1])
+                dW_out.addmm_(dz.reshape(-1, dz.shape[2]).T, hf_seg.reshape(-1, H))
+                db_out += (dz * c_seg.view(-1, 1, 1)).sum((0, 1))
+                del hs, hf_seg
+            dz_all = _leak.backward_filter(dz_all, kappa)  # dzbar for hbar
             dR = None
             if reward is not None:  # R needs the whole trajectory
                 hs_all = stack_forward(net, inputs, h0, cache=False)[0]
@@ -181,13 +204,14 @@ def truncated_sequence(model, k: int, inputs, targets, mask, h0, loss, reward):
             R, dR = reward_grad(reward, hs_all)
             value = value - R
         total: Grads | None = None
-        h = h0
+        h, z0 = h0, None
         for s in range(0, T, k):
             e = min(s + k, T)
             hs, h_next, caches, ins = stack_forward(net, inputs[s:e], h, cache=True)
-            v, dz = _readout(model, hs, None if targets is None else targets[s:e], mask[s:e],
-                             loss)
+            v, dz, z0 = _readout(model, hs, None if targets is None else targets[s:e],
+                                 mask[s:e], loss, z0)
             value = value + v
+            dz = _leak.backward_filter(dz, _leak.decay(model))  # within the chunk
             hbar = dz @ W_out
             if dR is not None:
                 hbar = hbar - dR[s:e]
