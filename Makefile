@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RNNGRAD := $(VENV)/bin/rnngrad
 
-.PHONY: setup demo train test lint bench clean
+.PHONY: setup demo train sweep test lint bench clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -17,6 +17,10 @@ demo: setup
 
 train: setup
 	$(RNNGRAD) train --task digits --algorithm bptt --hidden 64 --steps 2000 --lr 1e-2 --seed 0 --out runs/digits
+
+# docs/sweep.md: 16 trials on an embedded 2-worker Ray (again: finished trials are skipped)
+sweep: setup
+	$(RNNGRAD) sweep --task digits --algorithms bptt,rtrl,eprop,uoro --hidden 16 --lr 1e-2,3e-2 --seeds 2 --steps 200 --log-every 20 --track-alignment 20 --workers 2 --out runs/sweep-docs --resume
 
 test: setup
 	$(PY) -m pytest -q
