@@ -4,7 +4,7 @@ A network is a stack of cells (layer l's output is layer l + 1's input at the sa
 step) followed by the linear readout of DESIGN.md::
 
     state^l_t = cell_l.step(params_l, state^l_{t-1}, h^{l-1}_t),   h^0_t = x_t
-    h^l_t     = cell_l.output(state^l_t)
+    h^l_t     = cell_l.emit(params_l, state^l_t, h^{l-1}_t)   (default: output(state^l_t))
     z_t = W_out h^L_t + b_out,   y_t = g(z_t)
 
 Parameters are named as ``named_parameters()`` names them: ``cells.{l}.{name}`` for
@@ -129,14 +129,15 @@ class Network(nn.Module):
 
     def init_state(self, batch_size: int) -> tuple:
         """Zeros: one state per layer."""
-        return tuple(cell.init_state(batch_size) for _, cell in self.layers())
+        return tuple(_real_state(cell.init_state(batch_size), i, cell)
+                     for i, (_, cell) in enumerate(self.layers()))
 
     def step(self, params: list[dict[str, Tensor]], state: tuple, x: Tensor) -> tuple[tuple, Tensor]:
         """One step of the stack: ``(state_t, h^L_t)``; params as ``layer_params`` gives them."""
         new = []
         for (_, cell), p, s in zip(self.layers(), params, state):
             s = cell.step(p, s, x)
-            x = cell.output(s)
+            x = cell.emit(p, s, x)
             new.append(s)
         return tuple(new), x
 
@@ -165,7 +166,7 @@ class Network(nn.Module):
                              f"{len(layers)} layer(s)")
         out, spec = [], []
         for i, ((_, cell), item) in enumerate(zip(layers, items)):
-            ref = cell.init_state(batch_size)
+            ref = _real_state(cell.init_state(batch_size), i, cell)
             label = f"{name}[{i}]" if wrapped else name
             fields = ref._fields if hasattr(ref, "_fields") else tuple(map(str, range(len(ref))))
             if isinstance(item, Tensor):
@@ -278,6 +279,19 @@ class Network(nn.Module):
         from .cells.interop import from_torch
 
         return from_torch(cls, rnn, linear, readout)
+
+
+def _real_state(state, i: int, cell: Cell):
+    """The state unchanged; a clear error for a component that is not a real float tensor
+    (a complex state: rnngrad's algorithms take real tensors only)."""
+    fields = getattr(type(state), "_fields", None) or [str(k) for k in range(len(state))]
+    for f, c in zip(fields, state):
+        if isinstance(c, Tensor) and (c.is_complex() or not c.dtype.is_floating_point):
+            raise TypeError(f"cells[{i}] ({type(cell).__name__}) has a state component {f!r} of "
+                            f"dtype {c.dtype}, but rnngrad's algorithms take real states only "
+                            "(float32 or float64): keep a complex state as its real and "
+                            "imaginary parts, as rnngrad.cells.LRU does (LRUState(re, im))")
+    return state
 
 
 def _as_cells(cells) -> list[Cell]:

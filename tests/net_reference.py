@@ -39,7 +39,7 @@ def net_loss(net, inputs, targets, *, loss="mse", mask=None, state0=None, reward
         x, new = inputs[t], []
         for l, ((_, cell), p, s) in enumerate(zip(net.layers(), layer_params, state)):
             s = cell.step(p, s, x) if stepper is None else stepper(l, cell, p, s, x)
-            x = cell.output(s)
+            x = cell.emit(p, s, x)
             new.append(s)
         state = tuple(new)
         hs.append(x)

@@ -20,7 +20,8 @@ from ..network import Network
 
 __all__ = ["Bound", "bind", "is_rnn", "stack_forward", "stack_backward", "net_step",
            "output_into_state", "state_from_output_grad", "split_flat", "zero_state",
-           "flatten_net_state", "unflatten_net_state", "trajectory", "check_network"]
+           "flatten_net_state", "unflatten_net_state", "trajectory", "check_network",
+           "emit_vjp", "output_influence", "check_real"]
 
 
 class Bound(NamedTuple):
@@ -50,7 +51,18 @@ def check_network(model, who: str) -> None:
                         f"{type(model).__name__}")
 
 
+def check_real(model) -> None:
+    """A clear error for a complex parameter (rnngrad's algorithms take real tensors)."""
+    for n, p in model.named_parameters():
+        if p.is_complex():
+            raise TypeError(f"parameter {n} (shape {tuple(p.shape)}) has dtype {p.dtype}, but "
+                            "rnngrad's algorithms take real tensors only (float32 or float64): "
+                            "write a complex parameter as its real and imaginary parts, as "
+                            "rnngrad.cells.LRU does (B_re, B_im)")
+
+
 def bind(model) -> Bound:
+    check_real(model)
     named = dict(model.named_parameters())
     cells, prefixes, params, names, offsets = [], [], [], [], []
     off = 0
@@ -71,7 +83,7 @@ def net_step(net: Bound, state: tuple, x: Tensor) -> tuple[tuple, Tensor]:
     new = []
     for cell, p, s in zip(net.cells, net.params, state):
         s = cell.step(p, s, x)
-        x = cell.output(s)
+        x = cell.emit(p, s, x)
         new.append(s)
     return tuple(new), x
 
@@ -137,6 +149,45 @@ def output_into_state(cell: Cell, state, g: Tensor) -> Tensor:
     _, fn = vjp(cell.output, state)
     (ds,) = fn(g)
     return flatten_state(ds)
+
+
+def emit_vjp(cell: Cell, params: dict, state, x: Tensor, g: Tensor):
+    """The adjoint of a layer's output ``h_t = emit(params, state_t, x_t)`` for a cotangent
+    g (B, H): ``(d_params, d_state (B, S), d_x (B, D) or None)``; d_params (summed over the
+    batch) is empty and d_x None for a cell whose output is ``output(state)``."""
+    if not cell.emits:
+        return {}, output_into_state(cell, state, g), None
+    return cell.emit_vjp(params, state, x, g)
+
+
+def output_influence(cell: Cell, params: dict, state, x: Tensor, M: Tensor,
+                     Mx: Tensor | None, own: tuple[int, int] | None) -> Tensor:
+    """``d h_t / d columns`` (B, H, N) of a layer's output ``h_t = emit(params, state_t, x_t)``
+    from the columns' influence on its state, M (B, S, N), and on its input, Mx (B, D, N')
+    for the first N' <= N columns (None: the input does not depend on them); ``own`` the
+    columns of the layer's own parameters (the direct term of ``emit``). For a cell whose
+    output is a state component this is that component's rows of M."""
+    if not cell.emits:
+        out = cell.output(state)
+        off = 0
+        for comp in state:
+            w = int(comp.shape[-1])
+            if out is comp:
+                return M[:, off:off + w]
+            off += w
+        from torch.func import jacrev, vmap
+
+        def single(s):
+            return cell.output(unflatten_state(s.unsqueeze(0), state)).squeeze(0)
+
+        return torch.bmm(vmap(jacrev(single))(flatten_state(state)), M)
+    Gs, Gx, Gp = cell.emit_jacobians(params, state, x)
+    Mh = torch.bmm(Gs, M)
+    if Mx is not None:
+        Mh[:, :, :Mx.shape[2]].baddbmm_(Gx, Mx)
+    if own is not None:
+        Mh[:, :, own[0]:own[1]] += Gp
+    return Mh
 
 
 def state_from_output_grad(cell: Cell, state, g: Tensor):

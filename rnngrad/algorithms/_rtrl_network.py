@@ -1,25 +1,32 @@
 """Exact RTRL for any ``rnngrad.Network`` (seed 001), layer by layer within each step.
 
-For layer l with state s^l (flattened, S_l) and the recurrent parameters theta of
-layers 1..l (the influence of layer l on higher layers' parameters is zero)::
+For layer l with state s^l (flattened, S_l), output ``h^l_t = emit_l(theta_l, s^l_t,
+h^{l-1}_t)`` (``h^0 = x``; for most cells ``emit`` is ``output(s^l_t)``) and the recurrent
+parameters theta of layers 1..l (the influence of layer l on higher layers' parameters
+is zero)::
 
-    M^l_t = J^l_t M^l_{t-1} + K^l_t M^{l-1}_t + Mbar^l_t        (B, S_l, N_{<=l})
-    J^l_t = d s^l_t / d s^l_{t-1}                                 (B, S_l, S_l)
-    K^l_t = d s^l_t / d h^{l-1}_t . d h^{l-1}_t / d s^{l-1}_t      (B, S_l, S_{l-1}), the same step
+    M^l_t  = J^l_t M^l_{t-1} + Jx^l_t Mh^{l-1}_t + Mbar^l_t       (B, S_l, N_{<=l})
+    Mh^l_t = Gs^l_t M^l_t + Gx^l_t Mh^{l-1}_t + Gp^l_t            (B, H_l, N_{<=l}) d h^l_t / d theta
+    J^l_t = d s^l_t / d s^l_{t-1},  Jx^l_t = d s^l_t / d h^{l-1}_t  the step's Jacobians
     Mbar^l_t = d s^l_t / d theta_l                                the immediate term, own columns
+    Gs, Gx, Gp = d emit / d (s^l_t, h^{l-1}_t, theta_l)           Gp: own columns (zero for output())
 
-    q_t  = (d h^L_t / d s^L_t)^T (W_out^T dl_t/dz_t (+ dh_t))      (B, S_L)
-    dL/dtheta = sum_t sum_b q_t^T M^L_t
+    (gp_t, qs_t, qx_t) = the vjp of the top layer's emit at q_t = W_out^T dl_t/dz_t (+ dh_t)
+    dL/dtheta = sum_t sum_b [qs_t^T M^L_t + qx_t^T Mh^{L-1}_t] + gp_t
 
 With an initial state the sensitivity ``G^l_t = d s^l_t / d s_0`` (B, S_l, S) obeys the
-same recursion without Mbar, ``G^l_0`` the identity on layer l's block.
+same recursion without Mbar and Gp, ``G^l_0`` the identity on layer l's block.
 
-Structured (``rtrl()``): ``J``, ``K`` and the immediate term come from the cell's
+Structured (``rtrl()``): ``J``, ``Jx`` and the immediate term come from the cell's
 ``linearize``; the immediate term of a parameter owned by units (row ``(g, i)`` moves
-only unit i) is a diagonal add into the influence, no (B, S, N) tensor is formed.
-A cell that does not declare its immediate term gets the dense ``torch.func``
-Jacobian instead. ``rtrl(generic=True)`` uses ``vmap(jacrev)`` for everything: the
-second oracle. Exact, online; time O(B S^2 N) per step, memory O(B S N).
+only unit i) is a diagonal add into the influence, no (B, S, N) tensor is formed; a
+parameter owned by no unit enters only ``emit`` (checked) and has no immediate term. For
+a diagonal cell (``Cell.diagonal``, checked by ``verify_diagonal``) ``J M`` goes unit by
+unit through the cell's local blocks (``through_units``): O(B C^2 U N), not O(B S^2 N).
+A cell that does not declare its immediate term gets the dense ``torch.func`` Jacobian
+instead. ``rtrl(generic=True)`` uses ``vmap(jacrev)`` for everything: the second oracle.
+Exact, online; time O(B S^2 N) per step, memory O(B S N). (One diagonal layer alone
+does not come here: ``rtrl()`` then keeps per-unit traces, ``_traces_network``.)
 """
 
 from __future__ import annotations
@@ -29,13 +36,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cells._derive import declares, dense_jacobians
+from ..cells._derive import declares, dense_jacobians, verify_diagonal, verify_emit_only
 from ..cells.base import Immediate
 from ._network import (
     bind,
-    output_into_state,
+    emit_vjp,
+    output_influence,
     split_flat,
-    through_output,
     unflatten_net_state,
 )
 from .base import Grads, StepOutput, immediate_signal, output_grads
@@ -49,8 +56,13 @@ class NetRTRLState(NamedTuple):
     G: list | None  # per layer l: (B, S_l, S) d s^l_t / d s_0; None unless h0 is tracked
 
 
-def init(model, batch_size: int, h0: tuple | None) -> NetRTRLState:
+def init(model, batch_size: int, h0: tuple | None, generic: bool = False) -> NetRTRLState:
     net = bind(model)
+    for cell in net.cells:
+        if cell.diagonal and not generic:
+            verify_diagonal(cell, "rtrl()")
+        elif declares(cell, "immediate") and not generic:
+            verify_emit_only(cell, "rtrl()")
     p = model.W_out
     kw = {"dtype": p.dtype, "device": p.device}
     track = h0 is not None
@@ -79,6 +91,9 @@ def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor
     for name, p in params.items():
         n = p.numel()
         G = blocks.get(name)
+        if G is None and name not in imm:  # owned by no unit: enters only emit (verified)
+            off += n
+            continue
         if G is None or name not in imm:
             raise ValueError(f"{who}: parameter {name!r} (shape {tuple(p.shape)}) has no "
                              "immediate term: rtrl() needs every parameter owned by a unit "
@@ -94,27 +109,42 @@ def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor
         off += n
 
 
+def through_units(local: Tensor, M: Tensor) -> Tensor:
+    """``J_t M`` for a diagonal cell: M (B, C U, N) through the per-unit blocks of J_t,
+    local (B, U, C, C): ``M[b, (c, i), n] <- sum_c' local[b, i, c, c'] M[b, (c', i), n]``.
+    O(B C^2 U N) instead of the dense O(B (C U)^2 N)."""
+    B, U, C, _ = local.shape
+    if C == 1:
+        return M * local.view(B, U, 1)
+    Mv = M.view(B, C, U, -1)
+    return torch.einsum("bicd,bdin->bcin", local, Mv).reshape(M.shape)
+
+
 def step(model, generic: bool, state: NetRTRLState, x_t, target_t, mask_t, loss, dh_t):
     with torch.no_grad():
         net = bind(model)
         x = x_t
-        states, Ms, Gs = [], [], []
+        states, Ms, Gs, ins = [], [], [], []
+        Mh = Gh = None  # d h^{l-1}_t / d theta_{<l} (B, H, N_{<l}) and d h^{l-1}_t / d s_0
         for l, (cell, p) in enumerate(zip(net.cells, net.params)):
             s = state.h[l]
-            if generic or not declares(cell, "immediate"):
-                new, J, Jx, Mbar = dense_jacobians(cell, p, s, x)
-                imm = None
+            diagonal = not generic and cell.diagonal
+            lower = ("input_jacobian",) if l > 0 else ()
+            if diagonal:  # verified in init: J_t acts unit by unit
+                lin = cell.linearize(p, s, x, need=("local", "immediate") + lower)
+                new, Jx, imm, Mbar = lin.state, lin.input_jacobian, lin.immediate, None
+                M = through_units(lin.local, state.M[l])  # J^l_t M^l_{t-1}
             else:
-                need = ("jacobian", "immediate") + (("input_jacobian",) if l > 0 else ())
-                lin = cell.linearize(p, s, x, need=need)
-                new, J, Jx, imm, Mbar = lin.state, lin.jacobian, lin.input_jacobian, \
-                    lin.immediate, None
-            M = torch.bmm(J, state.M[l])  # J^l_t M^l_{t-1}
-            K = None
-            if l > 0:  # the same step, through the layer below: K^l_t M^{l-1}_t
-                K = through_output(net.cells[l - 1], states[l - 1], Jx)
-                lo = net.offsets[l]
-                M[:, :, :lo].baddbmm_(K, Ms[l - 1])
+                if generic or not declares(cell, "immediate"):
+                    new, J, Jx, Mbar = dense_jacobians(cell, p, s, x)
+                    imm = None
+                else:
+                    lin = cell.linearize(p, s, x, need=("jacobian", "immediate") + lower)
+                    new, J, Jx, imm, Mbar = lin.state, lin.jacobian, lin.input_jacobian, \
+                        lin.immediate, None
+                M = torch.bmm(J, state.M[l])  # J^l_t M^l_{t-1}
+            if l > 0:  # the same step, through the layer below's output: Jx^l_t dh^{l-1}_t/dtheta
+                M[:, :, :net.offsets[l]].baddbmm_(Jx, Mh)
             a, b = net.offsets[l], net.offsets[l + 1]
             if imm is None:
                 M[:, :, a:b] += Mbar
@@ -122,22 +152,37 @@ def step(model, generic: bool, state: NetRTRLState, x_t, target_t, mask_t, loss,
                 C, U = len(new), cell.n_units
                 add_immediate(M, imm, p, cell.param_blocks(), a, C, U, type(cell).__name__)
             if state.G is not None:
-                Gl = torch.bmm(J, state.G[l])
-                if K is not None:
-                    Gl.baddbmm_(K, Gs[l - 1])
+                Gl = through_units(lin.local, state.G[l]) if diagonal else \
+                    torch.bmm(J, state.G[l])
+                if l > 0:
+                    Gl.baddbmm_(Jx, Gh)
                 Gs.append(Gl)
             states.append(new)
             Ms.append(M)
-            x = cell.output(new)
+            ins.append(x)
+            if l < net.L - 1:  # what the next layer's input owes to theta_{<=l} (and s_0)
+                Mh = output_influence(cell, p, new, x, M, Mh, (a, b))
+                if state.G is not None:
+                    Gh = output_influence(cell, p, new, x, Gl, Gh, None)
+            x = cell.emit(p, new, x)
         h = x
         z, value, dz, q = immediate_signal(model, h, target_t, mask_t, loss, dh_t)
-        qs = output_into_state(net.cells[-1], states[-1], q)  # (B, S_L)
+        # q through the top layer's emit: its state, its input (the layer below's output)
+        # and its own parameters directly
+        dp, qs, dx = emit_vjp(net.cells[-1], net.params[-1], states[-1], ins[-1], q)
         B, S = qs.shape
         flat = (qs.reshape(1, B * S) @ Ms[-1].reshape(B * S, -1)).squeeze(0)
+        if dx is not None and net.L > 1:
+            lo = net.offsets[-2]
+            flat[:lo] += (dx.reshape(1, -1) @ Mh.reshape(-1, lo)).squeeze(0)
         grads: Grads = split_flat(flat, net, model)
+        for n, v in dp.items():
+            grads[net.prefixes[-1] + n] = grads[net.prefixes[-1] + n] + v
         grads.update(output_grads(dz, h))
         if state.G is not None:
             d0 = torch.bmm(qs.unsqueeze(1), Gs[-1]).squeeze(1)  # (B, S_total)
+            if dx is not None and net.L > 1:
+                d0 += torch.bmm(dx.unsqueeze(1), Gh).squeeze(1)
             grads["h0"] = unflatten_net_state(d0, tuple(states))
         new_state = NetRTRLState(tuple(states), Ms, Gs if state.G is not None else None)
     return new_state, StepOutput(h, z, value), grads

@@ -17,10 +17,24 @@ signal is the upper layer's passed down through the same step (Zucchet et al.'s
     q^L_t = (d h^L / d s^L)^T L_t,   q^{l-1}_t = (d s^l_t / d s^{l-1}_t)^T q^l_t
     grad p[g, i, j] = sum_t sum_b sum_c q_t[b, c, i] M_p[b, c, g, i, j]
 
-For one layer and symmetric feedback this is the exact gradient of the graph in which
-the previous state of every other unit is detached where it enters (SnAp-1), or the
-unit's recurrent input too (e-prop). ``W_out``, ``b_out`` get their exact gradient.
-Cost per step: time and memory O(B C sum_p |p|), constant in T.
+A layer's output is ``h_t = emit(params, s_t, x_t)``: the signal reaches its state
+through the vjp of ``emit``, ``(gp, q_t, qx) = vjp(emit)(L_t)``; ``gp`` is the exact
+same-step gradient of the parameters ``emit`` uses (those owned by no unit take it
+alone, like ``W_out``), and ``qx`` joins ``q_t^T d s_t / d x_t`` in the error passed
+down. For one layer and symmetric feedback this is the exact gradient of the graph in
+which the previous state of every other unit is detached where it enters (SnAp-1), or
+the unit's recurrent input too (e-prop); where units do not couple (``Cell.diagonal``)
+SnAp-1's traces are exact RTRL, and ``rtrl()`` runs here with mode "local".
+``W_out``, ``b_out`` get their exact gradient.
+
+Zucchet et al. (2023)'s spatial RTRL (``rtrl(layers="spatial")``) is this engine with
+each layer exact on its own: per-unit traces ("local") for a diagonal layer, and for a
+layer whose units couple the dense influence of its own parameters ("dense")::
+
+    M^l_t = J^l_t M^l_{t-1} + Mbar^l_t       (B, S_l, N_l)   grad theta_l = sum_t q^l_t^T M^l_t
+
+Cost per step: time and memory O(B C sum_p |p|) for per-unit traces, constant in T;
+O(B S_l^2 N_l) time and O(B S_l N_l) memory for a dense layer.
 """
 
 from __future__ import annotations
@@ -30,50 +44,90 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cells._derive import check_units, verify_ownership
-from ._network import bind, output_into_state
+from ..cells._derive import (
+    check_units,
+    declares,
+    dense_jacobians,
+    verify_emit_only,
+    verify_ownership,
+)
+from ..cells.base import unflatten_state
+from ._network import bind, check_real, emit_vjp
 from .base import Grads, StepOutput, output_grads, readout_step
 
-__all__ = ["NetTraceState", "init", "step", "check_owned"]
+__all__ = ["NetTraceState", "init", "step", "check_owned", "MODES"]
+
+# per layer: per-unit traces through the local Jacobian (SnAp-1; exact RTRL for a
+# diagonal cell) or the eligibility Jacobian (e-prop); or the dense influence of the
+# layer's own parameters, from the cell's structure or from torch.func ("dense_generic")
+MODES = ("local", "eligibility", "dense", "dense_generic")
 
 
 class NetTraceState(NamedTuple):
     h: tuple  # the network's state, one state per layer
-    traces: list  # per layer: dict own parameter name -> M_p (B, C, G, U, P)
+    traces: list  # per layer: dict owned parameter name -> M_p (B, C, G, U, P); dense: (B, S_l, N_l)
     feedback: Tensor | None  # (K, H) fixed random feedback; None: W_out (the exact signal)
-    c: list | None  # per layer (B, U, C, C): d s_t[., i] / d s_0[., i] along the kept paths
+    c: list | None  # per layer (B, U, C, C): d s_t[., i] / d s_0[., i] along the kept paths;
+    #                 dense: (B, S_l, S_l) d s^l_t / d s^l_0. None unless h0 is tracked
+    modes: tuple | None = None  # per layer, one of MODES; None: the mode step is called with
 
 
 def check_owned(model, who: str) -> None:
-    """Every recurrent parameter must be owned by units, every state component per unit."""
-    for prefix, cell in model.layers():
-        blocks = cell.param_blocks()
-        for name, p in cell.named_parameters():
-            if blocks.get(name) is None:
-                raise ValueError(
-                    f"{who} keeps per-unit traces and needs every parameter owned by a unit "
-                    f"(shape (G * n_units, ...), row g * n_units + i owned by unit i), but "
-                    f"{prefix}{name} of {type(cell).__name__} has shape {tuple(p.shape)} with "
-                    f"n_units = {cell.n_units}; declare param_blocks() for it")
+    """Every parameter that enters ``step`` must be owned by units (a parameter owned by
+    none may enter only ``emit``), every state component per unit."""
+    check_real(model)
+    model.init_state(1)  # real states only: a clear error before any probe
+    for _, cell in model.layers():
         check_units(cell, cell.init_state(1))
+        verify_emit_only(cell, who)
         verify_ownership(cell, who)
 
 
-def init(model, batch_size: int, h0: tuple | None, feedback: Tensor | None) -> NetTraceState:
+def init(model, batch_size: int, h0: tuple | None, feedback: Tensor | None,
+         modes: tuple | None = None) -> NetTraceState:
     h = model.init_state(batch_size) if h0 is None else h0
     traces, cs = [], []
-    for (_, cell), s in zip(model.layers(), h):
+    for l, ((_, cell), s) in enumerate(zip(model.layers(), h)):
         C, U = len(s), cell.n_units
+        ref = s[0]
+        if modes is not None and modes[l].startswith("dense"):
+            S = sum(int(c.shape[-1]) for c in s)
+            N = sum(p.numel() for p in cell.parameters())
+            traces.append(ref.new_zeros(batch_size, S, N))
+            if h0 is not None:
+                cs.append(torch.eye(S, dtype=ref.dtype, device=ref.device)
+                          .expand(batch_size, S, S).clone())
+            continue
         blocks = cell.param_blocks()
         tr = {}
         for name, p in cell.named_parameters():
             G = blocks[name]
-            tr[name] = p.new_zeros(batch_size, C, G, U, p.numel() // (G * U)).detach()
+            if G is not None:
+                tr[name] = p.new_zeros(batch_size, C, G, U, p.numel() // (G * U)).detach()
         traces.append(tr)
         if h0 is not None:
-            eye = torch.eye(C, dtype=s[0].dtype, device=s[0].device)
+            eye = torch.eye(C, dtype=ref.dtype, device=ref.device)
             cs.append(eye.expand(batch_size, U, C, C).clone())
-    return NetTraceState(h, traces, feedback, cs if h0 is not None else None)
+    return NetTraceState(h, traces, feedback, cs if h0 is not None else None,
+                         None if modes is None else tuple(modes))
+
+
+def _dense_layer(cell, p, s, x, M: Tensor, G: Tensor | None, generic: bool, need_jx: bool):
+    """One step of a layer's own exact influence: ``M <- J M + Mbar`` (B, S_l, N_l), and
+    ``G <- J G``. Returns ``(state_t, M, G, Jx)``."""
+    from ._rtrl_network import add_immediate
+
+    if generic or not declares(cell, "immediate"):
+        new, J, Jx, Mbar = dense_jacobians(cell, p, s, x)
+        M = torch.bmm(J, M).add_(Mbar)
+    else:
+        need = ("jacobian", "immediate") + (("input_jacobian",) if need_jx else ())
+        lin = cell.linearize(p, s, x, need=need)
+        new, J, Jx = lin.state, lin.jacobian, lin.input_jacobian
+        M = torch.bmm(J, M)
+        add_immediate(M, lin.immediate, p, cell.param_blocks(), 0, len(new), cell.n_units,
+                      type(cell).__name__)
+    return new, M, None if G is None else torch.bmm(J, G), Jx
 
 
 def _through_unit(J: Tensor, M: Tensor) -> Tensor:
@@ -87,27 +141,36 @@ def _through_unit(J: Tensor, M: Tensor) -> Tensor:
 def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh_t):
     with torch.no_grad():
         net = bind(model)
+        modes = state.modes if state.modes is not None else (mode,) * net.L
         x = x_t
-        states, traces, lins, cs = [], [], [], []
+        states, traces, jxs, cs, ins = [], [], [], [], []
         for l, (cell, p) in enumerate(zip(net.cells, net.params)):
-            need = (mode, "immediate") + (("input_jacobian",) if l > 0 else ())
-            lin = cell.linearize(p, state.h[l], x, need=need)
-            J = lin.local if mode == "local" else lin.eligibility
-            tr = {}
-            for name, M in state.traces[l].items():
-                M = _through_unit(J, M)
-                d = lin.immediate[name]
-                if d.inp is None:
-                    M = M.add_(d.D)
-                else:
-                    M = M.addcmul_(d.D.unsqueeze(-1), d.inp.unsqueeze(1).unsqueeze(1))
-                tr[name] = M
-            if state.c is not None:
-                cs.append(torch.matmul(J, state.c[l]))
+            m = modes[l]
+            if m.startswith("dense"):
+                G0 = None if state.c is None else state.c[l]
+                new, tr, c, Jx = _dense_layer(cell, p, state.h[l], x, state.traces[l], G0,
+                                              m == "dense_generic", l > 0)
+            else:
+                need = (m, "immediate") + (("input_jacobian",) if l > 0 else ())
+                lin = cell.linearize(p, state.h[l], x, need=need)
+                new, Jx = lin.state, lin.input_jacobian
+                J = lin.local if m == "local" else lin.eligibility
+                tr = {}
+                for name, M in state.traces[l].items():
+                    M = _through_unit(J, M)
+                    d = lin.immediate[name]
+                    if d.inp is None:
+                        M = M.add_(d.D)
+                    else:
+                        M = M.addcmul_(d.D.unsqueeze(-1), d.inp.unsqueeze(1).unsqueeze(1))
+                    tr[name] = M
+                c = None if state.c is None else torch.matmul(J, state.c[l])
             traces.append(tr)
-            lins.append(lin)
-            states.append(lin.state)
-            x = cell.output(lin.state)
+            jxs.append(Jx)
+            cs.append(c)
+            states.append(new)
+            ins.append(x)
+            x = cell.emit(p, new, x)
         h = x
         z, value, dz = readout_step(model, h, target_t, mask_t, loss)
         fb = model.W_out.detach() if state.feedback is None else state.feedback
@@ -118,26 +181,45 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
         if L is not None or dz is not None:
             grads = {}
             d0 = [None] * net.L
-            qs = None if L is None else output_into_state(net.cells[-1], states[-1], L)
+            g = L  # dL/dh^l_t arriving at layer l's output: the signal, then passed down
             for l in range(net.L - 1, -1, -1):
-                cell, s = net.cells[l], states[l]
+                cell, s, prm = net.cells[l], states[l], net.params[l]
                 C, U = len(s), cell.n_units
-                for name, M in traces[l].items():
-                    full = net.prefixes[l] + name
-                    shape = net.params[l][name].shape
-                    if qs is None:
-                        grads[full] = M.new_zeros(shape)
-                    else:
-                        g = torch.einsum("bci,bcgij->gij", qs.view(-1, C, U), M)
-                        grads[full] = g.reshape(shape)
+                dp, qs, dx = ({}, None, None) if g is None else emit_vjp(cell, prm, s, ins[l], g)
+                if torch.is_tensor(traces[l]):  # a dense layer: q^T M over its own columns
+                    flat = (qs.reshape(1, -1) @ traces[l].reshape(-1, traces[l].shape[2])
+                            ).squeeze(0) if qs is not None else None
+                    off = 0
+                    for name, v in prm.items():
+                        k = v.numel()
+                        grads[net.prefixes[l] + name] = (v.new_zeros(v.shape) if flat is None
+                                                         else flat[off:off + k].view(v.shape))
+                        off += k
+                else:
+                    for name, v in prm.items():
+                        M = traces[l].get(name)
+                        if M is None or qs is None:  # owned by no unit: emit's term alone
+                            grads[net.prefixes[l] + name] = v.new_zeros(v.shape)
+                        else:
+                            gp = torch.einsum("bci,bcgij->gij", qs.view(-1, C, U), M)
+                            grads[net.prefixes[l] + name] = gp.reshape(v.shape)
+                for name, v in dp.items():
+                    grads[net.prefixes[l] + name] = grads[net.prefixes[l] + name] + v
                 if state.c is not None:
-                    dc = (torch.zeros(s[0].shape[0], C, U, dtype=s[0].dtype, device=s[0].device)
-                          if qs is None else
-                          torch.einsum("bci,bicd->bdi", qs.view(-1, C, U), cs[l]))
-                    d0[l] = type(s)(*dc.unbind(1))
+                    ref = s[0]
+                    if torch.is_tensor(traces[l]):
+                        S = cs[l].shape[1]
+                        dc = (ref.new_zeros(ref.shape[0], S) if qs is None else
+                              torch.bmm(qs.unsqueeze(1), cs[l]).squeeze(1))
+                        d0[l] = unflatten_state(dc, s)
+                    else:
+                        dc = (ref.new_zeros(ref.shape[0], C, U) if qs is None else
+                              torch.einsum("bci,bicd->bdi", qs.view(-1, C, U), cs[l]))
+                        d0[l] = type(s)(*dc.unbind(1))
                 if l > 0 and qs is not None:  # the same step's error, passed down
-                    below = torch.bmm(qs.unsqueeze(1), lins[l].input_jacobian).squeeze(1)
-                    qs = output_into_state(net.cells[l - 1], states[l - 1], below)
+                    g = torch.bmm(qs.unsqueeze(1), jxs[l]).squeeze(1)
+                    if dx is not None:
+                        g = g + dx
             if dz is None:
                 grads["W_out"] = torch.zeros_like(model.W_out.detach())
                 grads["b_out"] = torch.zeros_like(model.b_out.detach())
@@ -146,5 +228,5 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
             if state.c is not None:
                 grads["h0"] = tuple(d0)
         new = NetTraceState(tuple(states), traces, state.feedback,
-                            cs if state.c is not None else None)
+                            cs if state.c is not None else None, state.modes)
     return new, StepOutput(h, z, value), grads

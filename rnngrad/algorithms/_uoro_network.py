@@ -1,12 +1,16 @@
 """UORO for any ``rnngrad.Network``: the stack's state flattened to s (B, S), the
-recurrent parameters flattened to theta (N); only a jvp and a vjp of the step::
+recurrent parameters flattened to theta (N); only a jvp and a vjp of the step (whose
+layers see the outputs ``emit`` gives of the layers below)::
 
     J_t h~          jvp of s_t = F(theta, s_{t-1}, x_t) in s, tangent h~    (batched)
     Mbar_t^T nu     vjp of F in theta, cotangent nu, per example (vmap)     (B, N)
 
 then the same update as the Elman path (``uoro.py``): rho0, rho1, ``h~ <- rho0 J h~ +
 rho1 nu``, ``theta~ <- theta~ / rho0 + Mbar^T nu / rho1``, ``grad = sum_t (q_t . h~_t)
-theta~_t`` with ``q_t`` the readout's signal on the top layer's state.
+theta~_t`` with ``q_t`` the readout's signal on the top layer's state. Where a cell's
+output depends on parameters (``emit``), ``q_t`` goes back through the stack's outputs
+at step t onto the whole state, and those parameters also get the exact same-step term
+of ``emit`` (as ``W_out`` does).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from ..cells._derive import jvp
-
 from ._network import bind, flatten_net_state, output_into_state, split_flat, unflatten_net_state
 from ._online import random_signs
 from .base import StepOutput, output_grads, readout_step
@@ -48,11 +51,24 @@ def _flat_step(net, like):
         new = []
         for cell, p, st in zip(net.cells, params, state):
             st = cell.step(p, st, x)
-            x = cell.output(st)
+            x = cell.emit(p, st, x)
             new.append(st)
         return flatten_net_state(tuple(new))
 
     return F
+
+
+def _top_output(net, like):
+    """``G(params, s_t, x_t) -> h^L_t``: the stack's output from its new state, through
+    every layer's ``emit`` (a layer's input is the output of the one below)."""
+
+    def G(params, s, x):
+        state = unflatten_net_state(s, like)
+        for cell, p, st in zip(net.cells, params, state):
+            x = cell.emit(p, st, x)
+        return x
+
+    return G
 
 
 def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, loss, dh_t):
@@ -80,20 +96,31 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
         h_tilde = torch.addcmul(rho1.unsqueeze(1) * nu, rho0.unsqueeze(1), Jh)
         th = th / rho0.unsqueeze(1) + Mnu / rho1.unsqueeze(1)
         new_state = unflatten_net_state(s_new, state.h)
-        h = net.cells[-1].output(new_state[-1])
+        emits = any(c.emits for c in net.cells)
+        h = _top_output(net, state.h)(params, s_new, x_t) if emits else \
+            net.cells[-1].output(new_state[-1])
         z, value, dz = readout_step(model, h, target_t, mask_t, loss)
         q = None if dz is None else dz @ model.W_out.detach()
         if dh_t is not None:
             q = dh_t if q is None else q + dh_t
         grads = None
         if q is not None or dz is not None:
+            direct = None
             if q is None:
                 flat = th.new_zeros(th.shape[1])
+            elif emits:  # q through every emit: onto the whole state, and the direct term
+                _, fn = vjp(lambda p, v: _top_output(net, state.h)(p, v, x_t), params, s_new)
+                direct, top = fn(q)
+                flat = (top * h_tilde).sum(1) @ th  # q_t . h~_t over the stack's state
             else:
                 top = output_into_state(net.cells[-1], new_state[-1], q)  # (B, S_L)
                 c = (top * h_tilde[:, S - top.shape[1]:]).sum(1)  # q_t . h~_t
                 flat = c @ th
             grads = split_flat(flat, net, model)
+            if direct is not None:  # emit's own parameters, exact at this step (like W_out)
+                for prefix, layer in zip(net.prefixes, direct):
+                    for n, v in layer.items():
+                        grads[prefix + n] = grads[prefix + n] + v
             if dz is None:
                 grads["W_out"] = torch.zeros_like(model.W_out.detach())
                 grads["b_out"] = torch.zeros_like(model.b_out.detach())

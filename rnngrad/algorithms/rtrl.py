@@ -42,10 +42,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..cells._derive import verify_diagonal
 from ..cells.activations import get_activation
 from ..cells.elman import cell_step
 from . import _rtrl_network as _net
-from ._network import is_rnn
+from . import _traces_network as _traces
+from ._network import check_network, check_real, is_rnn
 from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads
 
 __all__ = ["rtrl", "RTRLState"]
@@ -65,17 +67,32 @@ def _check_x(model, x_t: Tensor, h: Tensor) -> None:
         raise ValueError(f"x_t has shape {tuple(x_t.shape)} but the state expects ({B}, {D})")
 
 
-def rtrl(*, generic: bool = False, **removed) -> Algorithm:
+LAYER_MODES = ("exact", "spatial")
+
+
+def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorithm:
     """Exact real-time recurrent learning.
 
     Args:
         generic: take every Jacobian from ``torch.func`` (``vmap(jacrev)``) instead of
             the structure the cells declare (the hand-derived Elman influence for
             ``rnngrad.RNN``; the structured immediate term for built-in cells).
+        layers: how a stack of layers is treated. "exact": the influence of every
+            parameter on every layer's state (``_rtrl_network``), the exact gradient.
+            "spatial": Zucchet et al. (2023)'s rule (their "online" learning, code name
+            online_full): exact RTRL within each layer (per-unit traces for a diagonal
+            cell, the dense influence of the layer's own parameters otherwise), the error
+            of each step passed down the stack within that step; an approximation (the
+            paths from a layer's parameters through the memory of the layers above are
+            dropped). Needs a stack of at least two layers.
 
     Works on any ``rnngrad.Network``. ``step`` emits the gradient of the step's loss
     every step (RTRL is online); ``flush`` has nothing pending. With
     ``init(model, B, h0=h0)`` it also emits ``grads["h0"]`` every step.
+
+    A network of one layer whose units do not couple (``cell.diagonal``: LRU, eLSTM;
+    checked once per cell) keeps per-unit traces, O(|params|) per example, no S x S
+    influence: Zucchet et al. (2023), Irie et al. (2023). It is the same gradient.
     """
     if "cell" in removed:
         raise TypeError("rtrl(cell=f) was replaced by the cell protocol: subclass "
@@ -85,14 +102,29 @@ def rtrl(*, generic: bool = False, **removed) -> Algorithm:
         raise TypeError(f"rtrl() got unexpected keyword arguments {sorted(removed)}")
     if not isinstance(generic, bool):
         raise TypeError(f"generic must be a bool, got {generic!r}")
+    if not isinstance(layers, str) or layers not in LAYER_MODES:
+        raise ValueError(f"unknown layers mode {layers!r}; known modes: 'exact' (the influence "
+                         "of the whole stack, the exact gradient) and 'spatial' (exact RTRL "
+                         "within each layer, the error passed down within the step; Zucchet "
+                         "et al. 2023)")
+    spatial = layers == "spatial"
 
     def init(model, batch_size: int, *, h0: Tensor | None = None) -> RTRLState:
+        check_network(model, "rtrl()")
+        check_real(model)
+        model.init_state(1)  # real states only: a clear error before any probe
+        if spatial:
+            return _spatial_init(model, batch_size, h0, generic)
+        if not generic and not is_rnn(model) and model.num_layers == 1 \
+                and model.layers()[0][1].diagonal:
+            verify_diagonal(model.layers()[0][1], "rtrl()")
+            return _traces.init(model, batch_size, h0, None)
         if generic or not is_rnn(model):
             if is_rnn(model):
                 from ..cells.elman import ElmanState
 
                 h0 = None if h0 is None else (ElmanState(h0),)
-            return _net.init(model, batch_size, h0)
+            return _net.init(model, batch_size, h0, generic)
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         P = D + H + 1
@@ -110,6 +142,8 @@ def rtrl(*, generic: bool = False, **removed) -> Algorithm:
 
     def step(model, state: RTRLState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        if isinstance(state, _traces.NetTraceState):  # one diagonal layer, or spatial
+            return _traces.step(model, "local", state, x_t, target_t, mask_t, loss, dh_t)
         if isinstance(state, _net.NetRTRLState):
             new, out, grads = _net.step(model, generic, state, x_t, target_t, mask_t, loss,
                                         dh_t)
@@ -160,13 +194,37 @@ def rtrl(*, generic: bool = False, **removed) -> Algorithm:
     def flush(model, state: RTRLState):
         return state, None
 
+    args = [a for a, on in (("generic=True", generic), ("layers='spatial'", spatial)) if on]
     return Algorithm(
-        name="rtrl(generic=True)" if generic else "rtrl()",
+        name=f"rtrl({', '.join(args)})",
         init=init,
         step=step,
         flush=flush,
-        exact=True,
+        exact=not spatial,
         online=True,
         cost="time O(B S^2 N) per step (Elman: O(B H^3 (D + H + 1))), memory O(B S N), "
-             "constant in T; S state size, N recurrent parameters",
+             "constant in T; S state size, N recurrent parameters. One diagonal layer "
+             "(LRU, eLSTM): O(B C N) time and memory; layers='spatial': that per diagonal "
+             "layer, O(B S_l^2 N_l) per other layer",
     )
+
+
+def _spatial_init(model, batch_size: int, h0, generic: bool):
+    """rtrl(layers="spatial"): the trace engine with each layer exact on its own."""
+    check_network(model, "rtrl(layers='spatial')")
+    if is_rnn(model) or model.num_layers < 2:
+        raise ValueError(
+            "rtrl(layers='spatial') passes the error down a stack of layers and needs at least "
+            f"two; got a network of {model.num_layers} layer "
+            f"({type(model.layers()[0][1]).__name__}). For one layer it is exact RTRL: use "
+            "rtrl()")
+    modes = []
+    for _, cell in model.layers():
+        if generic:
+            modes.append("dense_generic")
+        elif cell.diagonal:
+            verify_diagonal(cell, "rtrl(layers='spatial')")
+            modes.append("local")
+        else:
+            modes.append("dense")
+    return _traces.init(model, batch_size, h0, None, tuple(modes))

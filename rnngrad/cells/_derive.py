@@ -16,7 +16,8 @@ from torch.func import jvp as _torch_jvp
 from .base import Immediate, Linearization, flatten_state, state_widths, unflatten_state
 
 __all__ = ["linearize", "forward_sequence", "backward_sequence", "unit_blocks",
-           "check_units", "jvp"]
+           "check_units", "jvp", "emit_vjp", "emit_jacobians", "verify_diagonal",
+           "verify_emit_only"]
 
 _jvp_ready = False
 
@@ -144,9 +145,32 @@ def linearize(cell, params, state, x: Tensor, need: tuple) -> Linearization:
 def _step_out(cell):
     def f(p, s, x):
         s2 = cell.step(p, s, x)
-        return s2, cell.output(s2)
+        return s2, cell.emit(p, s2, x)
 
     return f
+
+
+def emit_vjp(cell, params, state, x: Tensor, g: Tensor):
+    """The default ``Cell.emit_vjp``: one batched ``torch.func.vjp`` of ``emit``."""
+    params = _detached(params)
+    _, fn = vjp(lambda p, s, xx: cell.emit(p, s, xx), params, state, x)
+    dp, ds, dx = fn(g)
+    return dp, flatten_state(ds), dx
+
+
+def emit_jacobians(cell, params, state, x: Tensor):
+    """The default ``Cell.emit_jacobians``: ``vmap(jacrev)`` of ``emit`` for one example."""
+    params = _detached(params)
+
+    def single(p, s, xx):
+        st = unflatten_state(s.unsqueeze(0), state)
+        return cell.emit(p, st, xx.unsqueeze(0)).squeeze(0)
+
+    dp, Gs, Gx = vmap(jacrev(single, argnums=(0, 1, 2)), in_dims=(None, 0, 0))(
+        params, flatten_state(state), x)
+    B, H = Gs.shape[0], Gs.shape[1]
+    Gp = torch.cat([dp[n].reshape(B, H, -1) for n in params], dim=2)
+    return Gs, Gx, Gp
 
 
 def forward_sequence(cell, params, inputs: Tensor, state0, cache: bool):
@@ -164,7 +188,7 @@ def forward_sequence(cell, params, inputs: Tensor, state0, cache: bool):
     else:
         for t in range(T):
             s = cell.step(params, s, inputs[t])
-            outs.append(cell.output(s))
+            outs.append(cell.emit(params, s, inputs[t]))
     return torch.stack(outs), s, fns
 
 
@@ -250,3 +274,171 @@ def verify_ownership(cell, who: str) -> None:
                 "one step, so per-unit traces would drop part of its immediate term. Declare "
                 "param_blocks() (None for it) and immediate() to match, or use rtrl() or uoro()")
     _verified[cell] = True
+
+
+# ---- the diagonal declaration, checked -------------------------------------------------
+
+_diag_verified: Any = None
+_emit_only_verified: Any = None
+
+
+def _probe_points(cell):
+    """(params, state, x) to probe the cell at: its own parameters, then a random draw
+    (a structural coupling shows at either; a probe that is not finite is skipped)."""
+    g = torch.Generator().manual_seed(1)
+    named = {n: p.detach() for n, p in cell.named_parameters()}
+    like = cell.init_state(2)
+
+    def rand(t, scale=0.5):
+        return torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) * scale
+
+    state = type(like)(*(rand(s) for s in like))
+    x = torch.randn(2, cell.input_size, generator=g, dtype=like[0].dtype).to(like[0].device)
+    yield named, state, x
+    yield {n: rand(p) for n, p in named.items()}, state, x
+
+
+def _tol(t: Tensor) -> float:
+    return 1e-9 if t.dtype == torch.float64 else 1e-4
+
+
+def _step_jvp(cell, params, state, x, name: str | None, tangents: Tensor) -> Tensor:
+    """d state_t (flattened, (K, B, S)) along K tangents of the previous state (name None,
+    tangents (K, B, S)) or of parameter ``name`` (tangents (K, *shape))."""
+    if name is None:
+        s = flatten_state(state)
+
+        def f(v):
+            return flatten_state(cell.step(params, unflatten_state(v, state), x))
+
+        return vmap(lambda t: jvp(f, (s,), (t,))[1])(tangents)
+
+    def fp(v):
+        q = dict(params)
+        q[name] = v
+        return flatten_state(cell.step(q, state, x))
+
+    return vmap(lambda t: jvp(fp, (params[name],), (t,))[1])(tangents)
+
+
+def verify_emit_only(cell, who: str) -> None:
+    """Check, once per cell, that the parameters it gives to no unit (``param_blocks``
+    None) do not enter ``step``: they may then take their gradient from ``emit`` alone, at
+    the same step. Raises a clear error naming the parameter otherwise."""
+    global _emit_only_verified
+    import weakref
+
+    if _emit_only_verified is None:
+        _emit_only_verified = weakref.WeakKeyDictionary()
+    if _emit_only_verified.get(cell):
+        return
+    unowned = [n for n, G in cell.param_blocks().items() if G is None]
+    for params, state, x in _probe_points(cell) if unowned else ():
+        new = flatten_state(cell.step(params, state, x))
+        scale = max(1.0, float(new.abs().max()))
+        for name in unowned:
+            g = torch.Generator().manual_seed(2)
+            p = params[name]
+            t = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device).unsqueeze(0)
+            d = _step_jvp(cell, params, state, x, name, t)
+            if not bool(torch.isfinite(d).all()):
+                continue
+            if float(d.abs().max()) > _tol(d) * scale:
+                raise ValueError(
+                    f"{who}: parameter {name!r} of {type(cell).__name__} (shape "
+                    f"{tuple(p.shape)}) is owned by no unit (param_blocks gives None) but "
+                    "enters step: its influence on the state would be dropped. Give it to "
+                    "units in param_blocks() (shape (G * n_units, ...)) or use it only in emit")
+    _emit_only_verified[cell] = True
+
+
+def verify_diagonal(cell, who: str) -> None:
+    """Check, once per cell, what ``diagonal = True`` promises (``Cell`` docstring): the
+    state Jacobian is block-diagonal over units, each owned parameter row moves only its
+    unit, and unowned parameters enter only ``emit``.
+
+    Probe (cheap at any size, 2 C + 2 jvps per parameter): with r_j random per unit, the
+    jvp along ``r_j`` on unit j's entries must equal r_i times the jvp along ones, unit by
+    unit; any cross-unit term breaks that. On a failure the coupling is located (one
+    jvp per unit) and named."""
+    global _diag_verified
+    import weakref
+
+    if _diag_verified is None:
+        _diag_verified = weakref.WeakKeyDictionary()
+    if _diag_verified.get(cell):
+        return
+    name_c = type(cell).__name__
+    like = cell.init_state(2)
+    C, U = check_units(cell, like)
+    fields = getattr(type(like), "_fields", None) or [str(i) for i in range(C)]
+    blocks = cell.param_blocks()
+    checked = False
+    for params, state, x in _probe_points(cell):
+        ref = like[0]
+        r = 0.5 + torch.rand(U, generator=torch.Generator().manual_seed(3),
+                             dtype=ref.dtype).to(ref.device)
+        B = ref.shape[0]
+        # the previous state, component by component: tangents ones_c, then r_c
+        tang = torch.zeros(2 * C, B, C, U, dtype=ref.dtype, device=ref.device)
+        for c in range(C):
+            tang[c, :, c] = 1.0
+            tang[C + c, :, c] = r
+        out = _step_jvp(cell, params, state, x, None, tang.view(2 * C, B, C * U))
+        if not bool(torch.isfinite(out).all()):
+            continue
+        checked = True
+        out = out.view(2 * C, B, C, U)
+        for c in range(C):
+            bad = _mismatch(out[c], out[C + c], r)
+            if bad is not None:
+                i = bad
+                onehot = torch.zeros(U, B, C, U, dtype=ref.dtype, device=ref.device)
+                onehot[torch.arange(U), :, c, torch.arange(U)] = 1.0
+                cols = _step_jvp(cell, params, state, x, None, onehot.view(U, B, C * U))
+                cols = cols.view(U, B, C, U)[:, :, :, i].abs().amax(dim=1)  # (U_j, C')
+                cols[i] = 0.0
+                j, c2 = divmod(int(cols.argmax()), C)
+                raise ValueError(
+                    f"{who}: {name_c} declares diagonal = True but its units couple: "
+                    f"d state_t.{fields[c2]}[{i}] / d state_(t-1).{fields[c]}[{j}] = "
+                    f"{float(cols[j, c2]):.3g} (unit {j} moves unit {i} within one step). "
+                    "Per-unit traces would drop that path: set diagonal = False (rtrl() then "
+                    "keeps the dense influence) or make step keep the units apart")
+        for pname, G in blocks.items():
+            if G is None:
+                continue
+            p = params[pname]
+            rows = r.repeat(G).view(-1, *([1] * (p.dim() - 1)))
+            t = torch.stack((torch.ones_like(p), rows.expand_as(p)))
+            o = _step_jvp(cell, params, state, x, pname, t).view(2, B, C, U)
+            bad = _mismatch(o[0], o[1], r)
+            if bad is not None:
+                i = bad
+                onehot = torch.zeros(U, G, U, dtype=p.dtype, device=p.device)
+                onehot[torch.arange(U), :, torch.arange(U)] = 1.0
+                t = onehot.view(U, G * U, *([1] * (p.dim() - 1))).expand(U, *p.shape)
+                cols = _step_jvp(cell, params, state, x, pname, t).view(U, B, C, U)
+                cols = cols[:, :, :, i].abs().amax(dim=(1, 2))
+                cols[i] = 0.0
+                j = int(cols.argmax())
+                raise ValueError(
+                    f"{who}: {name_c} declares diagonal = True but parameter {pname!r} (shape "
+                    f"{tuple(p.shape)}, G={G}) is not owned row by row: the rows of unit {j} "
+                    f"move unit {i} within one step. Declare param_blocks() to match or set "
+                    "diagonal = False")
+    if not checked:
+        raise ValueError(f"{who}: could not verify that {name_c} is diagonal: its step is not "
+                         "finite at the probe points (its own parameters and a random draw)")
+    verify_emit_only(cell, who)
+    _diag_verified[cell] = True
+
+
+def _mismatch(ones: Tensor, scaled: Tensor, r: Tensor) -> int | None:
+    """The unit i where ``scaled[..., i] != r_i ones[..., i]`` most (ones, scaled (B, C, U)),
+    or None when they agree to round-off."""
+    diff = (scaled - r * ones).abs().amax(dim=(0, 1))
+    scale = max(float(ones.abs().max()) * float(r.max()), 1e-30)
+    if float(diff.max()) <= _tol(ones) * scale:
+        return None
+    return int(diff.argmax())

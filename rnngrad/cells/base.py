@@ -7,6 +7,15 @@ in the manner of equinox's cells and ``torch.func``::
     state_t = cell.step(params, state_{t-1}, x_t)  # params: dict name -> tensor, x_t (B, D)
     h_t     = cell.output(state_t)                 # (B, H): what the readout or next layer sees
 
+A cell whose output also depends on its parameters or on the step's input (the LRU's
+``Re(C h_t) + D x_t``, the eLSTM's output gate) writes ``emit`` instead; the algorithms
+call ``emit`` everywhere, and its default is ``output``::
+
+    h_t     = cell.emit(params, state_t, x_t)      # (B, H); default: cell.output(state_t)
+
+A parameter that only ``emit`` uses is owned by no unit (``param_blocks`` None): like
+``W_out``, it takes its gradient from the same step alone.
+
 ``params`` is ``dict(cell.named_parameters())`` or any dict with the same keys, so
 ``torch.func.functional_call``, ``jvp``, ``vjp``, ``jacrev`` and ``vmap`` work on any
 cell. ``step`` must be written for a batch, without in-place updates of its arguments,
@@ -31,6 +40,14 @@ Structure a cell may declare (each optional; the defaults here derive it with
   flattened state ``s = [state_0 | state_1 | ...]`` (S = sum of the widths) RTRL needs.
 - **forward_sequence** / **backward_sequence**: a hand-derived whole-sequence BPTT.
   The default runs ``step`` and keeps one ``torch.func.vjp`` per step.
+- **diagonal** (a class attribute, default False): units do not couple. True promises
+  that ``d state_t[., i] / d state_{t-1}[., j] = 0`` for i != j, that a parameter row
+  owned by unit i moves only unit i within ``step``, and that parameters owned by no
+  unit enter only ``emit``. RTRL then needs only per-unit traces, O(|params|) per
+  example (Zucchet et al. 2023; Irie et al. 2023). The algorithms that rely on it
+  check it once per cell (``_derive.verify_diagonal``) and refuse a cell whose
+  units couple.
+- **emit_vjp** / **emit_jacobians**: the derivatives of ``emit`` (torch.func by default).
 
 Algorithms call ``linearize``, which returns the next state together with whatever
 they ask for; built-in cells override it to get everything from one pass.
@@ -111,6 +128,7 @@ class Cell(nn.Module):
 
     input_size: int
     hidden_size: int
+    diagonal: bool = False  # units do not couple (see the module docstring); verified
 
     # ---- the protocol -----------------------------------------------------------------
 
@@ -125,6 +143,29 @@ class Cell(nn.Module):
     def output(self, state) -> Tensor:
         """(B, H): what the readout or the next layer sees."""
         raise NotImplementedError(f"{type(self).__name__} must define output(state)")
+
+    def emit(self, params: Params, state, x: Tensor) -> Tensor:
+        """(B, H): the output of step t from the new state, the parameters and the step's
+        input x (B, D). Default: ``output(state)``; override it (and leave ``output``
+        undefined) when the output depends on parameters or on x."""
+        return self.output(state)
+
+    def emit_vjp(self, params: Params, state, x: Tensor, g: Tensor):
+        """The adjoint of ``emit`` for a cotangent g (B, H): ``(d_params, d_state, d_x)``,
+        d_params a dict name -> tensor summed over the batch (the parameters ``emit``
+        uses; others may be absent), d_state (B, S) flattened, d_x (B, D). Default:
+        ``torch.func.vjp``."""
+        from . import _derive
+
+        return _derive.emit_vjp(self, params, state, x, g)
+
+    def emit_jacobians(self, params: Params, state, x: Tensor):
+        """``(G_s (B, H, S), G_x (B, H, D), G_p (B, H, N))``: ``emit``'s Jacobians per
+        example, G_p's columns the parameters flattened in ``params`` order (what exact
+        RTRL on a stack needs of a lower layer). Default: ``vmap(jacrev)``."""
+        from . import _derive
+
+        return _derive.emit_jacobians(self, params, state, x)
 
     # ---- conveniences -----------------------------------------------------------------
 
@@ -230,6 +271,11 @@ class Cell(nn.Module):
 
         return _derive.backward_sequence(self, params, inputs, state0, cache, d_outputs, d_state,
                                          input_grad)
+
+    @property
+    def emits(self) -> bool:
+        """True when the cell overrides ``emit``: its output depends on parameters or x."""
+        return type(self).emit is not Cell.emit
 
     @property
     def hand_derived_bptt(self) -> bool:
