@@ -11,6 +11,7 @@ from .adding import Adding
 from .base import Batch, make_generator
 from .copy import Copy
 from .digits import Digits, load_digits
+from .evidence import EvidenceAccumulation
 from .sine import Sine
 from .stream_add import StreamAdd
 
@@ -18,11 +19,13 @@ __all__ = ["Batch", "make_generator", "Digits", "load_digits", "Adding", "Copy",
            "TASKS", "get_task"]
 
 __all__ += ["StreamAdd"]
+__all__ += ["EvidenceAccumulation"]
 
 TASKS = {
     "adding": Adding,
     "copy": Copy,
     "digits": Digits,
+    "evidence": EvidenceAccumulation,
     "sine": Sine,
     "stream_add": StreamAdd,
 }
