@@ -19,30 +19,60 @@ from ..cells.activations import get_activation
 from ..cells.elman import cell_step
 from .base import Grads, output_grads, readout_step
 
-__all__ = ["Forward", "forward", "learning_signal", "split_theta", "emit", "generator_for",
-           "random_signs", "check_seed"]
+__all__ = ["Forward", "Work", "workspace", "forward", "contract", "learning_signal",
+           "split_theta", "emit", "generator_for", "random_signs", "check_seed"]
 
 
 class Forward(NamedTuple):
-    h: Tensor  # (B, H) h_t
-    d: Tensor  # (B, H) alpha phi'(a_t): the diagonal of Mbar_t (and of dh_t/da_t)
-    dphi: Tensor  # (B, H) phi'(a_t)
-    pre: Tensor  # (B, P) [h_{t-1}; x_t; 1]
+    h: Tensor  # (B, H) h_t, a new tensor (the caller keeps it)
+    dphi: Tensor  # (B, H) phi'(a_t); alpha phi'(a_t) is the diagonal of Mbar_t (and of dh_t/da_t)
+    pre: Tensor  # (B, P) [h_{t-1}; x_t; 1], written into the state's workspace
     z: Tensor  # (B, K) z_t
     loss: Tensor  # () this step's loss
     dz: Tensor | None  # (B, K) dl_t/dz_t weighted by mask/B; None without a target
 
 
-def forward(model, h_prev: Tensor, x_t: Tensor, target_t, mask_t, loss: str) -> Forward:
-    """One step of the cell and the readout, with what the online rules need."""
+class Work(NamedTuple):
+    """Buffers a rule's state keeps so that its steps allocate nothing of their size."""
+
+    pre: Tensor  # (B, P) pre_t = [h_{t-1}; x_t; 1], rewritten every step
+    ones: Tensor  # (B, 1) the constant column of pre_t
+
+
+def workspace(model, batch_size: int) -> Work:
+    p = model.W_rec
+    P = model.hidden_size + model.input_size + 1
+    kw = {"dtype": p.dtype, "device": p.device}
+    return Work(torch.empty(batch_size, P, **kw), torch.ones(batch_size, 1, **kw))
+
+
+def forward(model, h_prev: Tensor, x_t: Tensor, target_t, mask_t, loss: str,
+            work: Work) -> Forward:
+    """One step of the cell and the readout, with what the online rules need.
+
+    ``pre_t`` is written into the state's workspace (one ``cat`` into it), so no (B, P)
+    tensor is made per step; it is overwritten by the next step and never returned.
+    """
     act = get_activation(model.activation)
     h, a, fa = cell_step(model.W_in, model.W_rec, model.b_rec, h_prev, x_t,
                          activation=act, alpha=model.alpha)
     dphi = act.deriv(a, fa)
-    d = dphi if model.alpha == 1.0 else dphi * model.alpha
-    pre = torch.cat([h_prev, x_t, h_prev.new_ones(h_prev.shape[0], 1)], dim=1)
+    pre = torch.cat([h_prev, x_t, work.ones], dim=1, out=work.pre)
     z, value, dz = readout_step(model, h, target_t, mask_t, loss)
-    return Forward(h, d, dphi, pre, z, value, dz)
+    return Forward(h, dphi, pre, z, value, dz)
+
+
+def contract(L: Tensor, X: Tensor) -> Tensor:
+    """``G[i, j] = sum_b L[b, i] X[b, i, j]``, a new (H, P) tensor: the gradient of a
+    per-unit trace or influence X (B, H, P) under the signal L (B, H).
+
+    One batched GEMV over the units, reading X once in place (the (H, B, P) view of X is
+    strided, not copied); for B = 1 a row scaling. ``torch.einsum("bi,bij->ij")`` copies
+    X one unit at a time here and costs several times more.
+    """
+    if X.shape[0] == 1:
+        return X[0] * L[0].unsqueeze(1)
+    return torch.bmm(L.T.contiguous().unsqueeze(1), X.transpose(0, 1)).squeeze(1)
 
 
 def learning_signal(dz: Tensor | None, feedback: Tensor, dh_t: Tensor | None) -> Tensor | None:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from . import _traces_network as _net
 from ._network import check_network, is_rnn
-from ._online import check_seed, emit, forward, learning_signal
+from ._online import Work, check_seed, contract, emit, forward, learning_signal, workspace
 from .base import Algorithm, StepOutput
 
 __all__ = ["eprop", "EpropState", "FEEDBACKS"]
@@ -52,6 +52,7 @@ class EpropState(NamedTuple):
     trace: Tensor | None  # (B, H, P) e_t; None for alpha = 1 (never formed)
     feedback: Tensor | None  # (K, H) fixed random B^T; None: symmetric (the current W_out)
     c: float | None  # (1 - alpha)^t = dh_t/dh_0 along the leak; None unless h0 is tracked
+    work: Work | None = None  # buffers reused by every step (rnngrad.RNN only)
 
 
 def random_feedback(model, seed: int) -> Tensor:
@@ -99,7 +100,7 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
         if model.alpha != 1.0:
             trace = torch.zeros(batch_size, H, H + D + 1, dtype=p.dtype, device=p.device)
         fb = random_feedback(model, seed) if feedback == "random" else None
-        return EpropState(h, trace, fb, None if h0 is None else 1.0)
+        return EpropState(h, trace, fb, None if h0 is None else 1.0, workspace(model, batch_size))
 
     def step(model, state: EpropState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
@@ -107,19 +108,21 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
             return _net.step(model, "eligibility", state, x_t, target_t, mask_t, loss, dh_t)
         alpha = model.alpha
         with torch.no_grad():
-            f = forward(model, state.h, x_t, target_t, mask_t, loss)
+            f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
             fb = model.W_out if state.feedback is None else state.feedback
             L = learning_signal(f.dz, fb, dh_t)
             trace = state.trace
             if trace is not None:
-                # trace_t = (1 - alpha) trace_{t-1} + (alpha phi'(a_t)) pre_t^T, in place
-                trace = trace.baddbmm_(f.d.unsqueeze(2), f.pre.unsqueeze(1), beta=1.0 - alpha)
+                # trace_t = (1 - alpha) trace_{t-1} + (alpha phi'(a_t)) pre_t^T: one pass over
+                # the trace, in place (a batched outer product accumulated with beta)
+                trace.baddbmm_(f.dphi.unsqueeze(2), f.pre.unsqueeze(1), beta=1.0 - alpha,
+                               alpha=alpha)
             G = None
             if L is not None:
                 if trace is None:
-                    G = (L * f.d).T @ f.pre  # sum_b L_t^i phi'(a_t^i) pre_t^j: one GEMM
+                    G = (L * f.dphi).T @ f.pre  # sum_b L_t^i phi'(a_t^i) pre_t^j: one GEMM
                 else:
-                    G = torch.einsum("bi,bij->ij", L, trace)
+                    G = contract(L, trace)  # sum_b L_t^i trace_t[i, j]
             c = None if state.c is None else state.c * (1.0 - alpha)
             grads = emit(model, f, G)
             if grads is not None and c is not None:

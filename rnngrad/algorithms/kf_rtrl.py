@@ -32,7 +32,16 @@ import torch
 from torch import Tensor
 
 from ._network import is_rnn
-from ._online import check_seed, emit, forward, generator_for, learning_signal, random_signs
+from ._online import (
+    Work,
+    check_seed,
+    emit,
+    forward,
+    generator_for,
+    learning_signal,
+    random_signs,
+    workspace,
+)
 from .base import Algorithm, StepOutput
 
 __all__ = ["kf_rtrl", "KFState"]
@@ -42,6 +51,8 @@ class KFState(NamedTuple):
     h: Tensor  # (B, H) h_t
     u: Tensor  # (B, P) u_t, the factor over the columns of [W_rec | W_in | b_rec]
     A: Tensor  # (H, B, H) A_t[k, b, i]: example b's factor over (unit k, row i)
+    A_spare: Tensor | None = None  # (H, B, H) the buffer the next step writes A_{t+1} into
+    work: Work | None = None  # buffers reused by every step
 
 
 def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
@@ -73,36 +84,40 @@ def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}
-        return KFState(torch.zeros(batch_size, H, **kw),
-                       torch.zeros(batch_size, H + D + 1, **kw),
-                       torch.zeros(H, batch_size, H, **kw))
+        A = torch.zeros(H, batch_size, H, **kw)
+        return KFState(torch.zeros(batch_size, H, **kw), torch.zeros(batch_size, H + D + 1, **kw),
+                       A, torch.empty_like(A), workspace(model, batch_size))
 
     def step(model, state: KFState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
         alpha = model.alpha
         with torch.no_grad():
-            f = forward(model, state.h, x_t, target_t, mask_t, loss)
+            f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
+            d = f.dphi if alpha == 1.0 else f.dphi * alpha  # alpha phi'(a_t)
             B, H = f.h.shape
             c = random_signs((2, B), generator_for(gens, f.h.device, seed), f.h)
             A = state.A
-            WA = (model.W_rec @ A.view(H, B * H)).view(H, B, H)
-            JA = WA.mul_(f.d.T.unsqueeze(2))  # alpha phi'(a_t^k) (W_rec A)[k, b, i]
+            # W_rec A for the whole batch: one (H, H) x (H, B H) GEMM into the spare buffer
+            JA = torch.mm(model.W_rec, A.view(H, B * H), out=state.A_spare.view(H, B * H))
+            JA = JA.view(H, B, H).mul_(d.T.unsqueeze(2))  # alpha phi'(a_t^k) (W_rec A)[k, b, i]
             if alpha != 1.0:
                 JA = JA.add_(A, alpha=1.0 - alpha)
-            norm_JA = JA.square().sum((0, 2)).sqrt_()  # (B,)
+            norm_JA = torch.linalg.vector_norm(JA, dim=(0, 2))  # (B,)
             p1 = ((norm_JA + eps) / (state.u.norm(dim=1) + eps)).sqrt_()
-            p2 = ((f.d.norm(dim=1) + eps) / (f.pre.norm(dim=1) + eps)).sqrt_()
-            u = torch.addcmul((c[1] * p2).unsqueeze(1) * f.pre, (c[0] * p1).unsqueeze(1),
-                              state.u)
+            p2 = ((d.norm(dim=1) + eps) / (f.pre.norm(dim=1) + eps)).sqrt_()
+            # u_t = c1 p1 u_{t-1} + c2 p2 pre_t, in place
+            u = state.u.mul_((c[0] * p1).unsqueeze(1)).addcmul_((c[1] * p2).unsqueeze(1), f.pre)
             A_new = JA.mul_((c[0] / p1).view(1, B, 1))
-            A_new.diagonal(dim1=0, dim2=2).add_(f.d * (c[1] / p2).unsqueeze(1))  # + D_t
+            A_new.diagonal(dim1=0, dim2=2).add_(d * (c[1] / p2).unsqueeze(1))  # + D_t
             q = learning_signal(f.dz, model.W_out, dh_t)
             G = None
             if q is not None:
-                r = (q.T.unsqueeze(2) * A_new).sum(0)  # (A_t^T q_t), (B, H)
+                # (A_t^T q_t)[b, i] = sum_k q_t[b, k] A_t[k, b, i]: a batched GEMV over examples
+                r = torch.bmm(q.unsqueeze(1), A_new.transpose(0, 1)).squeeze(1)  # (B, H)
                 G = r.T @ u
             grads = emit(model, f, G)
-        return KFState(f.h, u, A_new), StepOutput(f.h, f.z, f.loss), grads
+        new = state._replace(h=f.h, u=u, A=A_new, A_spare=A)
+        return new, StepOutput(f.h, f.z, f.loss), grads
 
     def flush(model, state: KFState):
         return state, None

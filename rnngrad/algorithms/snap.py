@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import _traces_network as _net
 from ._network import check_network, is_rnn
-from ._online import emit, forward, learning_signal
+from ._online import Work, contract, emit, forward, learning_signal, workspace
 from .base import Algorithm, StepOutput
 
 __all__ = ["snap1", "SnapState"]
@@ -42,6 +42,7 @@ class SnapState(NamedTuple):
     h: Tensor  # (B, H) h_t
     M: Tensor  # (B, H, P) M_t[b, i, j] = dh_t^i / dtheta_ij (the kept entries)
     c: Tensor | None  # (B, H) dh_t^i / dh_0^i (same sparsity); None unless h0 is tracked
+    work: Work | None = None  # buffers reused by every step (rnngrad.RNN only)
 
 
 def snap1() -> Algorithm:
@@ -67,7 +68,7 @@ def snap1() -> Algorithm:
         h = torch.zeros(batch_size, H, **kw) if h0 is None else h0
         M = torch.zeros(batch_size, H, H + D + 1, **kw)
         c = None if h0 is None else torch.ones(batch_size, H, **kw)
-        return SnapState(h, M, c)
+        return SnapState(h, M, c, workspace(model, batch_size))
 
     def step(model, state: SnapState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
@@ -75,18 +76,21 @@ def snap1() -> Algorithm:
             return _net.step(model, "local", state, x_t, target_t, mask_t, loss, dh_t)
         alpha = model.alpha
         with torch.no_grad():
-            f = forward(model, state.h, x_t, target_t, mask_t, loss)
-            Jd = f.d * model.W_rec.diagonal()  # alpha phi'(a_t^i) W_rec[i, i]
+            f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
+            d = f.dphi if alpha == 1.0 else f.dphi * alpha
+            Jd = d * model.W_rec.diagonal()  # alpha phi'(a_t^i) W_rec[i, i]
             if alpha != 1.0:
-                Jd = Jd + (1.0 - alpha)
-            M = state.M.mul_(Jd.unsqueeze(2)).baddbmm_(f.d.unsqueeze(2), f.pre.unsqueeze(1))
+                Jd = Jd.add_(1.0 - alpha)
+            # M_t = Jd_t M_{t-1} + (alpha phi'(a_t)) pre_t^T, in place: the row scaling differs
+            # per example and unit, so it is a pass of its own before the outer product
+            M = state.M.mul_(Jd.unsqueeze(2)).baddbmm_(d.unsqueeze(2), f.pre.unsqueeze(1))
             c = None if state.c is None else state.c * Jd
             q = learning_signal(f.dz, model.W_out, dh_t)
-            G = None if q is None else torch.einsum("bi,bij->ij", q, M)
+            G = None if q is None else contract(q, M)  # sum_b q_t^i M_t[i, j]
             grads = emit(model, f, G)
             if grads is not None and c is not None:
                 grads["h0"] = q * c if q is not None else torch.zeros_like(f.h)
-        return SnapState(f.h, M, c), StepOutput(f.h, f.z, f.loss), grads
+        return state._replace(h=f.h, M=M, c=c), StepOutput(f.h, f.z, f.loss), grads
 
     def flush(model, state: SnapState):
         return state, None

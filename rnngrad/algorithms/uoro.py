@@ -36,7 +36,16 @@ from torch import Tensor
 
 from . import _uoro_network as _net
 from ._network import check_network, is_rnn
-from ._online import check_seed, emit, forward, generator_for, learning_signal, random_signs
+from ._online import (
+    Work,
+    check_seed,
+    emit,
+    forward,
+    generator_for,
+    learning_signal,
+    random_signs,
+    workspace,
+)
 from .base import Algorithm, StepOutput
 
 __all__ = ["uoro", "UOROState"]
@@ -46,6 +55,7 @@ class UOROState(NamedTuple):
     h: Tensor  # (B, H) h_t
     h_tilde: Tensor  # (B, H) h~_t
     theta_tilde: Tensor  # (B, H, P) theta~_t, over [W_rec | W_in | b_rec]
+    work: Work | None = None  # buffers reused by every step
 
 
 def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
@@ -78,7 +88,7 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}
         return UOROState(torch.zeros(batch_size, H, **kw), torch.zeros(batch_size, H, **kw),
-                         torch.zeros(batch_size, H, H + D + 1, **kw))
+                         torch.zeros(batch_size, H, H + D + 1, **kw), workspace(model, batch_size))
 
     def step(model, state: UOROState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
@@ -87,29 +97,31 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
             return _net.step(model, gen, eps, state, x_t, target_t, mask_t, loss, dh_t)
         alpha = model.alpha
         with torch.no_grad():
-            f = forward(model, state.h, x_t, target_t, mask_t, loss)
+            f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
+            d = f.dphi if alpha == 1.0 else f.dphi * alpha  # alpha phi'(a_t)
             B, H = f.h.shape
             nu = random_signs((B, H), generator_for(gens, f.h.device, seed), f.h)
             h_t, th = state.h_tilde, state.theta_tilde
-            Jh = f.d * (h_t @ model.W_rec.T)  # J_t h~ = (1 - alpha) h~ + alpha phi' W_rec h~
+            Jh = d * (h_t @ model.W_rec.T)  # J_t h~ = (1 - alpha) h~ + alpha phi' W_rec h~
             if alpha != 1.0:
                 Jh = Jh.add_(h_t, alpha=1.0 - alpha)
-            u = nu * f.d  # Mbar^T nu = u pre^T
-            norm_th = th.flatten(1).norm(dim=1)
+            norm_th = torch.linalg.vector_norm(th.view(B, -1), dim=1)  # one read of theta~
             norm_Jh = Jh.norm(dim=1)
-            norm_Mnu = f.d.norm(dim=1) * f.pre.norm(dim=1)
+            norm_Mnu = d.norm(dim=1) * f.pre.norm(dim=1)
             rho0 = ((norm_th + eps) / (norm_Jh + eps)).sqrt_()  # (B,)
             rho1 = ((norm_Mnu + eps) / (math.sqrt(H) + eps)).sqrt_()  # (B,)
             h_new = torch.addcmul(rho1.unsqueeze(1) * nu, rho0.unsqueeze(1), Jh)
-            th = th.mul_((1.0 / rho0).view(B, 1, 1)).baddbmm_(
-                (u / rho1.unsqueeze(1)).unsqueeze(2), f.pre.unsqueeze(1))
+            # theta~_t = theta~_{t-1} / rho0 + (Mbar^T nu) / rho1, in place; Mbar^T nu = u pre^T
+            u = (nu * d).div_(rho1.unsqueeze(1))
+            th.mul_(rho0.reciprocal().view(B, 1, 1)).baddbmm_(u.unsqueeze(2), f.pre.unsqueeze(1))
             q = learning_signal(f.dz, model.W_out, dh_t)
             G = None
             if q is not None:
                 s = (q * h_new).sum(1)  # q_t . h~_t, (B,)
-                G = (s @ th.view(B, -1)).view(H, -1)
+                G = (s @ th.view(B, -1)).view(H, -1)  # one GEMV over the batch
             grads = emit(model, f, G)
-        return UOROState(f.h, h_new, th), StepOutput(f.h, f.z, f.loss), grads
+        new = state._replace(h=f.h, h_tilde=h_new, theta_tilde=th)
+        return new, StepOutput(f.h, f.z, f.loss), grads
 
     def flush(model, state: UOROState):
         return state, None
