@@ -225,6 +225,7 @@ def test_hand_bptt_matches_autograd(cell, T, batch, with_d_state):
     for a, b in zip(d_s0, ref_s0):
         assert rel_err(a, b) <= 1e-10
     # input_grad=False skips d_inputs and changes nothing else
+    _, _, cache = cell.forward_sequence(params, inputs, state0, cache=True)
     g2, none, d_s0b = cell.backward_sequence(params, inputs, state0, cache, d_out, d_state,
                                              input_grad=False)
     assert none is None

@@ -114,17 +114,24 @@ def test_forward_sequence_under_autograd_is_differentiable():
     assert not grads["W_hh"].requires_grad
 
 
-def test_cache_is_reusable():
+def test_cache_serves_one_backward_and_arguments_stay():
+    """backward_sequence writes over the cache's gates: a second use is a clear error;
+    the caller's d_outputs, d_state, state0 and inputs are left as they were."""
     D, H, B, T = 2, 3, 2, 4
     cell = GRU(D, H, dtype=DT)
     p = {k: v.detach() for k, v in cell.params().items()}
-    x, s0 = torch.randn(T, B, D, dtype=DT), cell.init_state(B)
+    x, s0 = torch.randn(T, B, D, dtype=DT), GRUState(torch.randn(B, H, dtype=DT))
+    d_out, d_state = torch.randn(T, B, H, dtype=DT), GRUState(torch.randn(B, H, dtype=DT))
+    keep = [t.clone() for t in (x, s0.h, d_out, d_state.h)]
     _, _, cache = cell.forward_sequence(p, x, s0, cache=True)
-    d_out = torch.randn(T, B, H, dtype=DT)
-    first = cell.backward_sequence(p, x, s0, cache, d_out)
-    second = cell.backward_sequence(p, x, s0, cache, d_out)
+    first = cell.backward_sequence(p, x, s0, cache, d_out, d_state)
+    assert all(torch.equal(a, b) for a, b in zip(keep, (x, s0.h, d_out, d_state.h)))
+    with pytest.raises(ValueError, match="used by an earlier backward_sequence"):
+        cell.backward_sequence(p, x, s0, cache, d_out, d_state)
+    _, _, cache = cell.forward_sequence(p, x, s0, cache=True)
+    second = cell.backward_sequence(p, x, s0, cache, d_out, d_state)
     assert all(torch.equal(first[0][k], second[0][k]) for k in first[0])
-    assert torch.equal(first[1], second[1])
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2].h, second[2].h)
 
 
 def test_errors():
@@ -135,6 +142,8 @@ def test_errors():
     x = torch.zeros(5, 2, 3, dtype=DT)
     with pytest.raises(ValueError, match="needs the cache"):
         cell.backward_sequence(p, x, s0, None, torch.zeros(5, 2, 4, dtype=DT))
+    with pytest.raises(TypeError, match="cache must come from GRU.forward_sequence"):
+        cell.backward_sequence(p, x, s0, (1, 2, 3), torch.zeros(5, 2, 4, dtype=DT))
     with torch.no_grad():
         _, _, cache = cell.forward_sequence(p, x, s0, cache=True)
     with pytest.raises(ValueError, match=r"d_outputs has shape \(5, 2, 3\) but expected \(5, 2, 4\)"):

@@ -126,19 +126,22 @@ def test_forward_sequence_under_autograd_is_differentiable():
     assert torch.allclose(grads["W_ih"], g, rtol=1e-12, atol=1e-14)
 
 
-def test_cache_and_arguments_unchanged():
+def test_cache_serves_one_backward_and_arguments_stay():
     D, H, B, T = 2, 3, 2, 4
     cell = LSTM(D, H, dtype=DT)
     p = {k: v.detach() for k, v in cell.params().items()}
     x = torch.randn(T, B, D, dtype=DT)
     s0 = LSTMState(torch.randn(B, H, dtype=DT), torch.randn(B, H, dtype=DT))
-    _, _, cache = cell.forward_sequence(p, x, s0, cache=True)
     d_out = torch.randn(T, B, H, dtype=DT)
     d_state = LSTMState(torch.randn(B, H, dtype=DT), torch.randn(B, H, dtype=DT))
-    keep = [t.clone() for t in (*cache, d_out, *d_state, *s0)]
+    keep = [t.clone() for t in (x, d_out, *d_state, *s0)]
+    _, _, cache = cell.forward_sequence(p, x, s0, cache=True)
     first = cell.backward_sequence(p, x, s0, cache, d_out, d_state)
+    assert all(torch.equal(a, b) for a, b in zip(keep, (x, d_out, *d_state, *s0)))
+    with pytest.raises(ValueError, match="this LSTM cache was used by an earlier backward"):
+        cell.backward_sequence(p, x, s0, cache, d_out, d_state)
+    _, _, cache = cell.forward_sequence(p, x, s0, cache=True)
     second = cell.backward_sequence(p, x, s0, cache, d_out, d_state)
-    assert all(torch.equal(a, b) for a, b in zip(keep, (*cache, d_out, *d_state, *s0)))
     assert all(torch.equal(first[0][k], second[0][k]) for k in first[0])
     assert all(torch.equal(a, b) for a, b in zip(first[2], second[2]))
 

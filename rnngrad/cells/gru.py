@@ -6,33 +6,35 @@ is that gate's block of H rows (``W_hn = W_hh[2H:3H]``).
 
 Forward (one step; ``torch.nn.GRU`` computes exactly this)::
 
-    gi_t  = W_ih x_t + b_ih                     (B, 3H)  input part of every gate
-    gh_t  = W_hh h_{t-1} + b_hh                 (B, 3H)  recurrent part of every gate
-    r_t   = sigmoid(gi_r + gh_r)                (B, H)   reset gate
-    z_t   = sigmoid(gi_z + gh_z)                (B, H)   update gate
-    n_t   = tanh(gi_n + r_t * gh_n)             (B, H)   candidate (the reset gate scales
-                                                         W_hn h_{t-1} + b_hn, bias included)
-    h_t   = (1 - z_t) n_t + z_t h_{t-1}         (B, H)   = n_t + z_t (h_{t-1} - n_t)
+    gi_t = W_ih x_t + b_ih                      (B, 3H)  input part of every gate
+    gh_t = W_hh h_{t-1} + b_hh                  (B, 3H)  recurrent part of every gate
+    a_r  = gi_r + gh_r,       r_t = sigmoid(a_r)    (B, H)   reset gate
+    a_z  = gi_z + gh_z,       z_t = sigmoid(a_z)    (B, H)   update gate
+    a_n  = gi_n + r_t gh_n,   n_t = tanh(a_n)       (B, H)   candidate: the reset gate scales
+                                                             W_hn h_{t-1} + b_hn, bias included
+    h_t  = (1 - z_t) n_t + z_t h_{t-1}          (B, H)   = n_t + z_t (h_{t-1} - n_t)
 
-Backward, from ``delta_{T+1}``-terms zero; ``hbar_t = dL/dh_t`` arriving from outside
-(readout, next layer; plus ``d_state`` at t = T)::
+Backward, t = T down to 1; ``hbar_t = dL/dh_t`` arriving from outside (readout, next
+layer; plus ``d_state.h`` at t = T), and the terms from step T + 1 zero::
 
     delta_t = hbar_t + z_{t+1} delta_{t+1} + W_hh^T dgh_{t+1}   (B, H)  dL/dh_t, total
     dn_t    = delta_t (1 - z_t)                                 (B, H)  dL/dn_t
-    da_n    = dn_t (1 - n_t^2)                                  (B, H)  dL/d(gi_n + r gh_n)
-    dgh_n   = r_t da_n                                          (B, H)  dL/d gh_n
-    da_r    = da_n gh_n r_t (1 - r_t)                           (B, H)  dL/d(gi_r + gh_r)
-    da_z    = delta_t (h_t - n_t) (1 - z_t)                     (B, H)  dL/d(gi_z + gh_z);
+    da_n    = dn_t (1 - n_t^2)                                  (B, H)  dL/da_n
+    dgh_n   = r_t da_n                                          (B, H)  dL/dgh_n
+    da_r    = da_n gh_n r_t (1 - r_t)                           (B, H)  dL/da_r
+    da_z    = delta_t (h_t - n_t) (1 - z_t)                     (B, H)  dL/da_z, using
                                                                         h_t - n_t = z_t (h_{t-1} - n_t)
     dgi_t   = [da_r, da_z, da_n]                                (B, 3H) dL/dgi_t
     dgh_t   = [da_r, da_z, dgh_n]                               (B, 3H) dL/dgh_t
     dW_ih = sum_t dgi_t^T x_t       (3H, D)    db_ih = sum_t dgi_t    (3H,)
     dW_hh = sum_t dgh_t^T h_{t-1}   (3H, H)    db_hh = sum_t dgh_t    (3H,)
-    dx_t  = dgi_t W_ih              (B, D)     dh_0  = z_1 delta_1 + dgh_1 W_hh
+    dx_t  = dgi_t W_ih              (B, D)     dh_0  = z_1 delta_1 + W_hh^T dgh_1
 
-Only the delta recursion is sequential (one (B, 3H) x (3H, H) GEMM per step); the
-input projections of all steps are one GEMM, and each weight gradient is one GEMM per
-gate group over the stacked (T B) rows.
+Only the delta recursion is sequential (one (B, 3H) x (3H, H) GEMM per step, and two
+GEMMs (r, z | n) per forward step); the input projections of all steps are one GEMM,
+and each weight gradient is one GEMM per gate group over the stacked (T B) rows. The
+backward pass writes dgh_t over the stored [r, z, n] and da_n over gh_n, so it allocates
+no (T, B, 3H) buffer, and a forward cache serves one backward pass.
 
 Structure declared for the online rules (one state component h, C = 1; every
 parameter owned row by row, G = 3). The per-gate factors, each (B, H)::
@@ -65,7 +67,7 @@ from torch import Tensor, nn
 from .base import Cell, Immediate, Linearization
 from .elman import check_sizes
 
-__all__ = ["GRU", "GRUState", "gate_parameters", "gate_sum"]
+__all__ = ["GRU", "GRUState", "SequenceCache", "gate_parameters", "gate_sum"]
 
 
 class GRUState(NamedTuple):
@@ -198,20 +200,22 @@ class GRU(Cell):
     def forward_sequence(self, params, inputs: Tensor, state0: GRUState, *, cache: bool = False):
         """``(outputs (T, B, H), state_T, cache)``; see the module docstring.
 
-        The cache holds r, z, n (T, B, 3H), gh_n (T, B, H) and h_1..h_T (T, B, H).
-        When autograd would record (grad enabled and a tensor requiring grad), the
-        outputs come from a plain loop of ``step`` so that they stay differentiable.
+        The cache (a ``SequenceCache``) holds r, z, n (T, B, 3H), gh_n (T, B, H) and
+        h_1..h_T (the outputs); ``backward_sequence`` overwrites it with the gate
+        gradients, so it serves one backward pass. When autograd would record (grad
+        enabled and a tensor requiring grad), the outputs come from a plain loop of
+        ``step`` so that they stay differentiable.
         """
         _check_inputs(self, inputs)
         if builds_graph(params, inputs, state0.h):
             outs, sT, _ = Cell.forward_sequence(self, params, inputs, state0)
-            if cache:
-                with torch.no_grad():
-                    cache = self._forward(params, inputs, state0.h)
-            return outs, sT, (cache if cache else None)
+            if not cache:
+                return outs, sT, None
+            with torch.no_grad():
+                return outs, sT, SequenceCache(self._forward(params, inputs, state0.h))
         c = self._forward(params, inputs, state0.h)
         hs = c[2]
-        return hs, GRUState(hs[-1]), (c if cache else None)
+        return hs, GRUState(hs[-1]), (SequenceCache(c) if cache else None)
 
     @torch.no_grad()
     def _forward(self, params, inputs: Tensor, h0: Tensor):
@@ -241,61 +245,87 @@ class GRU(Cell):
     def backward_sequence(self, params, inputs: Tensor, state0: GRUState, cache,
                           d_outputs: Tensor, d_state: GRUState | None = None, *,
                           input_grad: bool = True):
-        """The adjoint pass of the module docstring; ``cache`` is left unchanged."""
-        if cache is None:
-            raise ValueError("backward_sequence needs the cache of forward_sequence(..., cache=True)")
-        G, HN, hs = cache
+        """The adjoint pass of the module docstring. It writes the gate gradients over
+        the cache's gates (no (T, B, 3H) buffer is allocated), so a cache serves one
+        call: a second raises."""
         T, B, D = inputs.shape
         H = self.hidden_size
         if tuple(d_outputs.shape) != (T, B, H):
             raise ValueError(f"d_outputs has shape {tuple(d_outputs.shape)} but expected "
                              f"({T}, {B}, {H})")
-        W_ih, W_hh = params["W_ih"], params["W_hh"]
+        G, HN, hs = SequenceCache.take(cache, self)
         with torch.no_grad():
-            W_ih, W_hh = W_ih.detach(), W_hh.detach()
-            # dG[t] = [da_r, da_z, dgh_n, da_n]: dgh_t is its first 3H columns, dgi_t the
-            # first 2H and the last H
-            dG = torch.empty(T, B, 4 * H, dtype=G.dtype, device=G.device)
-            dGs, dGh = dG.unbind(0), dG[..., :3 * H].unbind(0)
-            DAR, DAZ = dG[..., :H].unbind(0), dG[..., H:2 * H].unbind(0)
-            DGN, DAN = dG[..., 2 * H:3 * H].unbind(0), dG[..., 3 * H:].unbind(0)
+            W_ih, W_hh = params["W_ih"].detach(), params["W_hh"].detach()
+            # in place, step t: G[t] = [r, z, n] -> dgh_t = [da_r, da_z, dgh_n] and
+            # HN[t] = gh_n -> da_n, so that dgi_t = [G[t][:, :2H], HN[t]]
+            dGh = G.unbind(0)
             Rs, Zs, Ns = G[..., :H].unbind(0), G[..., H:2 * H].unbind(0), G[..., 2 * H:].unbind(0)
             HNs, Hs, hbar = HN.unbind(0), hs.unbind(0), d_outputs.detach().unbind(0)
-            tmp1, tmp2 = torch.empty(2, B, H, dtype=G.dtype, device=G.device).unbind(0)
+            tmp1, tmp2, tmp3 = torch.empty(3, B, H, dtype=G.dtype, device=G.device).unbind(0)
             ping = torch.empty(2, B, H, dtype=G.dtype, device=G.device).unbind(0)
             delta = (hbar[T - 1] if d_state is None
                      else torch.add(hbar[T - 1], d_state.h.detach(), out=ping[T % 2]))
             for t in range(T - 1, -1, -1):
                 r, z, n = Rs[t], Zs[t], Ns[t]
-                dn = torch.addcmul(delta, delta, z, value=-1.0, out=tmp1)       # delta (1 - z)
-                torch.mul(dn, n, out=tmp2)
-                da_n = torch.addcmul(dn, tmp2, n, value=-1.0, out=DAN[t])      # dn (1 - n^2)
-                dgh_n = torch.mul(da_n, r, out=DGN[t])
-                q = torch.mul(dgh_n, HNs[t], out=tmp1)                          # da_n gh_n r
-                torch.addcmul(q, q, r, value=-1.0, out=DAR[t])                 # q (1 - r)
-                s = torch.sub(Hs[t], n, out=tmp2).mul_(delta)                   # delta (h_t - n)
-                torch.addcmul(s, s, z, value=-1.0, out=DAZ[t])                 # s (1 - z)
-                nxt = ping[t % 2]
+                nxt = ping[t % 2]                                   # delta_{t-1}, first the carry
                 if t > 0:
                     torch.addcmul(hbar[t - 1], delta, z, out=nxt)
                 else:
                     torch.mul(delta, z, out=nxt)
+                dn = torch.addcmul(delta, delta, z, value=-1.0, out=tmp1)   # delta (1 - z)
+                s = torch.sub(Hs[t], n, out=tmp2).mul_(delta)               # delta (h_t - n)
+                torch.addcmul(s, s, z, value=-1.0, out=z)                   # da_z = s (1 - z)
+                rhn = torch.mul(r, HNs[t], out=tmp2)                        # r gh_n
+                torch.mul(dn, n, out=tmp3)
+                da_n = torch.addcmul(dn, tmp3, n, value=-1.0, out=HNs[t])   # dn (1 - n^2)
+                torch.mul(da_n, r, out=n)                                   # dgh_n = r da_n
+                q = torch.mul(da_n, rhn, out=tmp1)
+                torch.addcmul(q, q, r, value=-1.0, out=r)                   # da_r = q (1 - r)
                 delta = nxt.addmm_(dGh[t], W_hh)
-            dG2 = dG.view(T * B, 4 * H)
+            dG2, dN2 = G.view(T * B, 3 * H), HN.view(T * B, H)
             X = inputs.detach().reshape(T * B, D)
             dW_ih = torch.empty_like(W_ih)
             torch.mm(dG2[:, :2 * H].T, X, out=dW_ih[:2 * H])
-            torch.mm(dG2[:, 3 * H:].T, X, out=dW_ih[2 * H:])
+            torch.mm(dN2.T, X, out=dW_ih[2 * H:])
             # dW_hh = sum_t dgh_t h_{t-1}^T: h_0 pairs with step 1, h_1..h_{T-1} with 2..T
-            dW_hh = dGs[0][:, :3 * H].T @ state0.h.detach()
+            dW_hh = dGh[0].T @ state0.h.detach()
             if T > 1:
-                dW_hh.addmm_(dG2[B:, :3 * H].T, hs[:-1].reshape((T - 1) * B, H))
-            sums = dG2.sum(0)
+                dW_hh.addmm_(dG2[B:].T, hs[:-1].reshape((T - 1) * B, H))
+            db_hh = dG2.sum(0)
             grads = {"W_ih": dW_ih, "W_hh": dW_hh,
-                     "b_ih": torch.cat((sums[:2 * H], sums[3 * H:])),
-                     "b_hh": sums[:3 * H].clone()}
+                     "b_ih": torch.cat((db_hh[:2 * H], dN2.sum(0))), "b_hh": db_hh}
             d_inputs = None
             if input_grad:
-                d_inputs = torch.addmm(dG2[:, :2 * H] @ W_ih[:2 * H], dG2[:, 3 * H:],
+                d_inputs = torch.addmm(dG2[:, :2 * H] @ W_ih[:2 * H], dN2,
                                        W_ih[2 * H:]).view(T, B, D)
         return grads, d_inputs, GRUState(delta)
+
+
+class SequenceCache:
+    """What ``forward_sequence(..., cache=True)`` keeps for ``backward_sequence``.
+
+    The hand-derived backward passes write their gate gradients over the stored gates
+    (a (T, B, G H) buffer fewer, whose fresh pages cost about a tenth of the time), so
+    a cache serves exactly one backward pass; ``take`` says so clearly on a second.
+    """
+
+    __slots__ = ("tensors", "used")
+
+    def __init__(self, tensors: tuple) -> None:
+        self.tensors = tensors
+        self.used = False
+
+    @staticmethod
+    def take(cache: SequenceCache | None, cell: Cell) -> tuple:
+        name = type(cell).__name__
+        if cache is None:
+            raise ValueError("backward_sequence needs the cache of forward_sequence(..., "
+                             "cache=True)")
+        if not isinstance(cache, SequenceCache):
+            raise TypeError(f"cache must come from {name}.forward_sequence(..., cache=True), "
+                            f"got {type(cache).__name__}")
+        if cache.used:
+            raise ValueError(f"this {name} cache was used by an earlier backward_sequence, "
+                             "which overwrites it: run forward_sequence(..., cache=True) again")
+        cache.used = True
+        return cache.tensors

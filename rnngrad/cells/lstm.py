@@ -32,7 +32,9 @@ Only delta and gamma are sequential (one (B, 4H) x (4H, H) GEMM per step); the i
 projections of all steps are one GEMM, each weight gradient one GEMM over the stacked
 (T B) rows. Inside the loops the gates are kept in the order i, f, o, g (rows of the
 weights permuted once per call), so that the three sigmoid gates are one contiguous
-block: one sigmoid and one derivative per step for the three.
+block: one sigmoid per step for the three. tanh(c_t) is recomputed in the backward pass
+rather than stored, and da_t is written over the stored gates (so a forward cache serves
+one backward pass): the fewer fresh (T, B, H) buffers, the fewer page faults.
 
 Structure declared for the online rules (C = 2 components h, c, per unit; every parameter
 owned row by row, G = 4). The per-gate factors, each (B, H), with k_t = o_t (1 - tc_t^2)::
@@ -61,7 +63,7 @@ import torch
 from torch import Tensor
 
 from .base import Cell, Immediate, Linearization
-from .gru import _check_inputs, _diag_blocks, builds_graph, gate_parameters, gate_sum
+from .gru import SequenceCache, _check_inputs, _diag_blocks, builds_graph, gate_parameters, gate_sum
 
 __all__ = ["LSTM", "LSTMState"]
 
@@ -164,21 +166,22 @@ class LSTM(Cell):
     def forward_sequence(self, params, inputs: Tensor, state0: LSTMState, *, cache: bool = False):
         """``(outputs (T, B, H), state_T, cache)``; see the module docstring.
 
-        The cache holds the gates (T, B, 4H, order i, f, o, g), c_1..c_T, tanh(c_t) and
-        h_1..h_T (each (T, B, H)). When autograd would record (grad enabled and a tensor
-        requiring grad), the outputs come from a plain loop of ``step`` so that they stay
-        differentiable.
+        The cache (a ``SequenceCache``) holds the gates (T, B, 4H, order i, f, o, g), c_1..c_T
+        and h_1..h_T (the outputs); ``backward_sequence`` overwrites the gates with their
+        gradients, so it serves one backward pass. When autograd would record (grad
+        enabled and a tensor requiring grad), the outputs come from a plain loop of
+        ``step`` so that they stay differentiable.
         """
         _check_inputs(self, inputs)
         if builds_graph(params, inputs, *state0):
             outs, sT, _ = Cell.forward_sequence(self, params, inputs, state0)
-            if cache:
-                with torch.no_grad():
-                    cache = self._forward(params, inputs, state0)
-            return outs, sT, (cache if cache else None)
+            if not cache:
+                return outs, sT, None
+            with torch.no_grad():
+                return outs, sT, SequenceCache(self._forward(params, inputs, state0))
         c = self._forward(params, inputs, state0)
-        _, cs, _, hs = c
-        return hs, LSTMState(hs[-1], cs[-1]), (c if cache else None)
+        _, cs, hs = c
+        return hs, LSTMState(hs[-1], cs[-1]), (SequenceCache(c) if cache else None)
 
     @torch.no_grad()
     def _forward(self, params, inputs: Tensor, state0: LSTMState):
@@ -189,8 +192,10 @@ class LSTM(Cell):
         bias = (params["b_ih"] + params["b_hh"])[order]
         A = torch.addmm(bias, inputs.reshape(T * B, D), W_ih.T).view(T, B, 4 * H)
         W_hh_T = W_hh.T
-        cs = torch.empty(3, T, B, H, dtype=A.dtype, device=A.device)
-        Cs, TCs, Hs = cs[0].unbind(0), cs[1].unbind(0), cs[2].unbind(0)
+        cs = torch.empty(T, B, H, dtype=A.dtype, device=A.device)
+        hs = torch.empty(T, B, H, dtype=A.dtype, device=A.device)
+        tc = torch.empty(B, H, dtype=A.dtype, device=A.device)  # tanh(c_t), recomputed later
+        Cs, Hs = cs.unbind(0), hs.unbind(0)
         # views made once; A[t] turns from pre-activations into [i, f, o, g] in place
         As, S3, Gs = A.unbind(0), A[..., :3 * H].unbind(0), A[..., 3 * H:].unbind(0)
         Is, Fs, Os = A[..., :H].unbind(0), A[..., H:2 * H].unbind(0), A[..., 2 * H:3 * H].unbind(0)
@@ -200,34 +205,32 @@ class LSTM(Cell):
             S3[t].sigmoid_()                                              # i, f, o
             Gs[t].tanh_()                                                 # g
             c = torch.mul(Fs[t], c, out=Cs[t]).addcmul_(Is[t], Gs[t])     # c_t
-            h = torch.mul(Os[t], torch.tanh(c, out=TCs[t]), out=Hs[t])    # h_t = o tanh(c_t)
-        return A, cs[0], cs[1], cs[2]
+            h = torch.mul(Os[t], torch.tanh(c, out=tc), out=Hs[t])        # h_t = o tanh(c_t)
+        return A, cs, hs
 
     def backward_sequence(self, params, inputs: Tensor, state0: LSTMState, cache,
                           d_outputs: Tensor, d_state: LSTMState | None = None, *,
                           input_grad: bool = True):
-        """The adjoint pass of the module docstring; ``cache`` is left unchanged."""
-        if cache is None:
-            raise ValueError("backward_sequence needs the cache of forward_sequence(..., cache=True)")
-        A, cs, tcs, hs = cache
+        """The adjoint pass of the module docstring. It writes da_t over the cache's
+        gates (no (T, B, 4H) buffer is allocated), so a cache serves one call: a second
+        raises."""
         T, B, D = inputs.shape
         H = self.hidden_size
         if tuple(d_outputs.shape) != (T, B, H):
             raise ValueError(f"d_outputs has shape {tuple(d_outputs.shape)} but expected "
                              f"({T}, {B}, {H})")
+        A, cs, hs = SequenceCache.take(cache, self)
         with torch.no_grad():
             order = _loop_order(H, A.device)
             W_ih, W_hh = params["W_ih"].detach()[order], params["W_hh"].detach()[order]
-            dA = torch.empty(T, B, 4 * H, dtype=A.dtype, device=A.device)   # [da_i, da_f, da_o, da_g]
-            dAs, dS3 = dA.unbind(0), dA[..., :3 * H].unbind(0)
-            DAI, DAF = dA[..., :H].unbind(0), dA[..., H:2 * H].unbind(0)
-            DAO, DAG = dA[..., 2 * H:3 * H].unbind(0), dA[..., 3 * H:].unbind(0)
-            S3, Gs = A[..., :3 * H].unbind(0), A[..., 3 * H:].unbind(0)
-            Is, Fs, Os = A[..., :H].unbind(0), A[..., H:2 * H].unbind(0), A[..., 2 * H:3 * H].unbind(0)
-            Cs, TCs, hbar = cs.unbind(0), tcs.unbind(0), d_outputs.detach().unbind(0)
+            # in place, step t: A[t] = [i, f, o, g] -> da_t = [da_i, da_f, da_o, da_g]
+            dAs = A.unbind(0)
+            Is, Fs, Os, Gs = (A[..., :H].unbind(0), A[..., H:2 * H].unbind(0),
+                              A[..., 2 * H:3 * H].unbind(0), A[..., 3 * H:].unbind(0))
+            Cs, hbar = cs.unbind(0), d_outputs.detach().unbind(0)
             c0 = state0.c.detach()
             work = torch.empty(5, B, H, dtype=A.dtype, device=A.device)
-            tmp1, tmp2, dc, gamma, delta_buf = work.unbind(0)
+            tmp1, tmp2, tmp3, gamma, delta_buf = work.unbind(0)
             if d_state is None:
                 delta = hbar[T - 1]
                 gamma.zero_()
@@ -235,21 +238,24 @@ class LSTM(Cell):
                 delta = torch.add(hbar[T - 1], d_state.h.detach(), out=delta_buf)
                 gamma.copy_(d_state.c.detach())
             for t in range(T - 1, -1, -1):
-                i, f, o, g, tc = Is[t], Fs[t], Os[t], Gs[t], TCs[t]
-                torch.mul(torch.mul(delta, tc, out=tmp1), o, out=DAO[t])        # delta tc o
-                torch.add(gamma, torch.mul(delta, o, out=tmp2), out=dc)
-                dc.addcmul_(DAO[t], tc, value=-1.0)                             # dc_t
-                q = torch.mul(dc, i, out=tmp1)
-                torch.mul(q, g, out=DAI[t])                                     # dc i g
-                torch.addcmul(q, DAI[t], g, value=-1.0, out=DAG[t])             # dc i (1 - g^2)
-                torch.mul(torch.mul(dc, Cs[t - 1] if t > 0 else c0, out=tmp2), f, out=DAF[t])
-                dS3[t].addcmul_(dS3[t], S3[t], value=-1.0)                      # sigmoid' for i, f, o
-                torch.mul(dc, f, out=gamma)                                     # gamma_t
+                i, f, o, g = Is[t], Fs[t], Os[t], Gs[t]
+                tc = torch.tanh(Cs[t], out=tmp3)
+                k = torch.mul(delta, o, out=tmp1)                         # delta o
+                kt = torch.mul(k, tc, out=tmp2)                           # delta o tc
+                dc = gamma.add_(k).addcmul_(kt, tc, value=-1.0)           # dc_t, over gamma
+                torch.addcmul(kt, kt, o, value=-1.0, out=o)               # da_o = kt (1 - o)
+                q = torch.mul(dc, i, out=tmp1)                            # dc i
+                qg = torch.mul(q, g, out=tmp2)                            # dc i g
+                torch.addcmul(q, qg, g, value=-1.0, out=g)                # da_g = q (1 - g^2)
+                torch.addcmul(qg, qg, i, value=-1.0, out=i)               # da_i = qg (1 - i)
+                w = torch.mul(dc, Cs[t - 1] if t > 0 else c0, out=tmp1).mul_(f)   # dc c_{t-1} f
+                gamma.mul_(f)                                             # gamma_t = dc f
+                torch.addcmul(w, w, f, value=-1.0, out=f)                 # da_f = w (1 - f)
                 if t > 0:
                     delta = torch.addmm(hbar[t - 1], dAs[t], W_hh, out=delta_buf)
                 else:
                     delta = torch.mm(dAs[0], W_hh, out=delta_buf)
-            dA2 = dA.view(T * B, 4 * H)
+            dA2 = A.view(T * B, 4 * H)
             X = inputs.detach().reshape(T * B, D)
             dW_hh = dAs[0].T @ state0.h.detach()
             if T > 1:
