@@ -30,7 +30,7 @@ __all__ = [
 
 
 def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def _param(model: nn.Module) -> Tensor:
@@ -54,6 +54,15 @@ def check_int(name: str, value: object, *, minimum: int = 1) -> int:
 
 def check_batch_size(batch_size: object) -> int:
     return check_int("batch_size", batch_size)
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """A finite number > 0 (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive float, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive float, got {value!r}")
+    return float(value)
 
 
 def check_seed_value(name: str, seed: object) -> int:

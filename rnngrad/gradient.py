@@ -72,6 +72,8 @@ def gradient(
     if not isinstance(model, Network):
         raise TypeError(f"model must be an rnngrad.Network or rnngrad.RNN, got "
                         f"{type(model).__name__}")
+    if not isinstance(set_grad, bool):
+        raise TypeError(f"set_grad must be a bool, got {set_grad!r}")
     T, B = check_inputs(model, inputs)
     check_loss(loss, model.readout)
     if targets is None and reward is None:

@@ -39,7 +39,7 @@ class H0Spec(NamedTuple):
 
 
 def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 class Network(nn.Module):

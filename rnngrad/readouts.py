@@ -127,7 +127,7 @@ def reward_grad(reward, hs: Tensor) -> tuple[Tensor, Tensor]:
                             "gradient path to h (did it detach, call .item() or go through "
                             "NumPy?)")
         if not bool(torch.isfinite(R)):
-            raise NonFiniteError(f"reward returned {float(R)}: R(h) must be finite",
+            raise NonFiniteError(f"reward returned {float(R.detach())}: R(h) must be finite",
                                  quantity="reward")
         (dR,) = torch.autograd.grad(R, h, allow_unused=True)
     if dR is None:

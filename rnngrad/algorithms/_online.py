@@ -128,6 +128,6 @@ def random_signs(shape: tuple[int, ...], g: torch.Generator, like: Tensor) -> Te
 
 
 def check_seed(seed: object) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    return seed
+    from .._checks import check_seed_value
+
+    return check_seed_value("seed", seed)

@@ -272,10 +272,11 @@ def _check_state(name: str, init, model, state, trusted: dict) -> int:
         with torch.no_grad():
             fresh = init(model, B)
         if type(fresh) is not type(state):
-            ref = None
-        else:
-            ref = _shape_tree(fresh)
-            per_model[key] = ref
+            raise ValueError(f"{who}: the state is a {type(state).__name__}, but for this model "
+                             f"({type(model).__name__}) the algorithm keeps a "
+                             f"{type(fresh).__name__}: a state made for another kind of model")
+        ref = _shape_tree(fresh)
+        per_model[key] = ref
     if ref is not None:
         bad = _first_mismatch(_shape_tree(state), ref, "state")
         if bad:

@@ -66,8 +66,9 @@ def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
     The gradient w.r.t. an initial state is not estimated: ``init`` with ``h0`` raises.
     """
     check_seed(seed)
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    from .._checks import check_positive_float
+
+    eps = check_positive_float("eps", eps)
     gens: dict = {}
 
     def init(model, batch_size: int, *, h0: Tensor | None = None) -> KFState:

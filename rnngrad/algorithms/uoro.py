@@ -73,8 +73,9 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
     per-example vjp (``Mbar_t^T nu``) come from ``torch.func`` (``_uoro_network``).
     """
     check_seed(seed)
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    from .._checks import check_positive_float
+
+    eps = check_positive_float("eps", eps)
     gens: dict = {}
 
     def init(model, batch_size: int, *, h0: Tensor | None = None) -> UOROState:
