@@ -128,3 +128,210 @@ def forward_filter(hs: Tensor, kappa: float, hf0: Tensor | None = None, c0: floa
         cp = kappa * cp + 1.0
         c.append(cp)
     return hf, hs.new_tensor(c)
+
+
+def _readout_grads(leak: Leak, dz: Tensor | None, model) -> dict[str, Tensor]:
+    """The exact readout gradients at a step: ``dz^T hf`` and ``c sum_b dz``."""
+    if dz is None:
+        return {"W_out": torch.zeros_like(model.W_out.detach()),
+                "b_out": torch.zeros_like(model.b_out.detach())}
+    return {"W_out": dz.T @ leak.hf, "b_out": leak.c * dz.sum(0)}
+
+
+# ---- RTRL: the filtered influence ---------------------------------------------------------
+
+
+class Influence(NamedTuple):
+    readout: Leak
+    Hf: Tensor  # (B, H, N) sum_s kappa^{t-s} d h^L_s / d theta
+    Gf: Tensor | None  # (B, H, S) the same for d h^L_s / d s_0; None unless h0 is tracked
+
+
+def influence_init(model, batch_size: int, N: int, S: int | None) -> Influence | None:
+    leak = init(model, batch_size)
+    if leak is None:
+        return None
+    H = leak.hf.shape[1]
+    Gf = None if S is None else leak.hf.new_zeros(batch_size, H, S)
+    return Influence(leak, leak.hf.new_zeros(batch_size, H, N), Gf)
+
+
+def influence_step(model, inf: Influence, h: Tensor, Mh: Tensor, Gh: Tensor | None,
+                   target_t, mask_t, loss: str, dh_t: Tensor | None):
+    """RTRL's signal with a leaky readout. ``Mh`` (B, H, N) = d h^L_t / d theta, ``Gh``
+    (B, H, S) = d h^L_t / d s_0. Returns ``(inf_t, z, loss, flat (N,), d0 (B, S) or None,
+    readout grads)``: ``flat = sum_b (W_out^T dz_t) Hf_t + dh_t Mh``."""
+    kappa = decay(model)
+    readout, z, value, dz = step(model, inf.readout, h, target_t, mask_t, loss)
+    Hf = Mh.add(inf.Hf, alpha=kappa)
+    Gf = None if Gh is None else Gh.add(inf.Gf, alpha=kappa)
+    B, H, N = Hf.shape
+    flat = Hf.new_zeros(N)
+    d0 = None if Gf is None else Gf.new_zeros(B, Gf.shape[2])
+    for q, Mq, Gq in ((None if dz is None else dz @ model.W_out.detach(), Hf, Gf),
+                      (dh_t, Mh, Gh)):  # a reward acts on h_t itself: unfiltered
+        if q is None:
+            continue
+        flat += (q.reshape(1, B * H) @ Mq.reshape(B * H, N)).squeeze(0)
+        if d0 is not None:
+            d0 += torch.bmm(q.unsqueeze(1), Gq).squeeze(1)
+    new = Influence(readout, Hf, Gf)
+    return new, z, value, flat, d0, _readout_grads(readout, dz, model)
+
+
+# ---- the per-unit trace rules: Bellec's filtered eligibility traces --------------------------
+
+
+class Traces(NamedTuple):
+    readout: Leak
+    E: dict  # own parameter name -> (B, G, U, P) sum_s kappa^{t-s} e_s, e = d h_i / d p[g, i, j]
+    cf: Tensor | None  # (B, U, C) the same for d h_i / d s_0[., i]; None unless h0 is tracked
+
+
+_unit_local: object = None
+
+
+def check_traces(model, who: str) -> None:
+    """A leaky readout with per-unit traces: one layer whose output is ``output(state)``,
+    unit by unit (h_i a function of unit i's state), checked once per cell."""
+    global _unit_local
+    if decay(model) == 0.0:
+        return
+    layers = model.layers()
+    if len(layers) != 1:
+        raise ValueError(
+            f"{who} with a leaky readout (readout_decay = {decay(model):g}) is defined for one "
+            f"layer; this network has {len(layers)}: the readout's filter of a lower layer's "
+            "same-step signal does not factor per unit (it would need an (H x |params|) trace "
+            "per example). Use bptt(), rtrl() or uoro(), or readout_decay = 0")
+    cell = layers[0][1]
+    if cell.emits:
+        raise ValueError(
+            f"{who} with a leaky readout needs a cell whose output is output(state); "
+            f"{type(cell).__name__} writes emit(params, state, x), whose own parameters would "
+            "need a filtered (H x |params|) trace. Use bptt(), rtrl(generic=True) or uoro()")
+    import weakref
+
+    if _unit_local is None:
+        _unit_local = weakref.WeakKeyDictionary()
+    if _unit_local.get(cell):
+        return
+    from torch.func import jacrev, vmap
+
+    from ..cells.base import unflatten_state
+
+    g = torch.Generator().manual_seed(0)
+    like = cell.init_state(2)
+    s = torch.randn(2, sum(int(c.shape[-1]) for c in like), generator=g,
+                    dtype=like[0].dtype).to(like[0].device)
+    J = vmap(jacrev(lambda v: cell.output(unflatten_state(v.unsqueeze(0), like)).squeeze(0)))(s)
+    H, U, C = J.shape[1], cell.n_units, len(like)
+    ok = H == U
+    if ok:
+        off = J.reshape(2, H, C, U).clone()
+        off.diagonal(dim1=1, dim2=3).zero_()
+        ok = float(off.abs().max()) == 0.0
+    if not ok:
+        raise ValueError(
+            f"{who} with a leaky readout filters each unit's output trace, but the output of "
+            f"{type(cell).__name__} is not unit by unit (output i depends on other units' "
+            "state, or the output width differs from n_units). Use bptt(), rtrl() or uoro()")
+    _unit_local[cell] = True
+
+
+def traces_init(model, traces: dict, c0) -> Traces | None:
+    leak = init(model, next(iter(traces.values())).shape[0] if traces else 1)
+    if leak is None:
+        return None
+    E = {n: M.new_zeros(M.shape[0], *M.shape[2:]) for n, M in traces.items()}
+    cf = None if c0 is None else c0.new_zeros(c0.shape[:3])
+    return Traces(leak, E, cf)
+
+
+def _output_derivative(cell, state) -> Tensor:
+    """(B, C, U): ``d h_i / d s[c, i]`` for a unit-by-unit output: one-hot for a state
+    component, one jvp per component otherwise."""
+    out = cell.output(state)
+    C = len(state)
+    for k, comp in enumerate(state):
+        if out is comp:
+            D = comp.new_zeros(comp.shape[0], C, comp.shape[1])
+            D[:, k] = 1.0
+            return D
+    from ..cells._derive import jvp
+
+    cols = []
+    for k in range(C):
+        tangent = type(state)(*(torch.ones_like(c) if j == k else torch.zeros_like(c)
+                                for j, c in enumerate(state)))
+        cols.append(jvp(cell.output, (state,), (tangent,))[1])
+    return torch.stack(cols, 1)
+
+
+def traces_step(model, tr: Traces, cell, state, traces: dict, c: Tensor | None, h: Tensor,
+                feedback: Tensor | None, target_t, mask_t, loss: str, dh_t: Tensor | None):
+    """The trace rules' signal with a leaky readout, one layer: ``ebar_p = kappa ebar_p +
+    sum_c dh_i/ds[c, i] M_p[c]`` and ``grad p = sum_b L_t ebar_p`` with
+    ``L_t = B dz_t`` (Bellec's filtered eligibility trace), plus a reward's ``dh_t`` on the
+    unfiltered trace. Returns ``(tr_t, z, loss, grads (own names), d0 (B, C, U) or None,
+    readout grads)``."""
+    from ._network import output_into_state
+
+    kappa = decay(model)
+    readout, z, value, dz = step(model, tr.readout, h, target_t, mask_t, loss)
+    Dout = _output_derivative(cell, state)  # (B, C, U)
+    E = {n: torch.einsum("bci,bcgij->bgij", Dout, M).add_(tr.E[n], alpha=kappa)
+         for n, M in traces.items()}
+    cf = None
+    if c is not None:
+        cf = torch.einsum("bci,bicd->bid", Dout, c).add_(tr.cf, alpha=kappa)
+    fb = model.W_out.detach() if feedback is None else feedback
+    L = None if dz is None else dz @ fb
+    qh = None if dh_t is None else output_into_state(cell, state, dh_t)  # (B, C U)
+    B, C, U = Dout.shape
+    grads, d0 = {}, None
+    for n, M in traces.items():
+        g = M.new_zeros(M.shape[2:])
+        if L is not None:
+            g += torch.einsum("bi,bgij->gij", L, E[n])
+        if qh is not None:
+            g += torch.einsum("bci,bcgij->gij", qh.view(B, C, U), M)
+        grads[n] = g
+    if c is not None:
+        d0 = Dout.new_zeros(B, C, U)
+        if L is not None:
+            d0 += torch.einsum("bi,bid->bdi", L, cf)
+        if qh is not None:
+            d0 += torch.einsum("bci,bicd->bdi", qh.view(B, C, U), c)
+    return Traces(readout, E, cf), z, value, grads, d0, _readout_grads(readout, dz, model)
+
+
+# ---- UORO: the filter joins the state ---------------------------------------------------------
+
+
+def augment(F, top_output, kappa: float, S: int):
+    """``F'(params, [s; r], x) = [F(params, s, x); kappa r + h(F(params, s, x))]``: the flat
+    step with the readout's filter r (B, H) appended to the state (B, S)."""
+
+    def F2(params, s2, x):
+        s_new = F(params, s2[..., :S], x)
+        return torch.cat([s_new, kappa * s2[..., S:] + top_output(params, s_new, x)], -1)
+
+    return F2
+
+
+def uoro_signal(model, leak: Leak, h: Tensor, h_tilde: Tensor, S: int, top_vjp,
+                target_t, mask_t, loss: str, dh_t: Tensor | None):
+    """UORO's ``sum_b (q_t . h~_t)`` over the augmented state: the readout's signal
+    ``W_out^T dz_t`` on the filter's block, a reward's ``dh_t`` through the stack's output
+    onto the cells' block (``top_vjp(dh) -> (direct param grads, (B, S))``). Returns
+    ``(leak_t, z, loss, c (B,) or None, direct or None, readout grads)``."""
+    readout, z, value, dz = step(model, leak, h, target_t, mask_t, loss)
+    c = direct = None
+    if dz is not None:
+        c = ((dz @ model.W_out.detach()) * h_tilde[:, S:]).sum(1)
+    if dh_t is not None:
+        direct, top = top_vjp(dh_t)
+        cd = (top * h_tilde[:, :S]).sum(1)
+        c = cd if c is None else c + cd
+    return readout, z, value, c, direct, _readout_grads(readout, dz, model)

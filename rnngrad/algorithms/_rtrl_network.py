@@ -27,6 +27,10 @@ A cell that does not declare its immediate term gets the dense ``torch.func`` Ja
 instead. ``rtrl(generic=True)`` uses ``vmap(jacrev)`` for everything: the second oracle.
 Exact, online; time O(B S^2 N) per step, memory O(B S N). (One diagonal layer alone
 does not come here: ``rtrl()`` then keeps per-unit traces, ``_traces_network``.)
+
+A leaky readout (``readout_decay`` kappa > 0) reads ``hf_t = kappa hf_{t-1} + h^L_t``, so
+its signal meets the filtered influence ``Hf_t = kappa Hf_{t-1} + Mh^L_t`` (B, H, N), one
+more linear recurrence (``_leaky_readout``); a reward's ``dh_t`` meets ``Mh^L_t`` itself.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch import Tensor
 
 from ..cells._derive import declares, dense_jacobians, verify_diagonal, verify_emit_only
 from ..cells.base import Immediate
+from . import _leaky_readout as _leak
 from ._network import (
     bind,
     emit_vjp,
@@ -54,6 +59,7 @@ class NetRTRLState(NamedTuple):
     h: tuple  # the network's state s_t, one state per layer
     M: list  # per layer l: (B, S_l, N_{<=l}) influence d s^l_t / d theta_{1..l}
     G: list | None  # per layer l: (B, S_l, S) d s^l_t / d s_0; None unless h0 is tracked
+    leak: _leak.Influence | None = None  # the leaky readout's filtered influence (kappa > 0)
 
 
 def init(model, batch_size: int, h0: tuple | None, generic: bool = False) -> NetRTRLState:
@@ -78,7 +84,9 @@ def init(model, batch_size: int, h0: tuple | None, generic: bool = False) -> Net
             g[:, :, off:off + S] = torch.eye(S, **kw)
             G.append(g)
             off += S
-    return NetRTRLState(h, M, G)
+    leak = _leak.influence_init(model, batch_size, net.offsets[-1],
+                                sum(widths) if track else None)
+    return NetRTRLState(h, M, G, leak)
 
 
 def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor],
@@ -166,6 +174,21 @@ def step(model, generic: bool, state: NetRTRLState, x_t, target_t, mask_t, loss,
                     Gh = output_influence(cell, p, new, x, Gl, Gh, None)
             x = cell.emit(p, new, x)
         h = x
+        if state.leak is not None:  # a leaky readout: the filter on d h^L_t / d theta
+            top, p, a = net.cells[-1], net.params[-1], net.offsets[-2]
+            Mh = output_influence(top, p, states[-1], ins[-1], Ms[-1], Mh, (a, net.offsets[-1]))
+            if state.G is not None:
+                Gh = output_influence(top, p, states[-1], ins[-1], Gs[-1], Gh, None)
+            leak, z, value, flat, d0, ro = _leak.influence_step(
+                model, state.leak, h, Mh, Gh if state.G is not None else None, target_t,
+                mask_t, loss, dh_t)
+            grads = split_flat(flat, net, model)
+            grads.update(ro)
+            if d0 is not None:
+                grads["h0"] = unflatten_net_state(d0, tuple(states))
+            new_state = NetRTRLState(tuple(states), Ms, Gs if state.G is not None else None,
+                                     leak)
+            return new_state, StepOutput(h, z, value), grads
         z, value, dz, q = immediate_signal(model, h, target_t, mask_t, loss, dh_t)
         # q through the top layer's emit: its state, its input (the layer below's output)
         # and its own parameters directly

@@ -35,6 +35,12 @@ layer whose units couple the dense influence of its own parameters ("dense")::
 
 Cost per step: time and memory O(B C sum_p |p|) for per-unit traces, constant in T;
 O(B S_l^2 N_l) time and O(B S_l N_l) memory for a dense layer.
+
+A leaky readout (``readout_decay`` kappa > 0; one layer whose output is ``output(state)``
+unit by unit) gets Bellec et al.'s filtered eligibility traces: the trace of each unit's
+output, ``e_p[g, i, j] = sum_c dh_i/ds[c, i] M_p[c, g, i, j]``, low-pass filtered,
+``ebar_p <- kappa ebar_p + e_p``, meets the unfiltered signal: ``grad p = sum_t sum_b
+L_t[i] ebar_p[g, i, j]`` (``_leaky_readout``).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from ..cells._derive import (
     verify_ownership,
 )
 from ..cells.base import unflatten_state
+from . import _leaky_readout as _leak
 from ._network import bind, check_real, emit_vjp
 from .base import Grads, StepOutput, output_grads, readout_step
 
@@ -70,6 +77,7 @@ class NetTraceState(NamedTuple):
     c: list | None  # per layer (B, U, C, C): d s_t[., i] / d s_0[., i] along the kept paths;
     #                 dense: (B, S_l, S_l) d s^l_t / d s^l_0. None unless h0 is tracked
     modes: tuple | None = None  # per layer, one of MODES; None: the mode step is called with
+    leak: _leak.Traces | None = None  # a leaky readout's filtered traces (kappa > 0)
 
 
 def check_owned(model, who: str) -> None:
@@ -81,10 +89,12 @@ def check_owned(model, who: str) -> None:
         check_units(cell, cell.init_state(1))
         verify_emit_only(cell, who)
         verify_ownership(cell, who)
+    _leak.check_traces(model, who)
 
 
 def init(model, batch_size: int, h0: tuple | None, feedback: Tensor | None,
          modes: tuple | None = None) -> NetTraceState:
+    _leak.check_traces(model, "rtrl(layers='spatial')" if modes else "the per-unit trace rules")
     h = model.init_state(batch_size) if h0 is None else h0
     traces, cs = [], []
     for l, ((_, cell), s) in enumerate(zip(model.layers(), h)):
@@ -108,8 +118,11 @@ def init(model, batch_size: int, h0: tuple | None, feedback: Tensor | None,
         if h0 is not None:
             eye = torch.eye(C, dtype=ref.dtype, device=ref.device)
             cs.append(eye.expand(batch_size, U, C, C).clone())
+    leak = None
+    if _leak.decay(model) != 0.0:  # one layer of per-unit traces (check_traces)
+        leak = _leak.traces_init(model, traces[0], cs[0] if h0 is not None else None)
     return NetTraceState(h, traces, feedback, cs if h0 is not None else None,
-                         None if modes is None else tuple(modes))
+                         None if modes is None else tuple(modes), leak)
 
 
 def _dense_layer(cell, p, s, x, M: Tensor, G: Tensor | None, generic: bool, need_jx: bool):
@@ -172,6 +185,20 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
             ins.append(x)
             x = cell.emit(p, new, x)
         h = x
+        if state.leak is not None:  # a leaky readout: Bellec's filtered traces, one layer
+            leak, z, value, g, d0, ro = _leak.traces_step(
+                model, state.leak, net.cells[0], states[0], traces[0], cs[0], h,
+                state.feedback, target_t, mask_t, loss, dh_t)
+            grads = None
+            if target_t is not None or dh_t is not None:
+                grads = {net.prefixes[0] + n: g[n] if n in g else v.new_zeros(v.shape)
+                         for n, v in net.params[0].items()}
+                grads.update(ro)
+                if d0 is not None:
+                    grads["h0"] = (type(states[0])(*d0.unbind(1)),)
+            new = NetTraceState(tuple(states), traces, state.feedback,
+                                cs if state.c is not None else None, state.modes, leak)
+            return new, StepOutput(h, z, value), grads
         z, value, dz = readout_step(model, h, target_t, mask_t, loss)
         fb = model.W_out.detach() if state.feedback is None else state.feedback
         L = None if dz is None else dz @ fb

@@ -11,6 +11,10 @@ theta~_t`` with ``q_t`` the readout's signal on the top layer's state. Where a c
 output depends on parameters (``emit``), ``q_t`` goes back through the stack's outputs
 at step t onto the whole state, and those parameters also get the exact same-step term
 of ``emit`` (as ``W_out`` does).
+
+A leaky readout (``readout_decay`` kappa > 0) reads ``r_t = kappa r_{t-1} + h^L_t``: r joins
+the flattened state (``_leaky_readout.augment``), so h~ and the signs nu cover it and the
+estimate of its influence, which the readout's signal meets, stays unbiased.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from ..cells._derive import jvp
+from . import _leaky_readout as _leak
 from ._network import bind, flatten_net_state, output_into_state, split_flat, unflatten_net_state
 from ._online import random_signs
 from .base import StepOutput, output_grads, readout_step
@@ -33,6 +38,7 @@ class NetUOROState(NamedTuple):
     h: tuple  # the network's state, one state per layer
     h_tilde: Tensor  # (B, S) h~_t over the flattened state
     theta_tilde: Tensor  # (B, N) theta~_t over the flattened recurrent parameters
+    leak: _leak.Leak | None = None  # a leaky readout (kappa > 0); h~ then also covers r = hf
 
 
 def init(model, batch_size: int) -> NetUOROState:
@@ -41,8 +47,11 @@ def init(model, batch_size: int) -> NetUOROState:
     S = flatten_net_state(h).shape[1]
     p = model.W_out
     kw = {"dtype": p.dtype, "device": p.device}
+    leak = _leak.init(model, batch_size)
+    if leak is not None:
+        S += leak.hf.shape[1]
     return NetUOROState(h, torch.zeros(batch_size, S, **kw),
-                        torch.zeros(batch_size, net.offsets[-1], **kw))
+                        torch.zeros(batch_size, net.offsets[-1], **kw), leak)
 
 
 def _flat_step(net, like):
@@ -76,8 +85,12 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
         net = bind(model)
         params = net.params
         s = flatten_net_state(state.h)
-        B, S = s.shape
         F = _flat_step(net, state.h)
+        S0 = s.shape[1]  # the cells' state; a leaky readout's filter r follows it
+        if state.leak is not None:
+            F = _leak.augment(F, _top_output(net, state.h), _leak.decay(model), S0)
+            s = torch.cat([s, state.leak.hf], 1)
+        B, S = s.shape
         s_new, Jh = jvp(lambda v: F(params, v, x_t), (s,), (state.h_tilde,))
         nu = random_signs((B, S), gen, s)
 
@@ -99,6 +112,22 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
         emits = any(c.emits for c in net.cells)
         h = _top_output(net, state.h)(params, s_new, x_t) if emits else \
             net.cells[-1].output(new_state[-1])
+        if state.leak is not None:
+            def top_vjp(g):  # a reward's dh_t through the stack's output, onto the cells' state
+                _, fn = vjp(lambda p, v: _top_output(net, state.h)(p, v, x_t), params,
+                            s_new[:, :S0])
+                return fn(g)
+
+            leak, z, value, c, direct, ro = _leak.uoro_signal(
+                model, state.leak, h, h_tilde, S0, top_vjp, target_t, mask_t, loss, dh_t)
+            grads = None
+            if target_t is not None or dh_t is not None:
+                grads = split_flat(c @ th, net, model)
+                for prefix, layer in zip(net.prefixes, direct or ()):
+                    for n, v in layer.items():
+                        grads[prefix + n] = grads[prefix + n] + v
+                grads.update(ro)
+            return NetUOROState(new_state, h_tilde, th, leak), StepOutput(h, z, value), grads
         z, value, dz = readout_step(model, h, target_t, mask_t, loss)
         q = None if dz is None else dz @ model.W_out.detach()
         if dh_t is not None:

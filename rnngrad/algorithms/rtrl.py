@@ -92,7 +92,8 @@ def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorith
 
     A network of one layer whose units do not couple (``cell.diagonal``: LRU, eLSTM;
     checked once per cell) keeps per-unit traces, O(|params|) per example, no S x S
-    influence: Zucchet et al. (2023), Irie et al. (2023). It is the same gradient.
+    influence: Zucchet et al. (2023), Irie et al. (2023). It is the same gradient. (With a
+    leaky readout, ``readout_decay`` > 0, it keeps the layer's dense influence instead.)
     """
     if "cell" in removed:
         raise TypeError("rtrl(cell=f) was replaced by the cell protocol: subclass "
@@ -116,7 +117,7 @@ def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorith
         if spatial:
             return _spatial_init(model, batch_size, h0, generic)
         if not generic and not is_rnn(model) and model.num_layers == 1 \
-                and model.layers()[0][1].diagonal:
+                and model.layers()[0][1].diagonal and model.readout_decay == 0.0:
             verify_diagonal(model.layers()[0][1], "rtrl()")
             return _traces.init(model, batch_size, h0, None)
         if generic or not is_rnn(model):
