@@ -75,7 +75,7 @@ def parse_algorithms(specs: str) -> list[tuple[str, Algorithm]]:
 
 
 def _builtin_cells() -> dict[str, tuple[Callable[..., Cell], str]]:
-    from .cells import ALIF, GRU, LIF, LSTM, Elman
+    from .cells import ALIF, ELSTM, GRU, LIF, LRU, LSTM, Elman
 
     return {
         "elman": (Elman, "the (leaky) Elman cell phi(W_in x + W_rec h + b_rec); "
@@ -86,6 +86,10 @@ def _builtin_cells() -> dict[str, tuple[Callable[..., Cell], str]]:
                      "output spikes; triangle pseudo-derivative)"),
         "alif": (ALIF, "adaptive-threshold LIF neurons, Bellec et al. 2020's LSNN units "
                        "(state v, a)"),
+        "lru": (LRU, "the Linear Recurrent Unit, complex diagonal (Orvieto et al. 2023; state "
+                     "re, im; output Re(C h) + D x): exact RTRL by per-unit traces"),
+        "elstm": (ELSTM, "the element-wise LSTM (Irie et al. 2023; state c, output gate on "
+                         "c_t): exact RTRL by per-unit traces"),
     }
 
 

@@ -299,7 +299,7 @@ def _probe_points(cell):
 
 
 def _tol(t: Tensor) -> float:
-    return 1e-9 if t.dtype == torch.float64 else 1e-4
+    return 1e-9 if t.dtype == torch.float64 else 1e-5
 
 
 def _step_jvp(cell, params, state, x, name: str | None, tangents: Tensor) -> Tensor:
@@ -357,10 +357,10 @@ def verify_diagonal(cell, who: str) -> None:
     state Jacobian is block-diagonal over units, each owned parameter row moves only its
     unit, and unowned parameters enter only ``emit``.
 
-    Probe (cheap at any size, 2 C + 2 jvps per parameter): with r_j random per unit, the
-    jvp along ``r_j`` on unit j's entries must equal r_i times the jvp along ones, unit by
-    unit; any cross-unit term breaks that. On a failure the coupling is located (one
-    jvp per unit) and named."""
+    Probe (cheap at any size, 2 C + 2 jvps per parameter): for a random tangent w and r_j
+    random per unit, the jvp along ``r_j w`` (unit j's entries scaled by r_j) must equal
+    r_i times the jvp along w, unit by unit; any cross-unit term breaks that. On a failure
+    the coupling is located (one jvp per unit) and named."""
     global _diag_verified
     import weakref
 
@@ -379,18 +379,22 @@ def verify_diagonal(cell, who: str) -> None:
         r = 0.5 + torch.rand(U, generator=torch.Generator().manual_seed(3),
                              dtype=ref.dtype).to(ref.device)
         B = ref.shape[0]
-        # the previous state, component by component: tangents ones_c, then r_c
+        gen = torch.Generator().manual_seed(4)
+        new = flatten_state(cell.step(params, state, x))
+        floor = 1.0 + float(new.abs().max())  # the size round-off is relative to
+        # the previous state, component by component: tangents w_c, then r w_c
+        w = (0.5 + torch.rand(B, U, generator=gen, dtype=ref.dtype)).to(ref.device)
         tang = torch.zeros(2 * C, B, C, U, dtype=ref.dtype, device=ref.device)
         for c in range(C):
-            tang[c, :, c] = 1.0
-            tang[C + c, :, c] = r
+            tang[c, :, c] = w
+            tang[C + c, :, c] = r * w
         out = _step_jvp(cell, params, state, x, None, tang.view(2 * C, B, C * U))
         if not bool(torch.isfinite(out).all()):
             continue
         checked = True
         out = out.view(2 * C, B, C, U)
         for c in range(C):
-            bad = _mismatch(out[c], out[C + c], r)
+            bad = _mismatch(out[c], out[C + c], r, floor)
             if bad is not None:
                 i = bad
                 onehot = torch.zeros(U, B, C, U, dtype=ref.dtype, device=ref.device)
@@ -410,9 +414,10 @@ def verify_diagonal(cell, who: str) -> None:
                 continue
             p = params[pname]
             rows = r.repeat(G).view(-1, *([1] * (p.dim() - 1)))
-            t = torch.stack((torch.ones_like(p), rows.expand_as(p)))
+            wp = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+            t = torch.stack((wp, rows * wp))
             o = _step_jvp(cell, params, state, x, pname, t).view(2, B, C, U)
-            bad = _mismatch(o[0], o[1], r)
+            bad = _mismatch(o[0], o[1], r, floor)
             if bad is not None:
                 i = bad
                 onehot = torch.zeros(U, G, U, dtype=p.dtype, device=p.device)
@@ -434,11 +439,11 @@ def verify_diagonal(cell, who: str) -> None:
     _diag_verified[cell] = True
 
 
-def _mismatch(ones: Tensor, scaled: Tensor, r: Tensor) -> int | None:
-    """The unit i where ``scaled[..., i] != r_i ones[..., i]`` most (ones, scaled (B, C, U)),
-    or None when they agree to round-off."""
-    diff = (scaled - r * ones).abs().amax(dim=(0, 1))
-    scale = max(float(ones.abs().max()) * float(r.max()), 1e-30)
-    if float(diff.max()) <= _tol(ones) * scale:
+def _mismatch(plain: Tensor, scaled: Tensor, r: Tensor, floor: float) -> int | None:
+    """The unit i where ``scaled[..., i] != r_i plain[..., i]`` most (plain, scaled
+    (B, C, U)), or None when they agree to round-off (relative to ``floor`` at least)."""
+    diff = (scaled - r * plain).abs().amax(dim=(0, 1))
+    scale = max(float(plain.abs().max()) * float(r.max()), floor)
+    if float(diff.max()) <= _tol(plain) * scale:
         return None
     return int(diff.argmax())

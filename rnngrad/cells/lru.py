@@ -1,0 +1,257 @@
+"""The Linear Recurrent Unit (Orvieto et al. 2023, "Resurrecting recurrent neural networks
+for long sequences", ICML), a complex diagonal recurrence kept in real arithmetic, with
+the position-wise block of Zucchet et al. (2023, "Online learning of long-range
+dependencies", NeurIPS) as an option of its output.
+
+Every parameter is a real tensor (rnngrad refuses complex dtypes): a complex number is
+its real and imaginary parts. With N = ``state_size`` and x_t (B, D)::
+
+    lambda = exp(-exp(nu) + i exp(theta))          (N,)  |lambda| = exp(-exp(nu)) < 1
+    gamma  = exp(gamma_log)                        (N,)  drawn as sqrt(1 - |lambda|^2)
+    u_t    = x_t, or norm(x_t) with norm=True      (B, D) norm: layer norm, no parameters
+    h_t    = lambda h_{t-1} + gamma (B u_t)        (B, N) complex, B = B_re + i B_im (N, D)
+    y_t    = Re(C h_t) + D u_t                     (B, H) C = C_re + i C_im (H, N); D (H,)
+                                                          elementwise when D == H, else (H, D)
+    out_t  = y_t                                   the cell's output (emit), or with glu=True
+           = (W_1 g_t + b_1) sigmoid(W_2 g_t + b_2), g_t = gelu(y_t)   Zucchet's GLU
+             (+ x_t with residual=True)
+
+In real arithmetic, ``h_t = (re, im)``, ``lambda = lr + i li``,
+``lr = exp(-exp(nu)) cos(exp(theta))``, ``li = exp(-exp(nu)) sin(exp(theta))``::
+
+    re_t = lr re_{t-1} - li im_{t-1} + gamma (B_re u_t)
+    im_t = li re_{t-1} + lr im_{t-1} + gamma (B_im u_t)
+
+Units do not couple (``diagonal = True``): unit n is ``(re_n, im_n)``, C = 2, and owns
+``nu[n], theta[n], gamma_log[n]`` and row n of ``B_re``, ``B_im``; ``C_re, C_im, D`` and the
+GLU's parameters enter only the output (``emit``) and are owned by no unit. Declared
+structure, with ``(a_re, a_im) = lambda h_{t-1}`` and ``(v_re, v_im) = B u_t``::
+
+    local, eligibility   [[lr, -li], [li, lr]]               (B, N, 2, 2), the same for all b
+    immediate            nu: -exp(nu) (a_re, a_im)           (d lambda / d nu = -exp(nu) lambda)
+                         theta: exp(theta) (-a_im, a_re)     (d lambda / d theta = i e^theta lambda)
+                         gamma_log: gamma (v_re, v_im)
+                         B_re: (gamma, 0) u_t^T,  B_im: (0, gamma) u_t^T
+    jacobian             [[diag lr, -diag li], [diag li, diag lr]]      (B, 2N, 2N)
+    input_jacobian       [gamma B_re; gamma B_im] d u_t / d x_t         (B, 2N, D)
+
+RTRL on one LRU layer is then per-unit traces, O(B N (D + 3)) numbers, no S x S influence
+(Zucchet et al. 2023): ``rnngrad.rtrl()`` finds the diagonal declaration and does that.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Cell, Immediate, Linearization
+from .elman import check_sizes
+
+__all__ = ["LRU", "LRUState", "layer_norm"]
+
+EPS = 1e-5  # the layer norm's epsilon
+
+
+class LRUState(NamedTuple):
+    re: Tensor  # (B, N) Re h_t
+    im: Tensor  # (B, N) Im h_t
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the last dimension, no parameters (B, D)."""
+    return F.layer_norm(x, x.shape[-1:], eps=EPS)
+
+
+def _layer_norm_jacobian(x: Tensor) -> Tensor:
+    """d norm(x) / d x per example (B, D, D): ``(I - 1/D - n n^T / D) / sigma``."""
+    Dn = x.shape[-1]
+    n = layer_norm(x)
+    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + EPS)  # (B, 1)
+    eye = torch.eye(Dn, dtype=x.dtype, device=x.device)
+    J = eye - 1.0 / Dn - n.unsqueeze(2) * n.unsqueeze(1) / Dn
+    return J / sigma.unsqueeze(2)
+
+
+class LRU(Cell):
+    """The Linear Recurrent Unit (Orvieto et al. 2023); see the module docstring.
+
+    Args:
+        input_size: D.  hidden_size: H, the width of the output.
+        state_size: N, the number of complex units (default H).
+        r_min, r_max: |lambda| is drawn so that |lambda|^2 is uniform on [r_min^2, r_max^2].
+        max_phase: arg(lambda) is drawn uniform on [0, max_phase].
+        norm: layer-normalise x_t (no parameters) before B and D (Zucchet's prenorm).
+        glu: the output is Zucchet et al.'s GLU of gelu(y_t) (W_1, b_1, W_2, b_2 (H, H)).
+        residual: add x_t to the output (needs input_size == hidden_size).
+        dtype, device: of the parameters.
+
+    Parameters: ``nu, theta, gamma_log (N,)``, ``B_re, B_im (N, D)``, ``C_re, C_im (H, N)``,
+    ``D`` ((H,) when D == H, else (H, D)) and, with glu, ``W_1, W_2 (H, H)``, ``b_1, b_2 (H,)``.
+    State: ``LRUState(re, im)``, each (B, N).
+    """
+
+    diagonal = True
+
+    def __init__(self, input_size: int, hidden_size: int, *, state_size: int | None = None,
+                 r_min: float = 0.0, r_max: float = 1.0, max_phase: float = 2 * math.pi,
+                 norm: bool = False, glu: bool = False, residual: bool = False,
+                 dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        N = hidden_size if state_size is None else state_size
+        check_sizes(input_size=input_size, hidden_size=hidden_size, state_size=N)
+        if not (0.0 <= r_min < r_max <= 1.0):
+            raise ValueError(f"need 0 <= r_min < r_max <= 1, got r_min={r_min!r}, "
+                             f"r_max={r_max!r}")
+        if not max_phase > 0:
+            raise ValueError(f"max_phase must be > 0, got {max_phase!r}")
+        if residual and input_size != hidden_size:
+            raise ValueError(f"residual=True adds x_t to the output and needs input_size == "
+                             f"hidden_size, got {input_size} and {hidden_size}")
+        self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, N
+        self.r_min, self.r_max, self.max_phase = float(r_min), float(r_max), float(max_phase)
+        self.norm, self.glu, self.residual = bool(norm), bool(glu), bool(residual)
+        kw = {"dtype": dtype, "device": device}
+        H, Dn = hidden_size, input_size
+        self.nu = nn.Parameter(torch.empty(N, **kw))
+        self.theta = nn.Parameter(torch.empty(N, **kw))
+        self.gamma_log = nn.Parameter(torch.empty(N, **kw))
+        self.B_re = nn.Parameter(torch.empty(N, Dn, **kw))
+        self.B_im = nn.Parameter(torch.empty(N, Dn, **kw))
+        self.C_re = nn.Parameter(torch.empty(H, N, **kw))
+        self.C_im = nn.Parameter(torch.empty(H, N, **kw))
+        self.D = nn.Parameter(torch.empty(H, **kw) if Dn == H else torch.empty(H, Dn, **kw))
+        if self.glu:
+            self.W_1 = nn.Parameter(torch.empty(H, H, **kw))
+            self.b_1 = nn.Parameter(torch.empty(H, **kw))
+            self.W_2 = nn.Parameter(torch.empty(H, H, **kw))
+            self.b_2 = nn.Parameter(torch.empty(H, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Orvieto et al.'s initialisation: lambda uniform on the ring r_min <= |lambda| <=
+        r_max (in |lambda|^2) with phase in [0, max_phase], gamma = sqrt(1 - |lambda|^2),
+        B ~ N(0, 1/(2 D)), C ~ N(0, 1/N), D ~ N(0, 1) (N(0, 1/D) as a matrix); the GLU's
+        weights N(0, 1/H) and zero biases (flax's Dense, as Zucchet et al.'s code)."""
+        N, Dn, H = self.state_size, self.input_size, self.hidden_size
+        with torch.no_grad():
+            u1 = torch.rand_like(self.nu)
+            nu = -0.5 * torch.log(u1 * (self.r_max ** 2 - self.r_min ** 2) + self.r_min ** 2)
+            self.nu.copy_(torch.log(nu))
+            self.theta.copy_(torch.log(self.max_phase * torch.rand_like(self.theta)))
+            self.gamma_log.copy_(0.5 * torch.log1p(-torch.exp(-2 * nu)))
+            self.B_re.normal_(0.0, 1.0 / math.sqrt(2 * Dn))
+            self.B_im.normal_(0.0, 1.0 / math.sqrt(2 * Dn))
+            self.C_re.normal_(0.0, 1.0 / math.sqrt(N))
+            self.C_im.normal_(0.0, 1.0 / math.sqrt(N))
+            self.D.normal_(0.0, 1.0 if self.D.dim() == 1 else 1.0 / math.sqrt(Dn))
+            if self.glu:
+                self.W_1.normal_(0.0, 1.0 / math.sqrt(H))
+                self.W_2.normal_(0.0, 1.0 / math.sqrt(H))
+                self.b_1.zero_()
+                self.b_2.zero_()
+
+    def extra_repr(self) -> str:
+        opts = [n for n in ("norm", "glu", "residual") if getattr(self, n)]
+        return (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                f"state_size={self.state_size}" + "".join(f", {o}=True" for o in opts))
+
+    @property
+    def n_units(self) -> int:
+        return self.state_size
+
+    def param_blocks(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {"nu": 1, "theta": 1, "gamma_log": 1, "B_re": 1, "B_im": 1}
+        for n, _ in self.named_parameters():
+            out.setdefault(n, None)  # C_re, C_im, D, the GLU's: only in the output
+        return out
+
+    def init_state(self, batch_size: int) -> LRUState:
+        p = self.B_re
+        z = torch.zeros(batch_size, self.state_size, dtype=p.dtype, device=p.device)
+        return LRUState(z, z.clone())
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def _input(self, x: Tensor) -> Tensor:
+        return layer_norm(x) if self.norm else x
+
+    @staticmethod
+    def eigenvalues(params) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(lr, li, exp(nu), exp(theta))``: lambda's real and imaginary parts (N,)."""
+        e_nu, e_th = torch.exp(params["nu"]), torch.exp(params["theta"])
+        r = torch.exp(-e_nu)
+        return r * torch.cos(e_th), r * torch.sin(e_th), e_nu, e_th
+
+    def _parts(self, params, state: LRUState, x: Tensor):
+        lr, li, e_nu, e_th = self.eigenvalues(params)
+        gamma = torch.exp(params["gamma_log"])
+        u = self._input(x)
+        v_re, v_im = u @ params["B_re"].T, u @ params["B_im"].T            # B u_t
+        a_re = lr * state.re - li * state.im                                 # lambda h_{t-1}
+        a_im = li * state.re + lr * state.im
+        new = LRUState(torch.addcmul(a_re, gamma, v_re), torch.addcmul(a_im, gamma, v_im))
+        return new, u, lr, li, e_nu, e_th, gamma, a_re, a_im, v_re, v_im
+
+    def step(self, params, state: LRUState, x: Tensor) -> LRUState:
+        return self._parts(params, state, x)[0]
+
+    def emit(self, params, state: LRUState, x: Tensor) -> Tensor:
+        u = self._input(x)
+        y = state.re @ params["C_re"].T - state.im @ params["C_im"].T        # Re(C h_t)
+        Dp = params["D"]
+        y = y + (u * Dp if Dp.dim() == 1 else u @ Dp.T)
+        if self.glu:
+            g = F.gelu(y)
+            y = torch.addmm(params["b_1"], g, params["W_1"].T) * torch.sigmoid(
+                torch.addmm(params["b_2"], g, params["W_2"].T))
+        if self.residual:
+            y = y + x
+        return y
+
+    def linearize(self, params, state: LRUState, x: Tensor, *, need=()) -> Linearization:
+        new, u, lr, li, e_nu, e_th, gamma, a_re, a_im, v_re, v_im = \
+            self._parts(params, state, x)
+        if not need:
+            return Linearization(new)
+        B, N = new.re.shape
+        out = {}
+        if "local" in need or "eligibility" in need:
+            blk = torch.stack((torch.stack((lr, -li), -1), torch.stack((li, lr), -1)), -2)
+            blk = blk.expand(B, N, 2, 2)  # (B, N, 2, 2)
+            if "local" in need:
+                out["local"] = blk
+            if "eligibility" in need:
+                out["eligibility"] = blk
+        if "immediate" in need:
+            ones = u.new_ones(B, 1, 1)
+            zero = torch.zeros_like(gamma)
+            g_re = torch.stack((gamma, zero)).view(1, 2, 1, N).expand(B, 2, 1, N)
+            g_im = torch.stack((zero, gamma)).view(1, 2, 1, N).expand(B, 2, 1, N)
+            uu = u.unsqueeze(1)
+            out["immediate"] = {
+                "nu": Immediate(torch.stack((a_re, a_im), 1).mul_(-e_nu).unsqueeze(2), ones),
+                "theta": Immediate(torch.stack((-a_im, a_re), 1).mul_(e_th).unsqueeze(2), ones),
+                "gamma_log": Immediate(torch.stack((v_re, v_im), 1).mul_(gamma).unsqueeze(2),
+                                       ones),
+                "B_re": Immediate(g_re, uu),
+                "B_im": Immediate(g_im, uu),
+            }
+        if "jacobian" in need:
+            J = u.new_zeros(B, 2 * N, 2 * N)
+            J[:, :N, :N].diagonal(dim1=1, dim2=2).copy_(lr.expand(B, N))
+            J[:, :N, N:].diagonal(dim1=1, dim2=2).copy_((-li).expand(B, N))
+            J[:, N:, :N].diagonal(dim1=1, dim2=2).copy_(li.expand(B, N))
+            J[:, N:, N:].diagonal(dim1=1, dim2=2).copy_(lr.expand(B, N))
+            out["jacobian"] = J
+        if "input_jacobian" in need:
+            gB = torch.cat((params["B_re"], params["B_im"])) * gamma.repeat(2).unsqueeze(1)
+            if self.norm:
+                out["input_jacobian"] = torch.matmul(gB, _layer_norm_jacobian(x))
+            else:
+                out["input_jacobian"] = gB.expand(B, 2 * N, self.input_size)
+        return Linearization(new, **out)
