@@ -80,6 +80,11 @@ def _loop_order(H: int, device) -> Tensor:
     return torch.cat((r[:2 * H], r[3 * H:], r[2 * H:3 * H]))
 
 
+def _with_ones(X: Tensor) -> Tensor:
+    """(N, D) -> (N, D + 1): X with a column of ones (the bias as one more input)."""
+    return torch.cat((X, X.new_ones(X.shape[0], 1)), 1)
+
+
 class LSTM(Cell):
     """PyTorch's LSTM cell (gate order i, f, g, o).
 
@@ -167,7 +172,7 @@ class LSTM(Cell):
         """``(outputs (T, B, H), state_T, cache)``; see the module docstring.
 
         The cache (a ``SequenceCache``) holds the gates (T, B, 4H, order i, f, o, g), c_1..c_T
-        and h_1..h_T (the outputs); ``backward_sequence`` overwrites the gates with their
+        and h_1..h_T (the outputs) and [x_t, 1] (T B, D + 1); ``backward_sequence`` overwrites the gates with their
         gradients, so it serves one backward pass. When autograd would record (grad
         enabled and a tensor requiring grad), the outputs come from a plain loop of
         ``step`` so that they stay differentiable.
@@ -180,7 +185,7 @@ class LSTM(Cell):
             with torch.no_grad():
                 return outs, sT, SequenceCache(self._forward(params, inputs, state0))
         c = self._forward(params, inputs, state0)
-        _, cs, hs = c
+        _, cs, hs, _ = c
         return hs, LSTMState(hs[-1], cs[-1]), (SequenceCache(c) if cache else None)
 
     @torch.no_grad()
@@ -188,9 +193,13 @@ class LSTM(Cell):
         T, B, D = inputs.shape
         H = self.hidden_size
         order = _loop_order(H, inputs.device)
-        W_ih, W_hh = params["W_ih"][order], params["W_hh"][order]
-        bias = (params["b_ih"] + params["b_hh"])[order]
-        A = torch.addmm(bias, inputs.reshape(T * B, D), W_ih.T).view(T, B, 4 * H)
+        W_hh = params["W_hh"][order]
+        # a_t = [W_ih | b_ih + b_hh] [x_t; 1] + W_hh h_{t-1}: the first term for all t as one
+        # GEMM with the bias as a column (no broadcast pass over the (T, B, 4H) result);
+        # backward_sequence gets the bias gradient from the same column of dW_ih's GEMM
+        X1 = _with_ones(inputs.reshape(T * B, D))
+        W1 = torch.cat((params["W_ih"], (params["b_ih"] + params["b_hh"]).unsqueeze(1)), 1)
+        A = torch.mm(X1, W1[order].T).view(T, B, 4 * H)
         W_hh_T = W_hh.T
         cs = torch.empty(T, B, H, dtype=A.dtype, device=A.device)
         hs = torch.empty(T, B, H, dtype=A.dtype, device=A.device)
@@ -206,7 +215,7 @@ class LSTM(Cell):
             Gs[t].tanh_()                                                 # g
             c = torch.mul(Fs[t], c, out=Cs[t]).addcmul_(Is[t], Gs[t])     # c_t
             h = torch.mul(Os[t], torch.tanh(c, out=tc), out=Hs[t])        # h_t = o tanh(c_t)
-        return A, cs, hs
+        return A, cs, hs, X1
 
     def backward_sequence(self, params, inputs: Tensor, state0: LSTMState, cache,
                           d_outputs: Tensor, d_state: LSTMState | None = None, *,
@@ -219,7 +228,7 @@ class LSTM(Cell):
         if tuple(d_outputs.shape) != (T, B, H):
             raise ValueError(f"d_outputs has shape {tuple(d_outputs.shape)} but expected "
                              f"({T}, {B}, {H})")
-        A, cs, hs = SequenceCache.take(cache, self)
+        A, cs, hs, X1 = SequenceCache.take(cache, self)
         with torch.no_grad():
             order = _loop_order(H, A.device)
             W_ih, W_hh = params["W_ih"].detach()[order], params["W_hh"].detach()[order]
@@ -256,12 +265,11 @@ class LSTM(Cell):
                 else:
                     delta = torch.mm(dAs[0], W_hh, out=delta_buf)
             dA2 = A.view(T * B, 4 * H)
-            X = inputs.detach().reshape(T * B, D)
             dW_hh = dAs[0].T @ state0.h.detach()
             if T > 1:
                 dW_hh.addmm_(dA2[B:].T, hs[:-1].reshape((T - 1) * B, H))
-            sums = dA2.sum(0)[order]
-            grads = {"W_ih": (dA2.T @ X)[order], "W_hh": dW_hh[order],
-                     "b_ih": sums, "b_hh": sums.clone()}
+            dW1 = (dA2.T @ X1)[order]                                     # [dW_ih | sum_t da_t]
+            grads = {"W_ih": dW1[:, :D].contiguous(), "W_hh": dW_hh[order],
+                     "b_ih": dW1[:, D].contiguous(), "b_hh": dW1[:, D].contiguous()}
             d_inputs = (dA2 @ W_ih).view(T, B, D) if input_grad else None
         return grads, d_inputs, LSTMState(delta, gamma)
