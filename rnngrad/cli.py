@@ -281,12 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PLAIN_PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
 class _Lines:
     """Progress where stderr is not a terminal (a log file, CI): one plain line at most
     every ``every`` seconds instead of a bar redrawn many times a second."""
 
-    def __init__(self, total: int, initial: int = 0, every: float = 30.0) -> None:
-        self.total, self.n, self.every = total, initial, every
+    def __init__(self, total: int, initial: int = 0, every: float | None = None) -> None:
+        self.total, self.n = total, initial
+        self.every = PLAIN_PROGRESS_EVERY if every is None else every
         self.postfix = ""
         self.last = time.monotonic()
 
@@ -297,8 +301,8 @@ class _Lines:
             self.last = now
             print(f"{self.n}/{self.total} {self.postfix}".rstrip(), file=sys.stderr, flush=True)
 
-    def set_postfix(self, **kw) -> None:
-        self.postfix = " ".join(f"{k}={v}" for k, v in kw.items())
+    def set_postfix(self, ordered_dict: dict | None = None, **kw) -> None:  # as tqdm's
+        self.postfix = " ".join(f"{k}={v}" for k, v in {**(ordered_dict or {}), **kw}.items())
 
     def close(self) -> None:
         pass
@@ -459,7 +463,6 @@ def cmd_train(args) -> int:
               "algorithm": args.algorithm or "bptt", "lr": args.lr, "seed": args.seed}
     out = Path(args.out) if args.out else Path("runs") / f"{args.task}-{args.algorithm or 'bptt'}"
     state: dict = {"bar": None, "checkpoint": None, "logged": 0}
-    classification = None
 
     def on_event(kind: str, info: dict) -> None:
         if kind == "start":
@@ -474,15 +477,13 @@ def cmd_train(args) -> int:
             state["checkpoint"] = info["step"]
 
     def on_log(step: int, row: dict) -> None:
-        nonlocal classification
         bar = state["bar"]
-        bar.update(step - state["logged"])
-        state["logged"] = step
-        classification = "test_acc" in row
-        metric = {"test_acc": f"{row['test_acc']:.4f}"} if classification else {
+        metric = {"test_acc": f"{row['test_acc']:.4f}"} if "test_acc" in row else {
             "test_mse/step": f"{row['test_mse']:.4g}"}
         bar.set_postfix({"loss/seq": f"{row['train_loss']:.4f}", **metric,
                          "steps/s": f"{row['steps_per_s']:.1f}"})
+        bar.update(step - state["logged"])  # after the postfix: a plain line shows it
+        state["logged"] = step
 
     t0 = time.perf_counter()
     try:
@@ -531,8 +532,8 @@ def cmd_sweep(args) -> int:
         state["bar"] = _progress(info["to_run"], args.no_progress, unit="trial")
 
     def progress(row: dict) -> None:
-        state["bar"].update(1)
         state["bar"].set_postfix(last=row["trial"], status=row["status"])
+        state["bar"].update(1)
 
     t0 = time.perf_counter()
     try:
@@ -577,10 +578,10 @@ def cmd_compare(args) -> int:
 
     def on_progress(info: dict) -> None:
         key = (info["algorithm"], info["seed"])
-        bar.update(info["step"] - seen.get(key, 0))
-        seen[key] = info["step"]
         bar.set_postfix(algorithm=info["algorithm"], seed=info["seed"],
                         test_loss=f"{info['test_loss']:.4f}")
+        bar.update(info["step"] - seen.get(key, 0))
+        seen[key] = info["step"]
 
     t0 = time.perf_counter()
     try:

@@ -241,6 +241,17 @@ def test_progress_is_throttled_when_stderr_is_not_a_terminal(capsys):
     assert capsys.readouterr().err == "3/10 loss=0.5\n"
 
 
+def test_train_progress_in_a_log_is_quiet(tmp_path, capsys, monkeypatch):
+    """Without --no-progress and with stderr not a terminal: plain lines, at most every 30 s."""
+    import rnngrad.cli as cli
+
+    monkeypatch.setattr(cli, "PLAIN_PROGRESS_EVERY", 0.0)
+    args = [a for a in TINY if a != "--no-progress"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("2/4 loss/seq=") and "test_mse/step=" in err[0] and len(err) == 2
+
+
 def test_sweep_without_ray_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     assert main(["sweep", "--out", str(tmp_path / "s"), "--no-progress"]) == 2
