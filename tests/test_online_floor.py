@@ -4,6 +4,7 @@ signs), what a step returns is never overwritten by a later step, and the state'
 buffers are the same from step to step (nothing of their size is allocated per step)."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -139,10 +140,21 @@ def drive(name, alpha, B, *, with_h0=False, T=7, activation="tanh"):
         yield t, grads, expect
 
 
+@pytest.fixture(params=["one block", "a block per row"])
+def blocks(request, monkeypatch):
+    """The traces are updated and contracted in row blocks; run with one block (these
+    sizes) and with every row a block of its own."""
+    if request.param == "a block per row":
+        online = sys.modules["rnngrad.algorithms._online"]
+        monkeypatch.setattr(online, "BLOCK_BYTES", 1)
+        monkeypatch.setattr(online, "BLOCKED_ABOVE", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("alpha", [1.0, 0.4])
 @pytest.mark.parametrize("name", RULES)
-def test_emitted_gradients_are_the_equations(name, alpha, B):
+def test_emitted_gradients_are_the_equations(name, alpha, B, blocks):
     for t, grads, expect in drive(name, alpha, B):
         if expect is None:
             assert grads is None, t
@@ -154,7 +166,7 @@ def test_emitted_gradients_are_the_equations(name, alpha, B):
 
 @pytest.mark.parametrize("name", ["eprop", "snap1"])
 @pytest.mark.parametrize("alpha", [1.0, 0.4])
-def test_h0_gradient_and_relu(name, alpha):
+def test_h0_gradient_and_relu(name, alpha, blocks):
     for act in ("tanh", "relu"):
         for t, grads, expect in drive(name, alpha, 3, with_h0=True, activation=act):
             if expect is not None:

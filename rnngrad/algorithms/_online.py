@@ -19,7 +19,8 @@ from ..cells.activations import get_activation
 from ..cells.elman import cell_step
 from .base import Grads, output_grads, readout_step
 
-__all__ = ["Forward", "Work", "workspace", "forward", "contract", "learning_signal",
+__all__ = ["Forward", "Work", "workspace", "forward", "row_blocks", "rows_of", "update_and_contract",
+           "learning_signal",
            "split_theta", "emit", "generator_for", "random_signs", "check_seed"]
 
 
@@ -62,17 +63,61 @@ def forward(model, h_prev: Tensor, x_t: Tensor, target_t, mask_t, loss: str,
     return Forward(h, dphi, pre, z, value, dz)
 
 
-def contract(L: Tensor, X: Tensor) -> Tensor:
-    """``G[i, j] = sum_b L[b, i] X[b, i, j]``, a new (H, P) tensor: the gradient of a
-    per-unit trace or influence X (B, H, P) under the signal L (B, H).
+# A (B, H, P) trace larger than BLOCKED_ABOVE bytes is updated and contracted block of rows
+# by block of rows, each block BLOCK_BYTES or so: every pass after the first then reads the
+# block from cache, where the update left it, and the trace crosses the memory bus once per
+# step instead of once per pass (about 15% at H = 1024, B = 16 on a 2-core Xeon). Smaller
+# traces stay whole: there the extra calls cost more than the cache saves.
+BLOCK_BYTES = 2 << 20
+BLOCKED_ABOVE = 8 << 20
 
-    One batched GEMV over the units, reading X once in place (the (H, B, P) view of X is
-    strided, not copied); for B = 1 a row scaling. ``torch.einsum("bi,bij->ij")`` copies
-    X one unit at a time here and costs several times more.
+
+def row_blocks(X: Tensor) -> list[slice] | None:
+    """Row blocks of X (B, H, P), or None (one block, X whole) unless X is larger than
+    ``BLOCKED_ABOVE``."""
+    B, H, P = X.shape
+    row = B * P * X.element_size()
+    if H * row <= BLOCKED_ABOVE:
+        return None
+    rows = max(1, BLOCK_BYTES // row)
+    return [slice(i, min(i + rows, H)) for i in range(0, H, rows)]
+
+
+def rows_of(t: Tensor, rows: slice | None) -> Tensor:
+    """``t[:, rows]``, or t itself for the whole (no view op on the one-block path)."""
+    return t if rows is None else t[:, rows]
+
+
+def update_and_contract(X: Tensor, update, L: Tensor | None) -> Tensor | None:
+    """``update(X[:, rows], rows)`` in place for every row block (``rows`` None: X whole), and,
+    when L (B, H) is given, ``G[i, j] = sum_b L[b, i] X[b, i, j]`` of the updated X: a new
+    (H, P) tensor.
+
+    Each block is contracted right after its update, while it is in cache: a batched GEMV
+    over its units (the (rows, B, P) view of the block is strided, not copied), or a row
+    scaling for B = 1. (``torch.einsum("bi,bij->ij")`` copies X one unit at a time here.)
     """
-    if X.shape[0] == 1:
-        return X[0] * L[0].unsqueeze(1)
-    return torch.bmm(L.T.contiguous().unsqueeze(1), X.transpose(0, 1)).squeeze(1)
+    B, H, P = X.shape
+    blocks = row_blocks(X)
+    if blocks is None:
+        update(X, None)
+        if L is None:
+            return None
+        if B == 1:
+            return X[0] * L[0].unsqueeze(1)
+        return torch.bmm(L.T.contiguous().unsqueeze(1), X.transpose(0, 1)).view(H, P)
+    G = None if L is None else X.new_empty(H, P)
+    LT = None if L is None or B == 1 else L.T.contiguous().unsqueeze(1)  # (H, 1, B)
+    for rows in blocks:
+        Xb = X[:, rows]
+        update(Xb, rows)
+        if G is None:
+            continue
+        if B == 1:
+            torch.mul(Xb[0], L[0, rows].unsqueeze(1), out=G[rows])
+        else:
+            torch.bmm(LT[rows], Xb.transpose(0, 1), out=G[rows].unsqueeze(1))
+    return G
 
 
 def learning_signal(dz: Tensor | None, feedback: Tensor, dh_t: Tensor | None) -> Tensor | None:

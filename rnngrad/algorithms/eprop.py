@@ -23,7 +23,11 @@ immediate ``phi'(a_t) pre_t^T`` and e-prop is truncated BPTT with k = 1.
 Storage: for alpha = 1 the trace is never formed: the step's gradient is one GEMM
 ``(L_t * phi'(a_t))^T pre_t`` over the batch. For alpha < 1 the low-pass filter of
 ``phi'(a_s^i) pre_s^j`` over s does not factor (phi' changes with s), so the trace is
-kept whole, (B, H, P).
+kept whole, (B, H, P). On ``rnngrad.RNN`` a step touches it twice: the update in
+place, one batched outer product accumulated with beta = 1 - alpha (``baddbmm_``), and
+the contraction, one batched GEMV over the units (``_online.update_and_contract``; above
+8 MiB block by block of rows, each contracted while in cache). ``pre_t`` lives in the
+state's workspace; nothing of the trace's size is allocated per step.
 
 Approximate (exact only where noted above). Online. Cost per step: time O(B H P),
 memory O(B H P) (alpha < 1) or O(B P) (alpha = 1), constant in T.
@@ -39,7 +43,16 @@ from torch import Tensor
 
 from . import _traces_network as _net
 from ._network import check_network, is_rnn
-from ._online import Work, check_seed, contract, emit, forward, learning_signal, workspace
+from ._online import (
+    Work,
+    check_seed,
+    emit,
+    forward,
+    learning_signal,
+    rows_of,
+    update_and_contract,
+    workspace,
+)
 from .base import Algorithm, StepOutput
 
 __all__ = ["eprop", "EpropState", "FEEDBACKS"]
@@ -112,17 +125,18 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
             fb = model.W_out if state.feedback is None else state.feedback
             L = learning_signal(f.dz, fb, dh_t)
             trace = state.trace
-            if trace is not None:
-                # trace_t = (1 - alpha) trace_{t-1} + (alpha phi'(a_t)) pre_t^T: one pass over
-                # the trace, in place (a batched outer product accumulated with beta)
-                trace.baddbmm_(f.dphi.unsqueeze(2), f.pre.unsqueeze(1), beta=1.0 - alpha,
-                               alpha=alpha)
             G = None
-            if L is not None:
-                if trace is None:
-                    G = (L * f.dphi).T @ f.pre  # sum_b L_t^i phi'(a_t^i) pre_t^j: one GEMM
-                else:
-                    G = contract(L, trace)  # sum_b L_t^i trace_t[i, j]
+            if trace is not None:
+                d3, pre3 = f.dphi.unsqueeze(2), f.pre.unsqueeze(1)
+
+                def update(X, rows):
+                    # trace_t = (1 - alpha) trace_{t-1} + (alpha phi'(a_t)) pre_t^T, in place: a
+                    # batched outer product accumulated with beta, one pass over the trace
+                    X.baddbmm_(rows_of(d3, rows), pre3, beta=1.0 - alpha, alpha=alpha)
+
+                G = update_and_contract(trace, update, L)  # sum_b L_t^i trace_t[i, j]
+            elif L is not None:
+                G = (L * f.dphi).T @ f.pre  # sum_b L_t^i phi'(a_t^i) pre_t^j: one GEMM
             c = None if state.c is None else state.c * (1.0 - alpha)
             grads = emit(model, f, G)
             if grads is not None and c is not None:

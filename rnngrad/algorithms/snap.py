@@ -19,6 +19,10 @@ and the exact gradient for ``W_out``, ``b_out``. Where ``W_rec`` is diagonal, ``
 diagonal, the dropped entries are zero, and SnAp-1 equals RTRL. Compared with e-prop,
 SnAp-1 keeps ``alpha phi' W_rec[i, i]`` in the self-path and uses the exact signal.
 
+On ``rnngrad.RNN`` M is updated in place, two passes (the row scaling by Jd_t, then the
+outer product by ``baddbmm_``), and contracted by one batched GEMV over the units; above
+8 MiB block by block of rows, so that the second and third pass read from cache.
+
 Approximate. Online. Cost per step for dense ``W_rec``: time O(B H (H + D + K)),
 memory O(B H (H + D + 1)), constant in T.
 """
@@ -32,7 +36,15 @@ from torch import Tensor
 
 from . import _traces_network as _net
 from ._network import check_network, is_rnn
-from ._online import Work, contract, emit, forward, learning_signal, workspace
+from ._online import (
+    Work,
+    emit,
+    forward,
+    learning_signal,
+    rows_of,
+    update_and_contract,
+    workspace,
+)
 from .base import Algorithm, StepOutput
 
 __all__ = ["snap1", "SnapState"]
@@ -81,16 +93,20 @@ def snap1() -> Algorithm:
             Jd = d * model.W_rec.diagonal()  # alpha phi'(a_t^i) W_rec[i, i]
             if alpha != 1.0:
                 Jd = Jd.add_(1.0 - alpha)
-            # M_t = Jd_t M_{t-1} + (alpha phi'(a_t)) pre_t^T, in place: the row scaling differs
-            # per example and unit, so it is a pass of its own before the outer product
-            M = state.M.mul_(Jd.unsqueeze(2)).baddbmm_(d.unsqueeze(2), f.pre.unsqueeze(1))
             c = None if state.c is None else state.c * Jd
             q = learning_signal(f.dz, model.W_out, dh_t)
-            G = None if q is None else contract(q, M)  # sum_b q_t^i M_t[i, j]
+            Jd3, d3, pre3 = Jd.unsqueeze(2), d.unsqueeze(2), f.pre.unsqueeze(1)
+
+            def update(X, rows):
+                # M_t = Jd_t M_{t-1} + (alpha phi'(a_t)) pre_t^T, in place; the row scaling
+                # differs per example and unit, so it is a pass of its own (over a cached block)
+                X.mul_(rows_of(Jd3, rows)).baddbmm_(rows_of(d3, rows), pre3)
+
+            G = update_and_contract(state.M, update, q)  # sum_b q_t^i M_t[i, j]
             grads = emit(model, f, G)
             if grads is not None and c is not None:
                 grads["h0"] = q * c if q is not None else torch.zeros_like(f.h)
-        return state._replace(h=f.h, M=M, c=c), StepOutput(f.h, f.z, f.loss), grads
+        return state._replace(h=f.h, c=c), StepOutput(f.h, f.z, f.loss), grads
 
     def flush(model, state: SnapState):
         return state, None

@@ -22,6 +22,11 @@ on the current nu (``||Mbar^T nu|| = ||alpha phi'|| ||pre||`` for signs), so the
 it unbiased. The noise is independent across the batch; ``W_out`` and ``b_out`` get
 their exact gradient.
 
+On ``rnngrad.RNN`` theta~ is updated in place (the scaling by 1/rho0, then the outer
+product by ``baddbmm_``), its norm for the next step's rho0 is taken right after (and
+kept in the state, so theta~ is not read for it again), and the gradient is one GEMV
+over the batch; above 8 MiB block by block of rows, each while in cache.
+
 Approximate (unbiased, high variance). Online. Cost per step: time O(B H (H + D + K)),
 memory O(B H (H + D + 1)) (theta~ per example), constant in T.
 """
@@ -44,6 +49,7 @@ from ._online import (
     generator_for,
     learning_signal,
     random_signs,
+    row_blocks,
     workspace,
 )
 from .base import Algorithm, StepOutput
@@ -56,6 +62,7 @@ class UOROState(NamedTuple):
     h_tilde: Tensor  # (B, H) h~_t
     theta_tilde: Tensor  # (B, H, P) theta~_t, over [W_rec | W_in | b_rec]
     work: Work | None = None  # buffers reused by every step
+    theta_norm: Tensor | None = None  # (B,) ||theta~_t|| per example, for the next step's rho0
 
 
 def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
@@ -89,7 +96,8 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}
         return UOROState(torch.zeros(batch_size, H, **kw), torch.zeros(batch_size, H, **kw),
-                         torch.zeros(batch_size, H, H + D + 1, **kw), workspace(model, batch_size))
+                         torch.zeros(batch_size, H, H + D + 1, **kw), workspace(model, batch_size),
+                         torch.zeros(batch_size, **kw))
 
     def step(model, state: UOROState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
@@ -106,22 +114,37 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
             Jh = d * (h_t @ model.W_rec.T)  # J_t h~ = (1 - alpha) h~ + alpha phi' W_rec h~
             if alpha != 1.0:
                 Jh = Jh.add_(h_t, alpha=1.0 - alpha)
-            norm_th = torch.linalg.vector_norm(th.view(B, -1), dim=1)  # one read of theta~
+            norm_th = state.theta_norm  # taken at the end of the last step
             norm_Jh = Jh.norm(dim=1)
             norm_Mnu = d.norm(dim=1) * f.pre.norm(dim=1)
             rho0 = ((norm_th + eps) / (norm_Jh + eps)).sqrt_()  # (B,)
             rho1 = ((norm_Mnu + eps) / (math.sqrt(H) + eps)).sqrt_()  # (B,)
             h_new = torch.addcmul(rho1.unsqueeze(1) * nu, rho0.unsqueeze(1), Jh)
-            # theta~_t = theta~_{t-1} / rho0 + (Mbar^T nu) / rho1, in place; Mbar^T nu = u pre^T
-            u = (nu * d).div_(rho1.unsqueeze(1))
-            th.mul_(rho0.reciprocal().view(B, 1, 1)).baddbmm_(u.unsqueeze(2), f.pre.unsqueeze(1))
+            u3 = (nu * d).div_(rho1.unsqueeze(1)).unsqueeze(2)  # Mbar^T nu / rho1 = u pre^T
+            inv_rho0, pre3 = rho0.reciprocal().view(B, 1, 1), f.pre.unsqueeze(1)
             q = learning_signal(f.dz, model.W_out, dh_t)
+            s = None if q is None else (q * h_new).sum(1).unsqueeze(0)  # q_t . h~_t, (1, B)
             G = None
-            if q is not None:
-                s = (q * h_new).sum(1)  # q_t . h~_t, (B,)
-                G = (s @ th.view(B, -1)).view(H, -1)  # one GEMV over the batch
+            blocks = row_blocks(th)
+            if blocks is None:
+                # theta~_t = theta~_{t-1} / rho0 + u pre^T in place; its norm (the next step's
+                # rho0); sum_b (q_t . h~_t) theta~_t: one GEMV over the batch
+                th.mul_(inv_rho0).baddbmm_(u3, pre3)
+                norm_th = torch.linalg.vector_norm(th.view(B, -1), dim=1)
+                if s is not None:
+                    G = torch.mm(s, th.view(B, -1)).view(H, -1)
+            else:  # the same, block by block of rows, each while it is in cache
+                G = None if s is None else th.new_empty(H, th.shape[2])
+                norms = []
+                for rows in blocks:
+                    X = th[:, rows]
+                    X.mul_(inv_rho0).baddbmm_(u3[:, rows], pre3)
+                    norms.append(torch.linalg.vector_norm(X, dim=(1, 2)))
+                    if G is not None:
+                        torch.mm(s, X.reshape(B, -1), out=G[rows].view(1, -1))
+                norm_th = torch.linalg.vector_norm(torch.stack(norms, 1), dim=1)
             grads = emit(model, f, G)
-        new = state._replace(h=f.h, h_tilde=h_new, theta_tilde=th)
+        new = state._replace(h=f.h, h_tilde=h_new, theta_tilde=th, theta_norm=norm_th)
         return new, StepOutput(f.h, f.z, f.loss), grads
 
     def flush(model, state: UOROState):
