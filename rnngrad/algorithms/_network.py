@@ -21,7 +21,7 @@ from ..network import Network
 __all__ = ["Bound", "bind", "is_rnn", "stack_forward", "stack_backward", "net_step",
            "output_into_state", "state_from_output_grad", "split_flat", "zero_state",
            "flatten_net_state", "unflatten_net_state", "trajectory", "check_network",
-           "emit_vjp", "output_influence", "check_real"]
+           "emit_vjp", "output_influence", "check_real", "unit_mix"]
 
 
 class Bound(NamedTuple):
@@ -149,6 +149,28 @@ def output_into_state(cell: Cell, state, g: Tensor) -> Tensor:
     _, fn = vjp(cell.output, state)
     (ds,) = fn(g)
     return flatten_state(ds)
+
+
+def unit_mix(J: Tensor, Mv: Tensor, unit_shape: tuple) -> Tensor:
+    """``Mv[:, c] <- sum_c' J[:, :, c, c'] * Mv[:, c']`` in place: the per-unit blocks J
+    (B, U, C, C) applied to the component axis of Mv (B, C, ...), J's entries viewed as
+    ``unit_shape`` to broadcast over the rest. C^2 elementwise ops and one copy of C - 1
+    components, no permuted copy of Mv (what an einsum with tiny C x C blocks makes)."""
+    C = J.shape[2]
+    last = Mv[:, C - 1]
+    old = Mv[:, :C - 1].clone()  # the components overwritten before the last is read
+
+    def src(d):
+        return last if d == C - 1 else old[:, d]
+
+    for c in range(C - 1):
+        torch.mul(src(0), J[:, :, c, 0].reshape(unit_shape), out=Mv[:, c])
+        for d in range(1, C):
+            Mv[:, c].addcmul_(src(d), J[:, :, c, d].reshape(unit_shape))
+    last.mul_(J[:, :, C - 1, C - 1].reshape(unit_shape))
+    for d in range(C - 1):
+        last.addcmul_(old[:, d], J[:, :, C - 1, d].reshape(unit_shape))
+    return Mv
 
 
 def emit_vjp(cell: Cell, params: dict, state, x: Tensor, g: Tensor):

@@ -49,6 +49,7 @@ from ._network import (
     output_influence,
     split_flat,
     unflatten_net_state,
+    unit_mix,
 )
 from .base import Grads, StepOutput, immediate_signal, output_grads
 
@@ -124,8 +125,7 @@ def through_units(local: Tensor, M: Tensor) -> Tensor:
     B, U, C, _ = local.shape
     if C == 1:
         return M * local.view(B, U, 1)
-    Mv = M.view(B, C, U, -1)
-    return torch.einsum("bicd,bdin->bcin", local, Mv).reshape(M.shape)
+    return unit_mix(local, M.view(B, C, U, -1), (B, U, 1)).view(M.shape)
 
 
 def step(model, generic: bool, state: NetRTRLState, x_t, target_t, mask_t, loss, dh_t):

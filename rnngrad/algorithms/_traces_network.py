@@ -59,7 +59,7 @@ from ..cells._derive import (
 )
 from ..cells.base import unflatten_state
 from . import _leaky_readout as _leak
-from ._network import bind, check_real, emit_vjp
+from ._network import bind, check_real, emit_vjp, unit_mix
 from .base import Grads, StepOutput, output_grads, readout_step
 
 __all__ = ["NetTraceState", "init", "step", "check_owned", "MODES"]
@@ -148,7 +148,7 @@ def _through_unit(J: Tensor, M: Tensor) -> Tensor:
     B, U, C, _ = J.shape
     if C == 1:
         return M.mul_(J.view(B, 1, 1, U, 1))
-    return torch.einsum("bicd,bdgij->bcgij", J, M)
+    return unit_mix(J, M, (B, 1, U, 1))
 
 
 def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh_t):
