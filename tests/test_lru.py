@@ -273,3 +273,35 @@ def test_gradient_of_lambda_through_its_parametrisation():
             fd.view(-1)[i] = (lp - lm) / 2e-6
         torch.testing.assert_close(g[n], fd, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(g[n], ref[n], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_hand_derived_output_derivatives_match_torch_func(name):
+    cell = make_cell(name)
+    P = {k: v.detach() for k, v in cell.params().items()}
+    g = torch.Generator().manual_seed(4)
+    s = LRUState(*(torch.randn(B, cell.state_size, generator=g, dtype=DT) for _ in range(2)))
+    x = torch.randn(B, cell.input_size, generator=g, dtype=DT)
+    q = torch.randn(B, cell.hidden_size, generator=g, dtype=DT)
+    mine, ref = cell.emit_vjp(P, s, x, q), _derive.emit_vjp(cell, P, s, x, q)
+    for n in ref[0]:  # the step's parameters are absent from emit's (zero in torch.func's)
+        got = mine[0].get(n, torch.zeros_like(ref[0][n]))
+        torch.testing.assert_close(got, ref[0][n], rtol=1e-12, atol=1e-12, msg=n)
+    for a, b in zip(mine[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(cell.emit_jacobians(P, s, x), _derive.emit_jacobians(cell, P, s, x)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # and the whole-sequence BPTT against the generic one (a torch.func vjp per step)
+    xs = torch.randn(T, B, cell.input_size, generator=g, dtype=DT)
+    dout = torch.randn(T, B, cell.hidden_size, generator=g, dtype=DT)
+    dS = LRUState(*(torch.randn(B, cell.state_size, generator=g, dtype=DT) for _ in range(2)))
+    outs = []
+    for impl in (cell, super(LRU, cell)):
+        y, sT, c = impl.forward_sequence(P, xs, s, cache=True)
+        outs.append((y, sT, impl.backward_sequence(P, xs, s, c, dout, dS)))
+    (y1, s1, (g1, dx1, d01)), (y2, s2, (g2, dx2, d02)) = outs
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
+    for n in g2:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-10, atol=1e-12, msg=n)
+    for a, b in zip((dx1, *d01, *s1), (dx2, *d02, *s2)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

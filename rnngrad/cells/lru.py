@@ -37,6 +37,22 @@ structure, with ``(a_re, a_im) = lambda h_{t-1}`` and ``(v_re, v_im) = B u_t``::
 
 RTRL on one LRU layer is then per-unit traces, O(B N (D + 3)) numbers, no S x S influence
 (Zucchet et al. 2023): ``rnngrad.rtrl()`` finds the diagonal declaration and does that.
+
+Hand-derived whole-sequence BPTT (``backward_sequence``), from ``delta_{T+1}`` = 0 and
+``e_t = dL/dh_t`` arriving through the output, ``(e_re, e_im) = (dy C_re, -dy C_im)``::
+
+    delta_t  = e_t + conj(lambda) delta_{t+1}    (+ d_state at t = T)    dL/dh_t, complex
+    d lr     = sum_t Re(conj(delta_t) ... ):  sum_t delta_re h_re,t-1 + delta_im h_im,t-1
+    d li     = sum_t delta_im h_re,t-1 - delta_re h_im,t-1
+    d nu     = -exp(nu) (lr d lr + li d li),   d theta = exp(theta) (lr d li - li d lr)
+    d gamma_log = gamma sum_t (delta_re v_re + delta_im v_im)
+    d B_re   = sum_t (gamma delta_re) u_t^T,   d B_im = sum_t (gamma delta_im) u_t^T
+    d C_re   = sum_t dy_t h_re,t^T,   d C_im = -sum_t dy_t h_im,t^T,   d D = sum_t dy_t u_t
+    dh_0     = conj(lambda) delta_1
+
+The output's backward (GLU, D, C) and the input projections run on all T B rows at once;
+only the delta recursion is a loop of elementwise ops. ``emit_vjp`` and
+``emit_jacobians`` are the same output derivatives for one step.
 """
 
 from __future__ import annotations
@@ -64,6 +80,20 @@ class LRUState(NamedTuple):
 def layer_norm(x: Tensor) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` over the last dimension, no parameters (B, D)."""
     return F.layer_norm(x, x.shape[-1:], eps=EPS)
+
+
+def _gelu_deriv(y: Tensor) -> Tensor:
+    """d gelu(y) / dy = Phi(y) + y phi(y) (the exact, erf form of ``F.gelu``)."""
+    return 0.5 * (1 + torch.erf(y / math.sqrt(2))) + y * torch.exp(-0.5 * y * y) / math.sqrt(
+        2 * math.pi)
+
+
+def _layer_norm_backward(x: Tensor, dn: Tensor) -> Tensor:
+    """The adjoint of ``layer_norm`` at x for a cotangent dn: ``(dn - mean(dn) - n
+    mean(n dn)) / sigma``."""
+    n = layer_norm(x)
+    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + EPS)
+    return (dn - dn.mean(-1, keepdim=True) - n * (n * dn).mean(-1, keepdim=True)) / sigma
 
 
 def _layer_norm_jacobian(x: Tensor) -> Tensor:
@@ -201,17 +231,100 @@ class LRU(Cell):
         return self._parts(params, state, x)[0]
 
     def emit(self, params, state: LRUState, x: Tensor) -> Tensor:
-        u = self._input(x)
-        y = state.re @ params["C_re"].T - state.im @ params["C_im"].T        # Re(C h_t)
+        return self._out(params, state.re, state.im, self._input(x), x)[0]
+
+    def _out(self, params, re: Tensor, im: Tensor, u: Tensor, x: Tensor):
+        """The output from rows (n, N) of the state and (n, D) of the input: ``(out (n, H),
+        cache)`` with cache what ``_out_backward`` needs (y, and the GLU's g, a_1, s_2)."""
+        y = re @ params["C_re"].T - im @ params["C_im"].T                    # Re(C h_t)
         Dp = params["D"]
-        y = y + (u * Dp if Dp.dim() == 1 else u @ Dp.T)
+        y = y + (u * Dp if Dp.dim() == 1 else u @ Dp.T)                     # + D u_t
+        cache = (y,)
+        out = y
         if self.glu:
             g = F.gelu(y)
-            y = torch.addmm(params["b_1"], g, params["W_1"].T) * torch.sigmoid(
-                torch.addmm(params["b_2"], g, params["W_2"].T))
+            a1 = torch.addmm(params["b_1"], g, params["W_1"].T)
+            s2 = torch.sigmoid(torch.addmm(params["b_2"], g, params["W_2"].T))
+            out = a1 * s2
+            cache = (y, g, a1, s2)
         if self.residual:
-            y = y + x
-        return y
+            out = out + x
+        return out, cache
+
+    def _out_backward(self, params, re: Tensor, im: Tensor, u: Tensor, cache, dout: Tensor):
+        """The adjoint of ``_out`` on rows: ``(grads of C_re, C_im, D and the GLU's
+        parameters, dy (n, H), d_re, d_im (n, N), du (n, D))``; the residual's dx is the
+        caller's."""
+        grads = {}
+        y = cache[0]
+        dy = dout
+        if self.glu:
+            _, g, a1, s2 = cache
+            da1 = dout * s2                                   # d out / d a_1 = s_2
+            dz2 = dout * a1 * s2 * (1 - s2)                   # through the sigmoid
+            grads["W_1"], grads["b_1"] = da1.T @ g, da1.sum(0)
+            grads["W_2"], grads["b_2"] = dz2.T @ g, dz2.sum(0)
+            dg = da1 @ params["W_1"] + dz2 @ params["W_2"]
+            dy = dg * _gelu_deriv(y)
+        grads["C_re"], grads["C_im"] = dy.T @ re, -(dy.T @ im)
+        Dp = params["D"]
+        if Dp.dim() == 1:
+            grads["D"], du = (dy * u).sum(0), dy * Dp
+        else:
+            grads["D"], du = dy.T @ u, dy @ Dp
+        return grads, dy, dy @ params["C_re"], -(dy @ params["C_im"]), du
+
+    def _input_backward(self, x: Tensor, du: Tensor) -> Tensor:
+        return _layer_norm_backward(x, du) if self.norm else du
+
+    def emit_vjp(self, params, state: LRUState, x: Tensor, g: Tensor):
+        u = self._input(x)
+        _, cache = self._out(params, state.re, state.im, u, x)
+        grads, _, d_re, d_im, du = self._out_backward(params, state.re, state.im, u, cache, g)
+        dx = self._input_backward(x, du)
+        if self.residual:
+            dx = dx + g
+        return grads, torch.cat((d_re, d_im), 1), dx
+
+    def emit_jacobians(self, params, state: LRUState, x: Tensor):
+        """``(G_s (B, H, 2N), G_x (B, H, D), G_p (B, H, n_params))``: with
+        ``G_y = d out / d y`` (the GLU's Jacobian, or the identity), G_s = G_y [C_re, -C_im],
+        G_x = G_y D du/dx (+ I), and G_p's columns, in parameter order, zero for the
+        step's parameters and ``G_y[:, :, k] h_n`` etc. for the output's."""
+        u = self._input(x)
+        _, cache = self._out(params, state.re, state.im, u, x)
+        B, H, N, Dn = x.shape[0], self.hidden_size, self.state_size, self.input_size
+        eye = torch.eye(H, dtype=x.dtype, device=x.device)
+        if self.glu:
+            y, g, a1, s2 = cache
+            Gy = (s2.unsqueeze(2) * params["W_1"] + (a1 * s2 * (1 - s2)).unsqueeze(2)
+                  * params["W_2"]) * _gelu_deriv(y).unsqueeze(1)
+        else:
+            Gy = eye.expand(B, H, H)
+        Gs = torch.cat((Gy @ params["C_re"], -(Gy @ params["C_im"])), 2)
+        Dp = params["D"]
+        Gu = Gy * Dp if Dp.dim() == 1 else Gy @ Dp                            # (B, H, D)
+        Gx = torch.matmul(Gu, _layer_norm_jacobian(x)) if self.norm else Gu
+        if self.residual:
+            Gx = Gx + eye
+        cols = []
+        for name, p in params.items():
+            if name in ("C_re", "C_im"):
+                h = state.re if name == "C_re" else -state.im
+                cols.append((Gy.unsqueeze(3) * h.view(B, 1, 1, N)).reshape(B, H, -1))
+            elif name == "D":
+                cols.append(Gy * u.unsqueeze(1) if p.dim() == 1 else
+                            (Gy.unsqueeze(3) * u.view(B, 1, 1, Dn)).reshape(B, H, -1))
+            elif name in ("W_1", "b_1", "W_2", "b_2"):
+                _, g, a1, s2 = cache
+                d = s2 if name.endswith("1") else a1 * s2 * (1 - s2)          # (B, H)
+                inp = g if name.startswith("W") else g.new_ones(B, 1)
+                full = torch.zeros(B, H, H, inp.shape[1], dtype=x.dtype, device=x.device)
+                full.diagonal(dim1=1, dim2=2).copy_(d.unsqueeze(1) * inp.unsqueeze(2))
+                cols.append(full.reshape(B, H, -1))
+            else:
+                cols.append(x.new_zeros(B, H, p.numel()))
+        return Gs, Gx, torch.cat(cols, 2)
 
     def linearize(self, params, state: LRUState, x: Tensor, *, need=()) -> Linearization:
         new, u, lr, li, e_nu, e_th, gamma, a_re, a_im, v_re, v_im = \
@@ -255,3 +368,75 @@ class LRU(Cell):
             else:
                 out["input_jacobian"] = gB.expand(B, 2 * N, self.input_size)
         return Linearization(new, **out)
+
+    # ---- whole-sequence BPTT ----------------------------------------------------------
+
+    def forward_sequence(self, params, inputs: Tensor, state0: LRUState, *, cache: bool = False):
+        """``(outputs (T, B, H), state_T, cache)``: the input projection of every step in one
+        GEMM, the recurrence a loop of elementwise ops, the output on all T B rows at once."""
+        T, B, Dn = inputs.shape
+        N = self.state_size
+        lr, li, _, _ = self.eigenvalues(params)
+        gamma = torch.exp(params["gamma_log"])
+        x2 = inputs.reshape(T * B, Dn)
+        u = self._input(x2)
+        V = (u @ torch.cat((params["B_re"], params["B_im"])).T).view(T, B, 2 * N)
+        GV = V * gamma.repeat(2)                                # gamma B u_t, all t
+        re, im = state0
+        res, ims = [], []
+        for t in range(T):
+            re, im = (torch.addcmul(GV[t, :, :N], lr, re).addcmul_(li, im, value=-1.0),
+                      torch.addcmul(GV[t, :, N:], li, re).addcmul_(lr, im))
+            res.append(re)
+            ims.append(im)
+        RE, IM = torch.stack(res), torch.stack(ims)
+        out, ecache = self._out(params, RE.view(T * B, N), IM.view(T * B, N), u, x2)
+        saved = (u, V, RE, IM, ecache) if cache else None
+        return out.view(T, B, -1), LRUState(re, im), saved
+
+    def backward_sequence(self, params, inputs: Tensor, state0: LRUState, cache,
+                          d_outputs: Tensor, d_state: LRUState | None = None, *,
+                          input_grad: bool = True):
+        if cache is None:
+            raise ValueError("backward_sequence needs the cache of forward_sequence(..., "
+                             "cache=True)")
+        u, V, RE, IM, ecache = cache
+        T, B, Dn = inputs.shape
+        N = self.state_size
+        lr, li, e_nu, e_th = self.eigenvalues(params)
+        gamma = torch.exp(params["gamma_log"])
+        grads, _, e_re, e_im, du = self._out_backward(
+            params, RE.view(T * B, N), IM.view(T * B, N), u, ecache,
+            d_outputs.reshape(T * B, -1))
+        e_re, e_im = e_re.view(T, B, N), e_im.view(T, B, N)
+        # delta_t = e_t + conj(lambda) delta_{t+1}; d_state joins at t = T
+        dre = e_re.clone()
+        dim_ = e_im.clone()
+        if d_state is not None:
+            dre[-1] += d_state.re
+            dim_[-1] += d_state.im
+        for t in range(T - 2, -1, -1):
+            nr, ni = dre[t + 1], dim_[t + 1]
+            dre[t].addcmul_(lr, nr).addcmul_(li, ni)
+            dim_[t].addcmul_(lr, ni).addcmul_(li, nr, value=-1.0)
+        prev_re = torch.cat((state0.re.unsqueeze(0), RE[:-1]))
+        prev_im = torch.cat((state0.im.unsqueeze(0), IM[:-1]))
+        d_lr = (dre * prev_re + dim_ * prev_im).sum((0, 1))
+        d_li = (dim_ * prev_re - dre * prev_im).sum((0, 1))
+        grads["nu"] = -e_nu * (lr * d_lr + li * d_li)
+        grads["theta"] = e_th * (lr * d_li - li * d_lr)
+        Dl = torch.cat((dre, dim_), 2).view(T * B, 2 * N)               # (delta_re | delta_im)
+        grads["gamma_log"] = gamma * (Dl * V.view(T * B, 2 * N)).view(T * B, 2, N).sum((0, 1))
+        dV = Dl * gamma.repeat(2)                                       # dL / d(B u_t)
+        dBcat = dV.T @ u                                                # (2N, D)
+        grads["B_re"], grads["B_im"] = dBcat[:N], dBcat[N:]
+        d_inputs = None
+        if input_grad:
+            du = du + dV @ torch.cat((params["B_re"], params["B_im"]))
+            dx = self._input_backward(inputs.reshape(T * B, Dn), du)
+            if self.residual:
+                dx = dx + d_outputs.reshape(T * B, -1)
+            d_inputs = dx.view(T, B, Dn)
+        r0, i0 = dre[0], dim_[0]
+        d0 = LRUState(lr * r0 + li * i0, lr * i0 - li * r0)             # conj(lambda) delta_1
+        return {n: grads[n] for n in params}, d_inputs, d0
