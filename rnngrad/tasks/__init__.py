@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .adding import Adding
 from .base import Batch, make_generator
-from .copy import Copy
+from .copy import Copy, CopyPad
 from .digits import Digits, load_digits
 from .evidence import EvidenceAccumulation
 from .sine import Sine
@@ -24,6 +24,7 @@ __all__ += ["EvidenceAccumulation"]
 TASKS = {
     "adding": Adding,
     "copy": Copy,
+    "zucchet_copy": CopyPad,
     "digits": Digits,
     "evidence": EvidenceAccumulation,
     "sine": Sine,
