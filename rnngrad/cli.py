@@ -65,20 +65,31 @@ def _list(kind):
 
 def _add_model_flags(p: argparse.ArgumentParser, *, hidden: int = 64,
                      sweep: bool = False) -> None:
+    from .registry import CELLS
+
     g = p.add_argument_group("model")
+    cells = ", ".join(CELLS)
+    if not sweep:
+        g.add_argument("--cell", default="elman", metavar="CELL",
+                       help=f"the recurrent cell: {cells}, or module:Class for your own "
+                            "rnngrad.cells.Cell subclass (imported from the working directory, "
+                            "built as Class(input_size, hidden_size)); one elman layer is "
+                            "rnngrad.RNN, the fast paths (default: elman)")
+    g.add_argument("--layers", type=int, default=1, metavar="N",
+                   help="stack N layers of the cell, each of H units (default: 1)")
     if sweep:
         g.add_argument("--hidden", type=_list(int), default=[hidden], metavar="H[,H...]",
                        help=f"numbers of hidden units H, comma-separated (default: {hidden})")
     else:
         g.add_argument("--hidden", type=int, default=hidden, metavar="H",
-                       help=f"number of hidden units H (default: {hidden})")
+                       help=f"number of hidden units H per layer (default: {hidden})")
     g.add_argument("--activation", default="tanh",
-                   help="hidden nonlinearity phi: tanh, sigmoid, relu, identity, softplus "
-                        "(default: tanh)")
+                   help="elman: hidden nonlinearity phi: tanh, sigmoid, relu, identity, "
+                        "softplus (default: tanh)")
     g.add_argument("--alpha", type=float, default=1.0,
-                   help="leak alpha in (0, 1]; 1 is the vanilla cell (default: 1.0)")
+                   help="elman: leak alpha in (0, 1]; 1 is the vanilla cell (default: 1.0)")
     g.add_argument("--init", default="uniform",
-                   help="W_rec initialisation: uniform, orthogonal, normal, identity "
+                   help="elman: W_rec initialisation: uniform, orthogonal, normal, identity "
                         "(default: uniform)")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="parameter dtype (default: float32)")
@@ -149,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a network on a built-in task",
-                       description="Train an rnngrad.RNN on a built-in task with any gradient "
+                       description="Train a network (rnngrad.RNN, or --cell and --layers) on a "
+                                   "built-in task with any gradient "
                                    "algorithm; writes metrics.csv, curve.png, model.pt and "
                                    "config.json to DIR, which one run holds at a time.",
                        epilog=f"exit codes: {codes}.")
@@ -269,9 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare every exact algorithm (BPTT, checkpointed BPTT, "
                                    "TBPTT with k >= T, RTRL, generic torch.func RTRL), through "
                                    "its whole-sequence path and its step path, with "
-                                   "torch.autograd through a plain loop on random networks in "
-                                   "float64. Prints a table of relative errors; exits 1 on "
-                                   "any disagreement.")
+                                   "torch.autograd through the network's own step loop, on "
+                                   "random networks in float64: rnngrad.RNN, every built-in "
+                                   "cell, mixed 2- and 3-layer stacks, or your own cell "
+                                   "(--cell module:Class). Prints a table of relative errors; "
+                                   "exits 1 on any disagreement.")
+    p.add_argument("--cell", default=None, metavar="CELL",
+                   help="check only this cell, alone and as two layers of it: a built-in name "
+                        "or module:Class for your own rnngrad.cells.Cell subclass, imported "
+                        "from the working directory and built as Class(input_size, "
+                        "hidden_size) (default: every network)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random networks (default: 0)")
     p.add_argument("--tol", type=float, default=1e-10,
                    help="largest relative error that passes (default: 1e-10)")
@@ -418,7 +437,8 @@ def cmd_train_steady(args) -> int:
 
 def _model_config(args) -> dict:
     """The model part of a run's configuration (see ``rnngrad.runs.DEFAULTS``)."""
-    return {"cell": "elman", "activation": args.activation, "alpha": args.alpha,
+    return {"cell": getattr(args, "cell", "elman"), "layers": args.layers,
+            "activation": args.activation, "alpha": args.alpha,
             "init": args.init, "dtype": args.dtype, "device": args.device}
 
 
@@ -505,8 +525,10 @@ def cmd_train(args) -> int:
         if state["bar"] is not None:
             state["bar"].close()
     wall = time.perf_counter() - t0
-    row = {"task": args.task, "algorithm": config["algorithm"], "hidden": args.hidden,
-           "steps": args.steps, **_final_columns(result.final), "wall_s": wall}
+    net = args.cell if args.layers == 1 else f"{args.layers}x{args.cell}"
+    row = {"task": args.task, "cell": net, "algorithm": config["algorithm"],
+           "hidden": args.hidden, "steps": args.steps, **_final_columns(result.final),
+           "wall_s": wall}
     print(_table([row], list(row)))
     print(f"wrote {out / 'metrics.csv'}, {out / 'curve.png'}, {out / 'model.pt'}")
     return 0
@@ -591,10 +613,11 @@ def cmd_compare(args) -> int:
                        track_every=args.track_every or None, out_dir=out,
                        progress=on_progress, alpha=args.alpha, activation=args.activation,
                        init=args.init, clip=args.clip or None, dtype=DTYPES[args.dtype],
-                       device=args.device)
+                       device=args.device, cell=args.cell, layers=args.layers)
     finally:
         bar.close()
-    print(f"{task.name}: {args.seeds} seed(s) x {args.steps} steps, H={args.hidden}, "
+    net = args.cell if args.layers == 1 else f"{args.layers} x {args.cell}"
+    print(f"{task.name}: {net}, {args.seeds} seed(s) x {args.steps} steps, H={args.hidden}, "
           f"{time.perf_counter() - t0:.0f} s; test_loss is per counted step")
     print(_table(rows, list(rows[0])))
     print(f"wrote {out}/compare.csv and plots in {out}")
@@ -624,7 +647,7 @@ def cmd_bench(args) -> int:
 def cmd_check(args) -> int:
     from .check import run_checks
 
-    rows = run_checks(seed=args.seed, tol=args.tol)
+    rows = run_checks(seed=args.seed, tol=args.tol, cell=args.cell)
     if args.verbose:
         table = [{"algorithm": r.algorithm, "network": r.config, "rel_error": f"{r.error:.1e}",
                   "ok": "yes" if r.passed else "NO"} for r in rows]
@@ -645,7 +668,8 @@ def cmd_check(args) -> int:
         table = [{"algorithm": a, "networks": n, "max_rel_error": f"{e:.1e}",
                   "worst_on": c, "ok": "yes" if ok else "NO"}
                  for a, (e, c, n, ok) in worst.items()]
-    print(f"exact algorithms against torch.autograd, float64, tolerance {args.tol:g}")
+    which = f"cell {args.cell} (alone and two layers of it)" if args.cell else "every network"
+    print(f"exact algorithms against torch.autograd, float64, tolerance {args.tol:g}, {which}")
     print(_table(table, list(table[0])))
     failed = [r for r in rows if not r.passed]
     if failed:

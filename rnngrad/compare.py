@@ -144,6 +144,7 @@ def compare(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cell: str = "elman",
+    layers: int = 1,
 ) -> list[dict]:
     """Train each algorithm from the same weights on the same data; tabulate and plot.
 
@@ -152,8 +153,9 @@ def compare(
         algorithms: CLI names (``"eprop"``), Algorithms, or (name, Algorithm) pairs.
         seeds: one run per seed and algorithm; a seed fixes the initial weights and data.
         steps: training steps (batches) per run.
-        hidden, alpha, activation, init, cell: the network, built by
-            ``rnngrad.runs.make_model`` (readout from the task).
+        hidden, alpha, activation, init, cell, layers: the network, built by
+            ``rnngrad.runs.make_model`` (readout from the task): ``cell`` a name of
+            ``rnngrad.registry.CELLS`` or a user's ``module:Class``, ``layers`` of them.
         lr, optimizer ("sgd" | "adam"), clip (max gradient norm or None): the update.
         batch_size: sequences (streams, for a streaming task) per batch.
         update_every: optimizer step every k time steps inside a batch (None: once per batch).
@@ -203,7 +205,8 @@ def compare(
     mem: dict[str, int] = {}
     dtype_name = str(dtype).removeprefix("torch.")
     for seed in seeds:
-        model0 = make_model({"cell": cell, "hidden": hidden, "activation": activation,
+        model0 = make_model({"cell": cell, "layers": layers, "hidden": hidden,
+                             "activation": activation,
                              "alpha": alpha, "init": init, "dtype": dtype_name,
                              "device": str(device), "seed": seed}, task)
         recurrent = [n for n, _ in model0.named_parameters() if n not in READOUT]

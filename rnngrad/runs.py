@@ -23,19 +23,18 @@ from torch import nn
 from .registry import get_algorithm
 from .train import OPTIMIZERS, TrainResult, _positive_int, train
 
-__all__ = ["DEFAULTS", "DTYPES", "CELLS", "check_config", "check_cell", "make_task", "make_model",
+__all__ = ["DEFAULTS", "DTYPES", "check_config", "check_cell", "make_task", "make_model",
            "run"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-CELLS = ("elman",)
 
 # One training run as a plain dict: what `rnngrad train` takes, what a sweep trial is.
 DEFAULTS: dict[str, Any] = {
     # task
     "task": "digits", "seq_len": None, "stream": False,
     # model
-    "cell": "elman", "hidden": 64, "activation": "tanh", "alpha": 1.0, "init": "uniform",
-    "dtype": "float32", "device": "cpu",
+    "cell": "elman", "layers": 1, "hidden": 64, "activation": "tanh", "alpha": 1.0,
+    "init": "uniform", "dtype": "float32", "device": "cpu",
     # training
     "algorithm": "bptt", "steps": 2000, "lr": 1e-2, "optimizer": "adam", "batch_size": 32,
     "clip": 1.0, "update_every": None, "seed": 0, "log_every": 50, "track_alignment": None,
@@ -51,7 +50,7 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown configuration key(s) {', '.join(map(repr, unknown))}; "
                          f"known keys: {', '.join(DEFAULTS)}")
     cfg = {**DEFAULTS, **config}
-    for k in ("hidden", "steps", "batch_size", "log_every"):
+    for k in ("hidden", "layers", "steps", "batch_size", "log_every"):
         if not _positive_int(cfg[k]):
             raise ValueError(f"{k} must be a positive int, got {cfg[k]!r}")
     for k in ("seq_len", "update_every", "track_alignment"):
@@ -83,9 +82,11 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_cell(name: str) -> str:
-    """``name`` if it names a cell ``make_model`` can build; a ValueError otherwise."""
-    if name not in CELLS:
-        raise ValueError(f"unknown cell {name!r}; known cells: {', '.join(CELLS)}")
+    """``name`` if it names a cell ``make_model`` can build (a name of
+    ``rnngrad.registry.CELLS`` or a user's ``module:Class``); a ValueError otherwise."""
+    from .registry import get_cell
+
+    get_cell(name)
     return name
 
 
@@ -111,19 +112,21 @@ def make_model(config: Mapping[str, Any], task) -> nn.Module:
 
     This is the one place a run's model is built (``rnngrad train``, sweep trials, compare).
     """
-    from .model import RNN
+    from .registry import build_network
 
-    check_cell(config.get("cell", "elman"))
+    cell = check_cell(config.get("cell", "elman"))
     dtype = config.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = torch.device(config.get("device", "cpu"))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.get("seed", 0))
-        return RNN(task.input_size, config["hidden"], task.output_size,
-                   activation=config.get("activation", "tanh"), alpha=config.get("alpha", 1.0),
-                   readout=task.readout, init=config.get("init", "uniform"),
-                   dtype=DTYPES[dtype], device=device)
+        # one Elman layer is rnngrad.RNN (the fast paths); anything else a Network
+        return build_network(cell, task.input_size, config["hidden"], task.output_size,
+                             layers=config.get("layers", 1), readout=task.readout,
+                             activation=config.get("activation", "tanh"),
+                             alpha=config.get("alpha", 1.0), init=config.get("init", "uniform"),
+                             dtype=DTYPES[dtype], device=device)
 
 
 def run(

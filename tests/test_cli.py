@@ -134,7 +134,7 @@ def test_compare_help_states_the_hidden_size_it_runs(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "number of hidden units H (default: 32)" in text
+    assert "number of hidden units H per layer (default: 32)" in text
     assert "exit codes: 0 done; 1 training diverged" in text
 
 
