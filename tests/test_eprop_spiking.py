@@ -192,7 +192,7 @@ def test_eprop_equals_autograd_with_stop_z_gradients(kind, kappa, t_ref, feedbac
     Bfb = random_feedback(net, 7) if feedback == "random" else None
     ref = oracle(net, x, y, mask, Bfb)
     _, g = rnngrad.gradient(net, x, y, algorithm=rnngrad.eprop(feedback, seed=7),
-                            loss="cross_entropy", mask=mask)
+                            loss="cross_entropy", mask=mask, set_grad=True)  # shapes checked
     for n, r in ref.items():
         assert rel(g[n], r) <= TOL, (n, rel(g[n], r))
     # and it is an approximation: the exact gradient differs

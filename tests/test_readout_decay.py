@@ -165,6 +165,7 @@ def test_exact_algorithms_equal_autograd_through_forward(kind, name):
     _, ref = forward_grads(net, x, y, mask=mask)
     for algo in both_paths(EXACT[name](x.shape[0])):
         _, g = rnngrad.gradient(net, x, y, algorithm=algo, mask=mask)
+        assert {k: v.shape for k, v in g.items()} == {k: v.shape for k, v in ref.items()}
         assert max_rel_err(g, ref) <= TOL, (algo.name, max_rel_err(g, ref))
 
 
@@ -290,6 +291,7 @@ def test_trace_rules_filter_the_trace(kind):
     x, y, mask = data()
     ref = filtered_cut_grads(net, x, y, mask=mask, layer_step=unit_cut_step)
     _, g = rnngrad.gradient(net, x, y, algorithm=rnngrad.snap1(), mask=mask)
+    assert {k: v.shape for k, v in g.items()} == {k: v.shape for k, v in ref.items()}
     assert max_rel_err(g, ref) <= TOL, max_rel_err(g, ref)
     if kind in ("lif", "alif"):
         ref = filtered_cut_grads(net, x, y, mask=mask, layer_step=stop_z_step)

@@ -191,8 +191,8 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                 state.feedback, target_t, mask_t, loss, dh_t)
             grads = None
             if target_t is not None or dh_t is not None:
-                grads = {net.prefixes[0] + n: g[n] if n in g else v.new_zeros(v.shape)
-                         for n, v in net.params[0].items()}
+                grads = {net.prefixes[0] + n: g[n].reshape(v.shape) if n in g
+                         else v.new_zeros(v.shape) for n, v in net.params[0].items()}
                 grads.update(ro)
                 if d0 is not None:
                     grads["h0"] = (type(states[0])(*d0.unbind(1)),)
