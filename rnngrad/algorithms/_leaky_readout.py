@@ -249,61 +249,51 @@ def traces_init(model, traces: dict, c0) -> Traces | None:
 
 
 def _output_derivative(cell, state) -> Tensor:
-    """(B, C, U): ``d h_i / d s[c, i]`` for a unit-by-unit output: one-hot for a state
-    component, one jvp per component otherwise."""
-    out = cell.output(state)
-    C = len(state)
-    for k, comp in enumerate(state):
-        if out is comp:
-            D = comp.new_zeros(comp.shape[0], C, comp.shape[1])
-            D[:, k] = 1.0
-            return D
-    from ..cells._derive import jvp
+    """(B, C, U): ``d h_i / d s[c, i]`` for an output that is unit by unit (checked):
+    the vjp of ``output`` at a cotangent of ones (one-hot for a state component)."""
+    from ._network import output_into_state
 
-    cols = []
-    for k in range(C):
-        tangent = type(state)(*(torch.ones_like(c) if j == k else torch.zeros_like(c)
-                                for j, c in enumerate(state)))
-        cols.append(jvp(cell.output, (state,), (tangent,))[1])
-    return torch.stack(cols, 1)
+    ref = state[0]
+    ones = ref.new_ones(ref.shape[0], cell.hidden_size)
+    return output_into_state(cell, state, ones).view(ref.shape[0], len(state), -1)
 
 
 def traces_step(model, tr: Traces, cell, state, traces: dict, c: Tensor | None, h: Tensor,
                 feedback: Tensor | None, target_t, mask_t, loss: str, dh_t: Tensor | None):
-    """The trace rules' signal with a leaky readout, one layer: ``ebar_p = kappa ebar_p +
-    sum_c dh_i/ds[c, i] M_p[c]`` and ``grad p = sum_b L_t ebar_p`` with
-    ``L_t = B dz_t`` (Bellec's filtered eligibility trace), plus a reward's ``dh_t`` on the
-    unfiltered trace. Returns ``(tr_t, z, loss, grads (own names), d0 (B, C, U) or None,
-    readout grads)``."""
-    from ._network import output_into_state
-
+    """The trace rules' signal with a leaky readout, one layer: the trace of each unit's
+    output ``e_p = sum_c dh_i/ds[c, i] M_p[c]``, filtered ``ebar_p <- kappa ebar_p + e_p``,
+    and ``grad p = sum_b L_t ebar_p`` with ``L_t = B dz_t`` (Bellec's filtered eligibility
+    trace), plus a reward's ``dh_t`` on the unfiltered ``e_p``. The filters are updated in
+    place. Returns ``(tr_t, z, loss, grads (own names), d0 (B, C, U) or None, readout
+    grads)``."""
     kappa = decay(model)
     readout, z, value, dz = step(model, tr.readout, h, target_t, mask_t, loss)
     Dout = _output_derivative(cell, state)  # (B, C, U)
-    E = {n: torch.einsum("bci,bcgij->bgij", Dout, M).add_(tr.E[n], alpha=kappa)
-         for n, M in traces.items()}
-    cf = None
-    if c is not None:
-        cf = torch.einsum("bci,bicd->bid", Dout, c).add_(tr.cf, alpha=kappa)
+    B, C, U = Dout.shape
     fb = model.W_out.detach() if feedback is None else feedback
     L = None if dz is None else dz @ fb
-    qh = None if dh_t is None else output_into_state(cell, state, dh_t)  # (B, C U)
-    B, C, U = Dout.shape
-    grads, d0 = {}, None
+    grads = {}
+    # components the output does not read (a refractory counter) add nothing: skipped
+    live = [k for k, on in enumerate(Dout.ne(0).any(2).any(0).tolist()) if on] or [0]
     for n, M in traces.items():
+        e = M[:, live[0]] * Dout[:, live[0]].view(B, 1, U, 1)  # (B, G, U, P): the output's trace
+        for k in live[1:]:
+            e.addcmul_(M[:, k], Dout[:, k].view(B, 1, U, 1))
+        E = tr.E[n].mul_(kappa).add_(e)
         g = M.new_zeros(M.shape[2:])
-        if L is not None:
-            g += torch.einsum("bi,bgij->gij", L, E[n])
-        if qh is not None:
-            g += torch.einsum("bci,bcgij->gij", qh.view(B, C, U), M)
+        for q, trace in ((L, E), (dh_t, e)):  # a reward acts on h_t itself: unfiltered
+            if q is not None:
+                g += torch.einsum("bi,bgij->gij", q, trace)
         grads[n] = g
-    if c is not None:
+    cf = d0 = None
+    if c is not None:  # d h_i / d s_0[d, i] along the kept paths, filtered the same way
+        e0 = torch.einsum("bci,bicd->bid", Dout, c)
+        cf = tr.cf.mul_(kappa).add_(e0)
         d0 = Dout.new_zeros(B, C, U)
-        if L is not None:
-            d0 += torch.einsum("bi,bid->bdi", L, cf)
-        if qh is not None:
-            d0 += torch.einsum("bci,bicd->bdi", qh.view(B, C, U), c)
-    return Traces(readout, E, cf), z, value, grads, d0, _readout_grads(readout, dz, model)
+        for q, trace in ((L, cf), (dh_t, e0)):
+            if q is not None:
+                d0 += (q.unsqueeze(2) * trace).transpose(1, 2)
+    return Traces(readout, tr.E, cf), z, value, grads, d0, _readout_grads(readout, dz, model)
 
 
 # ---- UORO: the filter joins the state ---------------------------------------------------------
