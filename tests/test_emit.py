@@ -40,9 +40,7 @@ def make(kind: str, *, readout="identity", seed=0) -> rnngrad.Network:
         "diagemit": lambda: [DiagEmit(D, 4)],
         "diagplain": lambda: [DiagPlain(D, 5)],
         "readout+diagemit": lambda: [Readout(D, 4), DiagEmit(4, 3)],
-        "diagemit+elman": lambda: [DiagEmit(D, 3), Elman(3, 4, **F64)],
         "three": lambda: [DiagEmit(D, 4), Readout(4, 3), DiagEmit(3, 4)],
-        "diag2": lambda: [DiagEmit(D, 4), DiagEmit(4, 3)],
         "elman2": lambda: [Elman(D, 4, **F64), Elman(4, 3, alpha=0.6, **F64)],
     }[kind]()
     return rnngrad.Network(cells, K, readout=readout)
@@ -78,7 +76,7 @@ EXACT = {
     "rtrl": lambda T: rnngrad.rtrl(),
     "rtrl_generic": lambda T: rnngrad.rtrl(generic=True),
 }
-KINDS = ["readout", "diagemit", "diagplain", "readout+diagemit", "diagemit+elman", "three"]
+KINDS = ["readout", "diagemit", "readout+diagemit", "three"]
 
 
 def both_paths(algo):
@@ -97,7 +95,7 @@ def test_exact_algorithms_through_emit_equal_autograd(kind, name):
         assert max_rel_err(g, ref) <= TOL, (algo.name, max_rel_err(g, ref))
 
 
-@pytest.mark.parametrize("kind", ["diagemit", "readout+diagemit", "three"])
+@pytest.mark.parametrize("kind", ["readout+diagemit", "three"])
 @pytest.mark.parametrize("name", ["bptt", "rtrl", "rtrl_generic"])
 def test_exact_through_emit_with_h0_reward_and_cross_entropy(kind, name):
     net = make(kind, readout="softmax")
@@ -153,7 +151,7 @@ def _plain_step(cell, p, s, x):
     return cell.step(p, s, x)
 
 
-@pytest.mark.parametrize("kind", ["diag2", "readout+diagemit", "three", "elman2"])
+@pytest.mark.parametrize("kind", ["readout+diagemit", "three", "elman2"])
 def test_spatial_rtrl_is_the_gradient_of_the_layer_graphs(kind):
     """Layer l's parameters: autograd through layer l's whole recurrence, with every layer
     above it seeing its own previous state detached (only the same step's path down)."""
@@ -232,7 +230,7 @@ def test_uoro_is_unbiased_through_a_lower_layers_emit():
     net = make("readout+diagemit")
     x, _, _ = data(T=3, B=1)
     M = _exact_influence(net, x[:, 0])
-    groups, n = 6, 300
+    groups, n = 4, 250
     X = x.expand(-1, groups * n, -1).contiguous()
     algo = rnngrad.uoro(seed=0)
     state = algo.init(net, groups * n)

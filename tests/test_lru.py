@@ -185,7 +185,7 @@ def test_rtrl_on_one_lru_is_per_unit_traces_constant_in_T():
     net = rnngrad.Network(make_cell("block"), K)
     cell = net.cells[0]
     algo = rnngrad.rtrl()
-    x = torch.randn(40, B, 4, dtype=DT)
+    x = torch.randn(12, B, 4, dtype=DT)
     state = algo.init(net, B)
     assert isinstance(state, NetTraceState)
 
@@ -196,7 +196,7 @@ def test_rtrl_on_one_lru_is_per_unit_traces_constant_in_T():
     owned = sum(p.numel() for n, p in cell.named_parameters()
                 if cell.param_blocks()[n] is not None)
     assert n0 == B * 2 * owned  # C = 2 (re, im) numbers per owned parameter entry
-    for t in range(40):
+    for t in range(12):
         state, _, _ = algo.step(net, state, x[t], None)
         assert numel(state) == n0
 
@@ -214,7 +214,7 @@ def test_stacks_exact_and_spatial(stack):
     x, y, mask = data(net.input_size)
     h0 = random_state(net)
     ref = ref_grads(net, x, y, mask, h0)
-    for make in EXACT.values():
+    for make in (EXACT["bptt"], EXACT["rtrl"], EXACT["rtrl_generic"]):
         _, g = rnngrad.gradient(net, x, y, algorithm=make(), mask=mask, h0=h0)
         assert max_rel_err(g, ref) <= 1e-10, (make().name, max_rel_err(g, ref))
     sp = spatial_grads(net, x, y, mask=mask, state0=h0,
