@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from cell_zoo import MGU, Adaptive
+from cell_zoo import MGU, Adaptive, TanhGate
 from net_reference import max_rel_err, unit_cut_step
 
 import rnngrad
@@ -55,13 +55,18 @@ def data(T=7, B=3, *, loss="mse", seed=1):
     return x, y, mask
 
 
+def counter(state, field: str) -> bool:
+    """A spiking cell's refractory counter: whole steps, no gradient."""
+    return field == "q" and type(state).__name__.endswith("RefractoryState")
+
+
 def random_state(net, B, seed=2):
     g = torch.Generator().manual_seed(seed)
     out = []
     for s in net.init_state(B):
         comps = []
         for f, c in zip(s._fields, s):
-            if f == "q":  # a refractory counter: whole steps
+            if counter(s, f):
                 comps.append(torch.randint(0, 2, c.shape, generator=g).to(c.dtype))
             else:
                 comps.append(0.5 * torch.randn(c.shape, generator=g, dtype=c.dtype))
@@ -90,7 +95,7 @@ def forward_grads(net, x, y, *, loss="mse", mask=None, state0=None, reward=None)
     leaves = list(params.values())
     h0 = None
     if state0 is not None:
-        h0 = tuple(type(s)(*(c.detach().clone().requires_grad_(f != "q")
+        h0 = tuple(type(s)(*(c.detach().clone().requires_grad_(not counter(s, f))
                              for f, c in zip(s._fields, s))) for s in state0)
         leaves += [c for s in h0 for c in s if c.requires_grad]
     out, h = net(x, h0)
@@ -104,7 +109,7 @@ def forward_grads(net, x, y, *, loss="mse", mask=None, state0=None, reward=None)
     grads = dict(zip(params, gs[:len(params)]))
     if state0 is not None:  # a refractory counter q has no gradient
         it = iter(gs[len(params):])
-        grads["h0"] = tuple(type(s)(*(next(it) if f != "q" else torch.zeros_like(c)
+        grads["h0"] = tuple(type(s)(*(torch.zeros_like(c) if counter(s, f) else next(it)
                                       for f, c in zip(s._fields, s))) for s in state0)
     return L.detach(), grads
 
@@ -250,13 +255,19 @@ def test_online_steps_sum_to_gradient(kind):
 # ---- the approximations -----------------------------------------------------------------------
 
 
-def filtered_cut_grads(net, x, y, *, mask, layer_step):
+def filtered_cut_grads(net, x, y, *, mask, layer_step, state0=None):
     """Autograd of the graph the per-unit trace rules differentiate (one layer): the step
-    ``layer_step`` (cross-unit paths cut), the readout's filter as it is."""
+    ``layer_step`` (cross-unit paths cut), the readout's filter as it is; with ``state0``
+    also its gradient (a refractory counter q has none)."""
     P = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
     (lp,) = net.layer_params(P)
     (_, cell), = net.layers()
-    (s,) = net.init_state(x.shape[1])
+    if state0 is None:
+        (s,) = net.init_state(x.shape[1])
+    else:
+        s = type(state0[0])(*(c.detach().clone().requires_grad_(not counter(state0[0], f))
+                              for f, c in zip(state0[0]._fields, state0[0])))
+    s0 = s
     T, B = x.shape[:2]
     hs = []
     for t in range(T):
@@ -269,7 +280,14 @@ def filtered_cut_grads(net, x, y, *, mask, layer_step):
         z = u[t] if z is None else KAPPA * z + u[t]
         zs.append(z)
     L = (mask * 0.5 * ((torch.stack(zs) - y) ** 2).sum(-1)).sum() / B
-    return dict(zip(P, torch.autograd.grad(L, list(P.values()))))
+    leaves = list(P.values()) + [c for c in s0 if c.requires_grad]
+    g = list(torch.autograd.grad(L, leaves))
+    out = dict(zip(P, g[:len(P)]))
+    if state0 is not None:
+        it = iter(g[len(P):])
+        out["h0"] = (type(s0)(*(next(it) if c.requires_grad else torch.zeros_like(c)
+                                for c in s0)),)
+    return out
 
 
 def stop_z_step(cell, p, s, x):
@@ -299,12 +317,65 @@ def test_trace_rules_filter_the_trace(kind):
     assert max_rel_err(g, ref) <= TOL, max_rel_err(g, ref)
 
 
+@pytest.mark.parametrize("kind", ["adaptive", "alif"])
+def test_trace_rules_with_h0(kind):
+    net = make_net(kind)
+    x, y, mask = data()
+    s0 = random_state(net, 3)
+    step = stop_z_step if kind == "alif" else unit_cut_step
+    ref = filtered_cut_grads(net, x, y, mask=mask, layer_step=step, state0=s0)
+    _, g = rnngrad.gradient(net, x, y, algorithm=rnngrad.eprop(), mask=mask, h0=s0)
+    assert float(torch.cat([c.flatten() for c in ref["h0"][0]]).abs().max()) > 0
+    assert max_rel_err(g, ref) <= TOL, max_rel_err(g, ref)
+
+
 def test_trace_rules_refuse_a_leaky_readout_on_a_stack():
     net = make_net("stack")
     x, y, _ = data()
     for algo in (rnngrad.eprop(), rnngrad.snap1()):
         with pytest.raises(ValueError, match=r"readout_decay.*one layer"):
             rnngrad.gradient(net, x, y, algorithm=algo)
+
+
+class _Rolled(TanhGate):
+    """A user's cell whose output mixes units (h rolled by one): not unit by unit."""
+
+    def output(self, state):
+        return state.h.roll(1, dims=1)
+
+
+def test_trace_rules_name_the_cells_a_leaky_readout_needs():
+    from emit_zoo import Readout
+
+    x, y, _ = data()
+    torch.manual_seed(0)
+    emits = rnngrad.Network(Readout(D, 4), K, readout_decay=KAPPA)
+    with pytest.raises(ValueError, match=r"eprop\(\) with a leaky readout needs a cell whose "
+                                         r"output is output\(state\); Readout writes emit"):
+        rnngrad.gradient(emits, x, y, algorithm=rnngrad.eprop())
+    rolled = rnngrad.Network(_Rolled(D, 4), K, readout_decay=KAPPA)
+    with pytest.raises(ValueError, match=r"snap1\(\) with a leaky readout .* output of _Rolled "
+                                         r"is not unit by unit"):
+        rnngrad.gradient(rolled, x, y, algorithm=rnngrad.snap1())
+    # the exact algorithms take both
+    for net in (emits, rolled):
+        _, ref = forward_grads(net, x, y)
+        for algo in (rnngrad.bptt(), rnngrad.rtrl()):
+            assert max_rel_err(rnngrad.gradient(net, x, y, algorithm=algo)[1], ref) <= TOL
+
+
+def test_rtrl_on_a_diagonal_cell_with_a_leaky_readout():
+    """rtrl() keeps the dense influence there (per-unit traces cannot filter emit's own
+    parameters): still exact."""
+    from emit_zoo import DiagEmit
+
+    torch.manual_seed(0)
+    net = rnngrad.Network(DiagEmit(D, 4), K, readout_decay=KAPPA)
+    x, y, mask = data()
+    s0 = random_state(net, 3)
+    _, ref = forward_grads(net, x, y, mask=mask, state0=s0, reward=reward)
+    _, g = rnngrad.gradient(net, x, y, algorithm=rnngrad.rtrl(), mask=mask, h0=s0, reward=reward)
+    assert max_rel_err(g, ref) <= TOL, max_rel_err(g, ref)
 
 
 def _filtered_influence(net, x1):
