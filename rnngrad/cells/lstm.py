@@ -13,8 +13,8 @@ Forward (one step; ``torch.nn.LSTM`` computes exactly this)::
     tc_t = tanh(c_t)                                   (B, H)
     h_t  = o_t tc_t                                    (B, H)   hidden state (the output)
 
-Backward, from zero beyond T; ``hbar_t = dL/dh_t`` arriving from outside (readout, next
-layer; plus ``d_state.h`` at t = T, and ``d_state.c`` starts ``gamma``)::
+Backward, t = T down to 1; ``hbar_t = dL/dh_t`` arriving from outside (readout, next
+layer; plus ``d_state.h`` at t = T); ``da_{T+1} = 0`` and ``gamma_{T+1} = d_state.c`` (or 0)::
 
     delta_t = hbar_t + W_hh^T da_{t+1}                 (B, H)   dL/dh_t, total
     dc_t    = gamma_{t+1} + delta_t o_t (1 - tc_t^2)   (B, H)   dL/dc_t, total
