@@ -324,3 +324,31 @@ def test_complex_parameters_and_states_are_refused():
                                             r"'h' of dtype torch.complex128, but rnngrad's "
                                             r"algorithms take real states only"):
             algo.init(net, 2)
+
+
+def test_declared_structure_with_an_unowned_parameter_in_step_is_refused():
+    """A cell that declares its immediate term (no torch.func fallback) and gives a
+    parameter to no unit: the structured paths drop that parameter's immediate term, so
+    they check first that it does not enter step."""
+    from rnngrad.cells import GRU
+
+    class SneakyGRU(GRU):
+        def __init__(self, D, H):
+            super().__init__(D, H, dtype=torch.float64)
+            self.V = torch.nn.Parameter(0.1 * torch.randn(H, H, dtype=torch.float64))
+
+        def param_blocks(self):
+            return {**super().param_blocks(), "V": None}
+
+        def step(self, params, state, x):
+            new = super().step(params, state, x)
+            return type(new)(new.h + state.h @ params["V"].T)
+
+    torch.manual_seed(0)
+    x, y, _ = data()
+    for net, algo in ((rnngrad.Network(SneakyGRU(D, 3), K), rnngrad.rtrl()),
+                      (rnngrad.Network([SneakyGRU(D, 3), Elman(3, 4, **F64)], K),
+                       rnngrad.rtrl(layers="spatial"))):
+        with pytest.raises(ValueError, match=r"parameter 'V' of SneakyGRU \(shape \(3, 3\)\) "
+                                             r"is owned by no unit .* but enters step"):
+            rnngrad.gradient(net, x, y, algorithm=algo)

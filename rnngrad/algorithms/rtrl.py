@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cells._derive import verify_diagonal
+from ..cells._derive import declares, verify_diagonal, verify_emit_only
 from ..cells.activations import get_activation
 from ..cells.elman import cell_step
 from . import _rtrl_network as _net
@@ -227,5 +227,7 @@ def _spatial_init(model, batch_size: int, h0, generic: bool):
             verify_diagonal(cell, "rtrl(layers='spatial')")
             modes.append("local")
         else:
+            if declares(cell, "immediate"):  # its unowned parameters have no immediate term
+                verify_emit_only(cell, "rtrl(layers='spatial')")
             modes.append("dense")
     return _traces.init(model, batch_size, h0, None, tuple(modes))
