@@ -272,6 +272,8 @@ def traces_step(model, tr: Traces, cell, state, traces: dict, c: Tensor | None, 
     B, C, U = Dout.shape
     fb = model.W_out.detach() if feedback is None else feedback
     L = None if dz is None else dz @ fb
+    if L is not None and mask_t is not None and not bool(mask_t.any()):
+        L = None  # a step that does not count (most of a trial before its recall window)
     grads = {}
     # components the output does not read (a refractory counter) add nothing: skipped
     live = [k for k, on in enumerate(Dout.ne(0).any(2).any(0).tolist()) if on] or [0]
