@@ -175,7 +175,7 @@ def test_exact_algorithms_equal_autograd_through_forward(kind, name):
 
 
 @pytest.mark.parametrize("kind", ["alif", "stack"])
-@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("name", ["bptt", "bptt_ckpt3", "tbptt_T", "rtrl", "rtrl_generic"])
 def test_exact_with_h0_reward_and_cross_entropy(kind, name):
     net = make_net(kind, readout="softmax")
     x, y, mask = data(T=6, loss="cross_entropy")
@@ -216,7 +216,7 @@ def cut_reference(net, x, y, k, *, mask, state0):
     return dict(zip(params, g))
 
 
-@pytest.mark.parametrize("kind", ["gru", "alif", "stack"])
+@pytest.mark.parametrize("kind", ["alif", "stack"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_tbptt_cuts_the_readout_state_too(kind, k):
     net = make_net(kind)
