@@ -1,6 +1,6 @@
 """The online rules on ``rnngrad.RNN`` against the floor their state allows.
 
-    python benchmarks/online_floor.py                  # the whole benchmark, ~10 min on 2 cores
+    python benchmarks/online_floor.py                  # everything: 10 to 60 min on 2 cores
     python benchmarks/online_floor.py --baseline REV   # also time the rules as they were at REV
     python benchmarks/online_floor.py --quick          # H = 64, 256 only, 2 runs, no memory part
 
@@ -291,6 +291,8 @@ def summarise(runs: list[dict], H: int, B: int, rules: list[str]) -> list[dict]:
             d["before"] = t.get(f"before {r}")
             best = {k: v[1] for k, v in run["times"].items()}  # least over rounds
             d["best_step"] = best[f"step {r}"]
+            d["best_rule"] = best.get(f"rule {r}", d["best_step"])
+            d["best_before"] = best.get(f"before {r}")
             d["best_floor"] = max(inf["bytes"] * best[f"probe {inf['numel']}"]
                                   / (2 * inf["numel"] * 4), inf["flops"] * best["gemm"]
                                   / (2 * 1024**3))
@@ -328,9 +330,51 @@ def summarise(runs: list[dict], H: int, B: int, rules: list[str]) -> list[dict]:
                         "before_x_floor": ratio("before", "floor")[0],
                         "before_x_forward": ratio("before", "forward")[0],
                         "before_ops": inf["before_ops"],
-                        "speedup": statistics.median(p["before"] / p["rule"] for p in per)})
+                        "best_before_us": 1e6 * min(p["best_before"] for p in per),
+                        "best_rule_us": 1e6 * min(p["best_rule"] for p in per)})
         rows.append(row)
     return rows
+
+
+# ---- the kernels a trace step is made of ----------------------------------------------------
+
+def measure_kernels(H: int, B: int, rounds: int) -> list[dict]:
+    """The update and the contraction of a (B, H, P) trace, each way they can be written."""
+    P = H + D + 1
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(B, H, P, generator=g)
+    probe = torch.randn(B, H, P, generator=g)
+    d3, pre3 = torch.rand(B, H, 1, generator=g), torch.randn(B, 1, P, generator=g)
+    L = torch.randn(B, H, generator=g)
+    cands = {
+        "probe: X.mul_(-1.0)": lambda: probe.mul_(-1.0),
+        "update: X.baddbmm_(d, pre, beta) (one pass)":
+            lambda: X.baddbmm_(d3, pre3, beta=0.5, alpha=0.5),
+        "update: X.mul_(beta).addcmul_(d, pre) (two passes)":
+            lambda: X.mul_(0.5).addcmul_(d3, pre3),
+        "contract: einsum('bi,bij->ij')": lambda: torch.einsum("bi,bij->ij", L, X),
+        "contract: bmm over units (H, 1, B) x (H, B, P)":
+            lambda: torch.bmm(L.T.contiguous().unsqueeze(1), X.transpose(0, 1)),
+    }
+    if B == 1:
+        cands["contract: row scaling X[0] * L[0, :, None]"] = lambda: X[0] * L[0].unsqueeze(1)
+    times = round_robin(cands, rounds)
+    return [{"H": H, "B": B, "kernel": k, "median_us": 1e6 * v[0], "least_us": 1e6 * v[1],
+             "MiB": B * H * P * 4 / 2**20} for k, v in times.items()]
+
+
+def table_kernels(rows: list[dict]) -> str:
+    sizes = list(dict.fromkeys((r["H"], r["B"]) for r in rows))
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    t = {(r["H"], r["B"], r["kernel"]): r["median_us"] for r in rows}
+    out = ["| kernel | " + " | ".join(f"H = {H}, B = {B}" for H, B in sizes) + " |",
+           "|---|" + "---|" * len(sizes)]
+    for k in kernels:
+        out.append(f"| {k.replace('|', '/')} | " + " | ".join(
+            us(t[(H, B, k)]) if (H, B, k) in t else "" for H, B in sizes) + " |")
+    r = rows[0]
+    return "\n".join(out) + (f"\n\n{r['threads']} thread(s), load average {r['load']:.2f} at "
+                              f"the end, medians of {r['rounds']} rounds.")
 
 
 # ---- memory against T -------------------------------------------------------------------
@@ -416,30 +460,36 @@ def us(v):
 
 def table_after(rows: list[dict]) -> str:
     out = ["| rule | H | B | step | forward | floor (bound) | x floor [range] | x floor, best "
-           "| x forward [range] | ops x op | 2x |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| x floor, rule | x forward [range] | ops x op | 2x |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(
             f"| {r['rule']} | {r['H']} | {r['B']} | {us(r['step_us'])} | {us(r['forward_us'])} "
             f"| {us(r['floor_us'])} ({r['bound']}) "
             f"| {r['x_floor']:.2f} [{r['x_floor_min']:.2f}-{r['x_floor_max']:.2f}] "
-            f"| {r['x_floor_best']:.2f} "
+            f"| {r['x_floor_best']:.2f} | {r['rule_x_floor']:.2f} "
             f"| {r['x_forward']:.1f} [{r['x_forward_min']:.1f}-{r['x_forward_max']:.1f}] "
             f"| {r['ops']} x {r['op_us']:.2g} us | {'yes' if r['meets_2x'] else 'no'} |")
     return "\n".join(out)
 
 
 def table_before_after(rows: list[dict]) -> str:
-    out = ["| rule | H | B | before | after (rule) | speed-up | x floor before -> after "
-           "| x forward before -> after | ops before -> after |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| rule | H | B | before | after (rule) | speed-up | least before -> after "
+           "| speed-up, least | x floor before -> after | x forward before -> after "
+           "| ops before -> after |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "before_us" not in r:
             continue
         rule_fwd = r["rule_us"] / r["forward_us"]
+        least = "| | |"  # CSVs written before the least times were kept
+        if r.get("best_before_us") is not None:
+            least = (f"| {us(r['best_before_us'])} -> {us(r['best_rule_us'])} "
+                     f"| {r['best_before_us'] / r['best_rule_us']:.1f}x |")
         out.append(
             f"| {r['rule']} | {r['H']} | {r['B']} | {us(r['before_us'])} | {us(r['rule_us'])} "
-            f"| {r['speedup']:.1f}x | {r['before_x_floor']:.2f} -> {r['rule_x_floor']:.2f} "
+            f"| {r['before_us'] / r['rule_us']:.1f}x {least}"
+            f" {r['before_x_floor']:.2f} -> {r['rule_x_floor']:.2f} "
             f"| {r['before_x_forward']:.1f} -> {rule_fwd:.1f} "
             f"| {r['before_ops']} -> {r['rule_ops']} |")
     return "\n".join(out)
@@ -496,17 +546,20 @@ def plot(rows: list[dict], path: Path) -> None:
             axes[0][col].fill_between(Hs, [r["x_floor_min"] for r in rs],
                                       [r["x_floor_max"] for r in rs], color=line.get_color(),
                                       alpha=0.15)
+            color = line.get_color()
+            axes[1][col].loglog(Hs, [r["x_forward"] for r in rs], styles[k], color=color,
+                                label=rule)
+            if any(r["rule_us"] != r["step_us"] for r in rs):  # the rule without the checks
+                axes[0][col].loglog(Hs, [r["rule_x_floor"] for r in rs], "--", color=color, lw=1)
+                axes[1][col].loglog(Hs, [r["rule_us"] / r["forward_us"] for r in rs], "--",
+                                    color=color, lw=1)
             if "before_x_floor" in rs[0]:
-                axes[0][col].loglog(Hs, [r["before_x_floor"] for r in rs], ":",
-                                    color=line.get_color(), lw=1)
-            axes[1][col].loglog(Hs, [r["x_forward"] for r in rs], styles[k],
-                                color=line.get_color(), label=rule)
-            if "before_x_forward" in rs[0]:
-                axes[1][col].loglog(Hs, [r["before_x_forward"] for r in rs], ":",
-                                    color=line.get_color(), lw=1)
+                axes[0][col].loglog(Hs, [r["before_x_floor"] for r in rs], ":", color=color,
+                                    lw=1)
+                axes[1][col].loglog(Hs, [r["before_x_forward"] for r in rs], ":", color=color,
+                                    lw=1)
         axes[0][col].axhline(2.0, color="k", lw=0.8, ls="--")
-        axes[0][col].set_title(f"B = {B}: time per step / floor" + (
-            " (dotted: before)" if any("before_x_floor" in r for r in rows) else ""))
+        axes[0][col].set_title(f"B = {B}: time per step / floor")
         axes[1][col].set_title(f"B = {B}: time per step / forward step")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xlabel("hidden units H")
@@ -514,7 +567,10 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("online rules on rnngrad.RNN, float32, D = 32, K = 10 (shaded: range over runs)")
+    fig.suptitle("online rules on rnngrad.RNN, float32, D = 32, K = 10. Solid: algo.step "
+                 "(shaded: range over runs); dashed: the rule without the\nargument checks "
+                 "algo.step wraps it in; dotted: the rule before this work (--baseline)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -537,7 +593,7 @@ def timing(args, rules: list[str], sizes: list[tuple[int, int]], out: Path, sfx:
         rows += summarise(runs[(H, B)], H, B, [r for r in rules if runs_at(r, H, B)])
     rows.sort(key=lambda r: (list(RULES).index(r["rule"]), r["B"], r["H"]))
     meta = {"device": f"CPU {platform.processor() or platform.machine()}, "
-                      f"{args.threads} threads of {os.cpu_count()} cores",
+                      f"{args.threads} thread{'s' if args.threads > 1 else ''} of {os.cpu_count()} cores",
             "torch": torch.__version__, "load_min": min(load), "load_max": max(load),
             "baseline": args.baseline or "", "runs": args.runs, "rounds": args.rounds}
     with open(out / f"online_floor{sfx}.csv", "w", newline="") as f:
@@ -546,17 +602,50 @@ def timing(args, rules: list[str], sizes: list[tuple[int, int]], out: Path, sfx:
         w.writeheader()
         for r in rows:
             w.writerow({**{k: fmt(v, 4) for k, v in r.items()}, **meta})
+    return tables_from_csv(out, sfx)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV this script wrote, numbers as numbers."""
+    def value(v):
+        if v in ("True", "False"):
+            return v == "True"
+        try:
+            f = float(v)
+        except ValueError:
+            return v if v != "" else None
+        return int(f) if f.is_integer() and "." not in v and "e" not in v else f
+
+    with open(path) as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def tables_from_csv(out: Path, sfx: str) -> dict:
+    """The plot and the doc's tables from ``online_floor{sfx}.csv`` (and the memory CSV)."""
+    rows = read_csv(out / f"online_floor{sfx}.csv")
+    for r in rows:
+        r["rule"] = str(r["rule"])
+        if r.get("before_us") is None:
+            for k in [k for k in r if k.startswith("before")] + ["speedup"]:
+                r.pop(k, None)
     plot(rows, out / f"online_floor{sfx}.png")
     print(table_after(rows))
-    print(table_before_after(rows))
+    m = rows[0]
     blocks = {"after": table_after(rows),
-              "meta": (f"Run: {meta['device']}, torch {meta['torch']}, {args.runs} runs x "
-                       f"{args.rounds} rounds, load average {meta['load_min']:.2f} to "
-                       f"{meta['load_max']:.2f} during the run"
-                       + (f", before = git revision {args.baseline}" if args.baseline else "")
+              "meta": (f"Run: {m['device']}, torch {m['torch']}, {m['runs']} runs x "
+                       f"{m['rounds']} rounds, load average {m['load_min']:.2f} to "
+                       f"{m['load_max']:.2f} during the run"
+                       + (f", before = git revision {m['baseline']}" if m["baseline"] else "")
                        + ".")}
-    if base is not None:
+    if "before_us" in m:
+        print(table_before_after(rows))
         blocks["before_after"] = table_before_after(rows)
+    kernels_path = out / f"online_floor_kernels{sfx}.csv"
+    if kernels_path.exists():
+        blocks["kernels"] = table_kernels(read_csv(kernels_path))
+    mem_path = out / f"online_floor_memory{sfx}.csv"
+    if mem_path.exists():
+        blocks["memory"] = table_memory(read_csv(mem_path))
     return blocks
 
 
@@ -574,13 +663,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="H = 64, 256; 2 runs; no memory part")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the memory-against-T part")
+    ap.add_argument("--kernels", action="store_true",
+                    help="only the kernels of a trace step, each way it can be written")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="redraw the plot and the doc's tables from the CSV files, timing nothing")
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--out", default=str(HERE), help="folder for the CSV and PNG files")
     ap.add_argument("--tag", default="", help="suffix for the file names and doc markers")
+    ap.add_argument("--no-blocks", action="store_true",
+                    help="keep every trace whole (no row blocks), to measure what blocking buys")
     args = ap.parse_args()
     if args.quick:
         args.hidden, args.runs, args.no_memory = "64,256", 2, True
     torch.set_num_threads(args.threads)
+    if args.no_blocks:
+        sys.modules["rnngrad.algorithms._online"].BLOCKED_ABOVE = float("inf")
     rules = [r for r in args.rules.split(",") if r]
     unknown = [r for r in rules if r not in RULES]
     if unknown:
@@ -588,8 +685,26 @@ def main() -> None:
     sizes = [(int(h), int(b)) for h in args.hidden.split(",") for b in args.batch.split(",")]
     out = Path(args.out)
     sfx = f"_{args.tag}" if args.tag else ""
-    blocks = {} if args.memory_only else timing(args, rules, sizes, out, sfx)
-    if not args.no_memory:
+    if args.kernels:
+        rows = [r for H, B in sizes for r in measure_kernels(H, B, args.rounds)]
+        load = os.getloadavg()[0]
+        for r in rows:
+            r.update(threads=args.threads, load=load, rounds=args.rounds)
+        with open(out / f"online_floor_kernels{sfx}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows({k: fmt(v, 4) for k, v in r.items()} for r in rows)
+        print(table_kernels(rows))
+        blocks = {"kernels": table_kernels(rows)}
+        if not args.no_doc and write_doc(ROOT / "docs" / "online_floor.md",
+                                         {k + sfx: v for k, v in blocks.items()}):
+            print("table written into docs/online_floor.md")
+        return
+    if args.tables_only:
+        blocks = tables_from_csv(out, sfx)
+    else:
+        blocks = {} if args.memory_only else timing(args, rules, sizes, out, sfx)
+    if not args.no_memory and not args.tables_only:
         mem = []
         for rule in rules:
             for T in MEM_TS:
