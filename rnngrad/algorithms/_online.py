@@ -66,8 +66,8 @@ def forward(model, h_prev: Tensor, x_t: Tensor, target_t, mask_t, loss: str,
 # A (B, H, P) trace larger than BLOCKED_ABOVE bytes is updated and contracted block of rows
 # by block of rows, each block BLOCK_BYTES or so: every pass after the first then reads the
 # block from cache, where the update left it, and the trace crosses the memory bus once per
-# step instead of once per pass (about 15% at H = 1024, B = 16 on a 2-core Xeon). Smaller
-# traces stay whole: there the extra calls cost more than the cache saves.
+# step instead of once per pass (``benchmarks/online_floor.py --no-blocks`` measures what it
+# buys). Smaller traces stay whole: there the extra calls cost more than the cache saves.
 BLOCK_BYTES = 2 << 20
 BLOCKED_ABOVE = 8 << 20
 
