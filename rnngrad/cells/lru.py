@@ -266,13 +266,13 @@ class LRU(Cell):
             grads["W_2"], grads["b_2"] = dz2.T @ g, dz2.sum(0)
             dg = da1 @ params["W_1"] + dz2 @ params["W_2"]
             dy = dg * _gelu_deriv(y)
-        grads["C_re"], grads["C_im"] = dy.T @ re, -(dy.T @ im)
+        grads["C_re"], grads["C_im"] = dy.T @ re, (dy.T @ im).neg_()
         Dp = params["D"]
         if Dp.dim() == 1:
             grads["D"], du = (dy * u).sum(0), dy * Dp
         else:
             grads["D"], du = dy.T @ u, dy @ Dp
-        return grads, dy, dy @ params["C_re"], -(dy @ params["C_im"]), du
+        return grads, dy, dy @ params["C_re"], (dy @ params["C_im"]).neg_(), du
 
     def _input_backward(self, x: Tensor, du: Tensor) -> Tensor:
         return _layer_norm_backward(x, du) if self.norm else du
