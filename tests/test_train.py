@@ -319,3 +319,12 @@ def test_alignment_is_measured_on_the_weights_the_gradient_saw(extra):
     for r in tracked:
         assert r["cosine"] == pytest.approx(1.0, abs=1e-12)
         assert r["norm_ratio"] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "alif", "lru"])
+@pytest.mark.parametrize("spec", ["bptt", "rtrl", "uoro"])
+def test_networks_of_any_cell_resume_bit_identically_on_a_stream(tmp_path, cell, spec):
+    """A two-layer network of the cell: its state (every component), the stream and the
+    algorithm's generators resume as the Elman layer's do."""
+    config = {**STREAM, "algorithm": spec, "cell": cell, "layers": 2}
+    assert _resumed_equals_uninterrupted(tmp_path, config) == []
