@@ -128,6 +128,15 @@ def train(name, seed, *, task, iterations, batch_size, eval_every, lr, n_regular
     return rows
 
 
+def runs_of(rows, name: str) -> dict[int, list]:
+    """One algorithm's rows, grouped by seed."""
+    runs: dict[int, list] = {}
+    for r in rows:
+        if r["algorithm"] == name:
+            runs.setdefault(int(r["seed"]), []).append(r)
+    return runs
+
+
 def table(rows) -> str:
     """Final test accuracy (mean, std over seeds), the best iteration's, the first iteration
     at >= 90%, and seconds per iteration, per algorithm."""
@@ -135,10 +144,7 @@ def table(rows) -> str:
            "firing rate (Hz) | s / iteration |",
            "|---|---|---|---|---|---|"]
     for name in ALGORITHMS:
-        runs = {}
-        for r in rows:
-            if r["algorithm"] == name:
-                runs.setdefault(int(r["seed"]), []).append(r)
+        runs = runs_of(rows, name)
         if not runs:
             continue
         finals, bests, firsts, rates, speeds = [], [], [], [], []
@@ -171,10 +177,7 @@ def plot(rows, path: Path) -> None:
     styles = {"bptt": ("k", "-"), "eprop_symmetric": ("tab:blue", "--"),
               "eprop_random": ("tab:orange", ":")}
     for name, (color, ls) in styles.items():
-        runs = {}
-        for r in rows:
-            if r["algorithm"] == name:
-                runs.setdefault(int(r["seed"]), []).append(r)
+        runs = runs_of(rows, name)
         if not runs:
             continue
         its = sorted({int(r["iteration"]) for rs in runs.values() for r in rs})
