@@ -165,3 +165,20 @@ def test_stack_in_a_network():
     y, h = net(torch.randn(6, 3, 3, dtype=DT))
     assert y.shape == (6, 3, 2) and h.shape == (6, 3, 4)
     assert [type(s).__name__ for s in net.init_state(3)] == ["LSTMState", "LSTMState"]
+
+
+def test_forget_bias_opens_the_forget_gate_and_nothing_else():
+    torch.manual_seed(0)
+    plain = LSTM(3, 4)
+    torch.manual_seed(0)
+    opened = LSTM(3, 4, forget_bias=2.5)
+    for name, p in plain.named_parameters():
+        q = dict(opened.named_parameters())[name]
+        if name == "b_ih":
+            assert torch.equal(q[4:8], p[4:8] + 2.5)
+            assert torch.equal(torch.cat((q[:4], q[8:])), torch.cat((p[:4], p[8:])))
+        else:
+            assert torch.equal(p, q)
+    for bad in (float("nan"), "1", True, float("inf")):
+        with pytest.raises(ValueError, match="forget_bias must be a finite number"):
+            LSTM(3, 4, forget_bias=bad)
