@@ -19,10 +19,11 @@ Each (cell, H) runs in a fresh process, twice: with glibc's malloc as a user run
 ("default"), and with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ raised ("heap").
 The reason, measured: glibc serves a large buffer by a fresh mmap (and page faults on
 first touch) until a free of a large block raises its dynamic threshold, so a process's
-history changes what every fresh (T, B, 4H) buffer costs. nn.LSTM (oneDNN's fused LSTM
-on this CPU, which allocates its workspaces per call) moved from 183 to 117 ms at H = 256
-with the allocator's state; rnngrad's LSTM, which allocates fewer buffers, from 157 to
-138 ms. The two columns bound what a user sees.
+history changes what every fresh (T, B, 4H) buffer costs. With both thresholds at 4 GiB
+every buffer comes from the heap and is reused without page faults. nn.LSTM (oneDNN's
+fused LSTM on this CPU, which allocates its workspaces per call) takes 182 ms at H = 256
+in a fresh process and 119 ms so; rnngrad's LSTM, which allocates fewer buffers, 156 and
+139 ms (one measurement of each). The two columns bound what a user sees.
 
 Writes cells_bptt.csv and cells_bptt.md beside this file (cells_bptt_cpu_1t.* for
 ``--clock cpu --threads 1``: CPU time of this process, which load from other processes on
@@ -146,7 +147,7 @@ def cpu_model() -> str:
     return platform.machine()
 
 
-HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
 def _child(args, kind: str, H: int, allocator: str) -> list:
