@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .cells.activations import get_activation
-from .cells.elman import INITS, Elman, init_recurrent, unroll
+from .cells.activations import get_activation  # noqa: F401  (importable from here, as before)
+from .cells.elman import INITS, Elman, init_recurrent, unroll  # noqa: F401  (INITS as before)
 from .network import Network
 from .readouts import check_readout, readout
 
