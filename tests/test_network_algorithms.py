@@ -42,6 +42,13 @@ def make_net(kind: str, *, readout="identity", seed=0) -> rnngrad.Network:
         "lstm": lambda: [LSTM(D, 4, **f64)],
         "stack_lstm_gru": lambda: [LSTM(D, 4, **f64), GRU(4, 3, **f64)],
         "stack3_mixed": lambda: [GRU(D, 3, **f64), Elman(3, 4, **f64), LSTM(4, 3, **f64)],
+        # issue 9's cells, v_th low enough that the units spike on these inputs
+        "lif": lambda: [rnngrad.cells.LIF(D, 4, v_th=0.3, **f64)],
+        "alif": lambda: [rnngrad.cells.ALIF(D, 4, v_th=0.3, beta=0.2, t_ref=2.0, **f64)],
+        "lru": lambda: [rnngrad.cells.LRU(D, 4, **f64)],
+        "elstm": lambda: [rnngrad.cells.ELSTM(D, 4, **f64)],
+        "stack_lru_alif": lambda: [rnngrad.cells.LRU(D, 4, **f64),
+                                   rnngrad.cells.ALIF(4, 3, v_th=0.3, **f64)],
     }[kind]()
     return rnngrad.Network(cells, K, readout=readout)
 
@@ -49,6 +56,8 @@ def make_net(kind: str, *, readout="identity", seed=0) -> rnngrad.Network:
 KINDS = ["elman", "elman_leaky", "mgu", "tanhgate", "adaptive", "stack2", "stack3"]
 if _builtin("GRU") is not None and _builtin("LSTM") is not None:
     KINDS += ["gru", "lstm", "stack_lstm_gru", "stack3_mixed"]
+if all(_builtin(c) is not None for c in ("LIF", "ALIF", "LRU", "ELSTM")):
+    KINDS += ["lif", "alif", "lru", "elstm", "stack_lru_alif"]
 
 
 def data(T=5, B=3, *, loss="mse", seed=1):
