@@ -9,6 +9,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread is faster, and steadier on a shared machine. A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

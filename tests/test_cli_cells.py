@@ -16,14 +16,7 @@ TINY = ["--task", "adding", "--seq-len", "5", "--hidden", "4", "--batch-size", "
         "--steps", "3", "--log-every", "3", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_a_two_layer_lstm(tmp_path, capsys):

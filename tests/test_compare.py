@@ -3,19 +3,12 @@
 import csv
 
 import pytest
-import torch
 
 import rnngrad
 from rnngrad.compare import TABLE_FIELDS, compare
 from rnngrad.tasks import StreamAdd
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compare_table_and_files(tmp_path):
