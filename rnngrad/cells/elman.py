@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import Activation, get_activation
-from .base import Cell, Immediate, Linearization
+from .base import Cell, Immediate, Linearization, check_factory
 
 Grads = dict[str, Tensor]
 
@@ -96,6 +96,7 @@ class Elman(Cell):
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         check_sizes(input_size=input_size, hidden_size=hidden_size)
+        check_factory(dtype, device)
         if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
                 and 0.0 < float(alpha) <= 1.0):
             raise ValueError(f"alpha must be a float in (0, 1], got {alpha!r}")

@@ -64,7 +64,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import Cell, Immediate, Linearization
+from .base import Cell, Immediate, Linearization, check_factory
 from .elman import check_sizes
 
 __all__ = ["GRU", "GRUState", "SequenceCache", "gate_parameters", "gate_sum"]
@@ -79,6 +79,7 @@ def gate_parameters(cell: nn.Module, G: int, input_size: int, hidden_size: int,
     """Create W_ih (G H, D), W_hh (G H, H), b_ih, b_hh (G H,) on ``cell`` and draw them
     U(-1/sqrt(H), 1/sqrt(H)), as ``torch.nn.GRU`` / ``LSTM`` do."""
     check_sizes(input_size=input_size, hidden_size=hidden_size)
+    check_factory(dtype, device)
     kw = {"dtype": dtype, "device": device}
     H = hidden_size
     cell.W_ih = nn.Parameter(torch.empty(G * H, input_size, **kw))

@@ -54,7 +54,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import Cell, Immediate, Linearization
+from .base import Cell, Immediate, Linearization, check_factory
 from .elman import check_sizes
 from .surrogate import Surrogate, get_surrogate
 
@@ -114,6 +114,7 @@ class _Spiking(Cell):
                  v_th: float, t_ref: float, surrogate, gamma, dtype, device) -> None:
         super().__init__()
         check_sizes(input_size=input_size, hidden_size=hidden_size)
+        check_factory(dtype, device)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.dt = _number("dt (ms)", dt)
         self.tau_m = _time_constant("tau_m", tau_m, self.dt)
