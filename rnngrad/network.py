@@ -299,7 +299,8 @@ class Network(nn.Module):
     # ---- from torch.nn ----------------------------------------------------------------
 
     @classmethod
-    def from_torch(cls, rnn: nn.Module, linear: nn.Linear, *, readout: str = "identity") -> Network:
+    def from_torch(cls, rnn: nn.Module, linear: nn.Linear, *, readout: str = "identity",
+                   share: bool = False) -> Network:
         """The same function as ``linear(rnn(x)[0])`` (then g), from a ``torch.nn.RNN``,
         ``GRU`` or ``LSTM`` of any ``num_layers`` and an ``nn.Linear``.
 
@@ -307,10 +308,28 @@ class Network(nn.Module):
         the module's dtype and device. Dropout between layers is not carried over: the
         network equals the module in eval mode. ``bias=False`` gives zero biases (which
         are then trainable here).
+
+        ``share=True``: the network's parameters are the module's own ``nn.Parameter``
+        objects, so ``rnngrad.gradient(net, ..., set_grad=True)`` by any algorithm writes
+        the module's ``.grad`` and ``torch.optim`` over ``rnn.parameters()`` and
+        ``linear.parameters()`` trains both. For ``torch.nn.RNN`` (one bias ``b_rec`` here,
+        two there) ``bias_hh`` is folded into ``bias_ih`` in place and frozen at zero: the
+        same function. A bias the module lacks is a zero here with ``requires_grad=False``.
         """
         from .cells.interop import from_torch
 
-        return from_torch(cls, rnn, linear, readout)
+        return from_torch(cls, rnn, linear, readout, share)
+
+    def to_torch(self) -> tuple[nn.Module, nn.Linear]:
+        """Back to PyTorch: ``(torch.nn.RNN | GRU | LSTM, nn.Linear)`` with copies of the
+        weights, ``num_layers`` the number of layers, such that ``linear(rnn(x)[0])`` is z_t
+        (to float64 round-off; apply the readout g on top). For networks of Elman (tanh or
+        relu, ``alpha = 1``), GRU or LSTM layers of one type and one width with the plain
+        readout, every network ``from_torch`` makes; anything else raises, naming why.
+        ``rnngrad.cells.interop.state_to_torch`` converts an initial state."""
+        from .cells.interop import to_torch
+
+        return to_torch(self)
 
 
 def _real_state(state, i: int, cell: Cell):

@@ -51,6 +51,13 @@ Structure a cell may declare (each optional; the defaults here derive it with
 
 Algorithms call ``linearize``, which returns the next state together with whatever
 they ask for; built-in cells override it to get everything from one pass.
+
+What a user's cell declares is trusted by the algorithms: ``rnngrad check --cell
+module:Class`` compares every exact algorithm with autograd through it, and a
+``Network`` compares the declarations with the torch.func derivation of ``step`` once,
+when first used (``Network(..., verify=False)`` skips that). A ``Network`` also refuses a
+user's ``step``/``output``/``emit`` that reads a parameter through ``self`` instead of
+``params`` (its gradient would be zero) or changes anything in place (docs/cells.md).
 """
 
 from __future__ import annotations
