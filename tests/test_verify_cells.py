@@ -137,6 +137,22 @@ def test_a_submodule_called_through_self_shows_functional_call():
         rnngrad.Network(Submodule(), K)
 
 
+def test_parameter_containers_read_through_self():
+    class Listed(Plain):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.ParameterList([nn.Parameter(torch.ones(H, dtype=DT))])
+            self.named = nn.ParameterDict({"g": nn.Parameter(torch.ones(H, dtype=DT))})
+
+        def step(self, params, state, x):
+            h = super().step(params, state, x).h
+            return HState(h * params["named.g"] * self.extra[0])
+
+    with pytest.raises(ValueError, match=r"reads parameter 'extra\.0' through self .* write "
+                                         r"params\['extra\.0'\] instead of self\.extra\[0\]"):
+        rnngrad.Network(Listed(), K)
+
+
 def test_a_parameter_no_step_reads_is_refused():
     with pytest.raises(ValueError, match=r"parameter 'h0' of LearnedH0 is not read through "
                                          r"params by step or output.*zero gradient.*h0="):
