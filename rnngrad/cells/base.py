@@ -62,6 +62,7 @@ user's ``step``/``output``/``emit`` that reads a parameter through ``self`` inst
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -148,7 +149,7 @@ class Cell(nn.Module):
             return
         for method in ("step", "emit", "output"):
             fn = cls.__dict__.get(method)
-            if callable(fn) and not getattr(fn, "_rnngrad_explains", False):
+            if inspect.isfunction(fn) and not getattr(fn, "_rnngrad_explains", False):
                 setattr(cls, method, _explaining(fn, method))
 
     # ---- the protocol -----------------------------------------------------------------
