@@ -410,3 +410,30 @@ def test_shared_without_biases_keeps_zeros_frozen():
         assert float((net(x)[0] - lin(rnn(x)[0])).abs().max()) <= 1e-12
     with pytest.raises(TypeError, match="share must be a bool, got 1"):
         Network.from_torch(rnn, lin, share=1)
+
+
+def test_online_steps_on_a_shared_module():
+    """The online API in a PyTorch loop: rtrl() emits its gradient at every step,
+    rnngrad.write_grads puts it in the module's .grad, the module's optimizer steps; the
+    network moves with the module and stays the same function."""
+    torch.manual_seed(2)
+    gru, lin = nn.GRU(D, H, dtype=DT), nn.Linear(H, K, dtype=DT)
+    net = Network.from_torch(gru, lin, share=True)
+    opt = torch.optim.SGD([*gru.parameters(), *lin.parameters()], lr=0.05)
+    algo = rnngrad.rtrl()
+    state = algo.init(net, B)
+    x, y = torch.randn(T, B, D, dtype=DT), torch.randn(T, B, K, dtype=DT)
+    w0 = gru.weight_hh_l0.detach().clone()
+    emitted = 0
+    for t in range(T):
+        state, _, g = algo.step(net, state, x[t], y[t])
+        if g is not None:
+            opt.zero_grad()
+            rnngrad.write_grads(net, g)
+            assert torch.equal(gru.weight_hh_l0.grad, g["cells.0.W_hh"])
+            assert torch.equal(lin.weight.grad, g["W_out"])
+            opt.step()
+            emitted += 1
+    assert emitted == T and not torch.equal(gru.weight_hh_l0, w0)
+    with torch.no_grad():
+        assert float((net(x)[0] - lin(gru(x)[0])).abs().max()) <= 1e-12
