@@ -265,6 +265,20 @@ def test_an_in_place_update_under_vmap_is_explained():
         rnngrad.gradient(net, x, y, algorithm=rnngrad.rtrl())
 
 
+def test_random_numbers_in_step_are_explained():
+    class Noisy(Plain):
+        def step(self, params, state, x):
+            h = super().step(params, state, x).h
+            return HState(h + 0.01 * torch.randn(h.shape, dtype=h.dtype))
+
+    net = rnngrad.Network(Noisy(), K)
+    x, y = data()
+    rnngrad.gradient(net, x, y, algorithm=rnngrad.bptt())
+    with pytest.raises(TypeError, match=r"Noisy\.step draws random numbers .* Draw the noise "
+                                        r"outside and pass it in through x"):
+        rnngrad.gradient(net, x, y, algorithm=rnngrad.snap1())
+
+
 def test_other_errors_of_a_users_step_pass_through():
     class Raises(Plain):
         armed = False

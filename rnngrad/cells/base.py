@@ -334,6 +334,12 @@ def functional_error(cell: Any, method: str, e: BaseException) -> str | None:
                 "branch with torch.where(cond, a, b) (or clamp, min, max), or declare linearize "
                 "(docs/cells.md); bptt() and tbptt(k) take only a vjp and run such a step as it "
                 "is")
+    if msg.startswith("vmap: called random operation"):
+        return (f"{name} draws random numbers (torch.randn, dropout, ...), which "
+                f"torch.func.vmap refuses: {_VMAP_ALGORITHMS}, and each draw would differ "
+                "between the example and the derivative. Draw the noise outside and pass it "
+                "in through x (or keep it in the state); bptt() and tbptt(k) take only a vjp "
+                "and run such a step as it is")
     in_place = "mutate a captured Tensor" in msg or msg.startswith("vmap: inplace arithmetic")
     if not in_place and "doesn't match the broadcast shape" in msg:
         # an in-place update of a tensor made for one example, with a batched one, under vmap
