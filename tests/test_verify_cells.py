@@ -446,3 +446,24 @@ def test_every_built_in_cell_passes_the_checks_it_skips(name):
     assert {"local", "immediate", "jacobian", "input_jacobian"} <= set(fields)
     _derive._check_declared(c, name, fields)
     assert not rnngrad.Network(c, K)._pending_verify
+
+
+def test_a_declaration_that_raises_is_left_to_the_algorithm_that_asks_for_it():
+    """A linearize that offers only some fields: the others are not compared (the first-use
+    check does not block bptt), and the fields it does return still are."""
+
+    class OnlyLocal(DeclaredElman):
+        def linearize(self, params, state, x, *, need=()):
+            if set(need) - {"local"}:
+                raise NotImplementedError("only local")
+            return super().linearize(params, state, x, need=need)
+
+        backward_sequence = Cell.backward_sequence  # the torch.func default
+        forward_sequence = Cell.forward_sequence
+
+    x, y = data()
+    net = rnngrad.Network(OnlyLocal(), K)
+    _, ref = reference_gradient(net, x, y)
+    assert relative_error(rnngrad.gradient(net, x, y)[1], ref) < 1e-10
+    with pytest.raises(ValueError, match=r"OnlyLocal's own local_jacobian disagrees"):
+        rnngrad.gradient(rnngrad.Network(OnlyLocal("local", 0.8), K), x, y)
