@@ -193,6 +193,18 @@ def test_a_model_on_the_meta_device(make):
         algo.step(model, state, torch.randn(2, 3, device="meta"), torch.randn(2, 2, device="meta"))
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+@pytest.mark.parametrize("make", ["rnn", "network"])
+def test_a_model_moved_to_a_complex_dtype(make):
+    from rnngrad.cells import GRU
+
+    model = (rnngrad.RNN(3, 4, 2) if make == "rnn" else _net(GRU(3, 4))).to(torch.complex64)
+    x, y = torch.randn(5, 2, 3, dtype=torch.complex64), torch.randn(5, 2, 2)
+    with pytest.raises(TypeError, match=r"the model's parameters are torch\.complex64, but "
+                                        r"rnngrad takes real floating parameters"):
+        rnngrad.gradient(model, x, y)
+
+
 def test_network_init_state_batch_size():
     from rnngrad.cells import GRU
 
