@@ -96,18 +96,20 @@ def check_real(model) -> None:
 
 
 def bind(model) -> Bound:
-    check_real(model)
     named = dict(model.named_parameters())
+    if any(p.is_complex() for p in named.values()):
+        check_real(model)  # raises, naming the parameter
     cells, prefixes, params, names, offsets = [], [], [], [], []
     off = 0
     for prefix, cell in model.layers():
-        own = [n for n, _ in cell.named_parameters()]
+        own = [prefix + n for n, _ in cell.named_parameters()]
+        p = {n[len(prefix):]: named[n].detach() for n in own}
         cells.append(cell)
         prefixes.append(prefix)
-        params.append({n: named[prefix + n].detach() for n in own})
-        names.append([prefix + n for n in own])
+        params.append(p)
+        names.append(own)
         offsets.append(off)
-        off += sum(named[prefix + n].numel() for n in own)
+        off += sum(t.numel() for t in p.values())
     offsets.append(off)
     return Bound(cells, prefixes, params, names, offsets)
 

@@ -116,8 +116,20 @@ def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor
                              "(param_blocks) with its immediate term declared, or the dense "
                              "path, rtrl(generic=True)")
         P = n // (G * U)
+        d = imm[name]
+        if C == 1 and G == 1 and M.stride(2) == 1:
+            # one component, one row per unit (Elman): unit i's row of p is the stretch
+            # M[:, i, off + i P : off + (i + 1) P], a strided (B, U, P) view
+            block = M.as_strided((B, U, P), (M.stride(0), M.stride(1) + P, 1),
+                                 M.storage_offset() + off)
+            if d.inp is None:
+                block.add_(d.D.view(B, U, P))
+            else:
+                block.addcmul_(d.D.view(B, U, 1), d.inp)
+            off += n
+            continue
         block = M[:, :, off:off + n].view(B, C, U, G, U, P).diagonal(dim1=2, dim2=4)
-        d = imm[name]  # block: (B, C, G, P, U)
+        # block: (B, C, G, P, U)
         if d.inp is None:
             block.add_(d.D.permute(0, 1, 2, 4, 3))
         else:  # no (B, C, G, P, U) temporary: the product is added where it lands
