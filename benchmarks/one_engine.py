@@ -10,7 +10,8 @@ implementations: a hand-written Elman path taken on ``rnngrad.RNN`` and the gene
     Network        Network(Elman) of the working tree
     RNN            rnngrad.RNN of the working tree
 
-on the same weights and data, for bptt (whole sequence, and online init/step/flush),
+on the same weights and data, one algorithm object per candidate for every call (as in
+a training loop), for bptt (whole sequence, and online init/step/flush),
 bptt(checkpoint=14), tbptt(20), bptt with a mask, h0 and a reward, bptt(sensitivities=True)
 at H = 64, 256, T = 200, B = 64, D = 32, K = 10, and rtrl (also with h0) at H = 32,
 T = 50, B = 8. Ratio: time / base RNN's time in the same run. The baseline package is
@@ -28,6 +29,7 @@ import importlib
 import io
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -80,8 +82,8 @@ def online(lib, model, algo, x, y):
     return total
 
 
-def cases(lib, H, T, B, D, K):
-    """name -> (function of (lib, model) -> grads, sizes)."""
+def cases(H, T, B, D, K):
+    """name -> (factory of the algorithm from a library, function of (lib, model, algo))."""
     x = torch.randn(T, B, D, generator=torch.Generator().manual_seed(1))
     y = torch.randn(T, B, K, generator=torch.Generator().manual_seed(2))
     mask = (torch.rand(T, B, generator=torch.Generator().manual_seed(3)) > 0.3).float()
@@ -90,18 +92,17 @@ def cases(lib, H, T, B, D, K):
     def reward(h):
         return -0.01 * (h ** 2).sum() / h.shape[1]
 
-    def grad(algo, **kw):
-        return lambda L, m: L.gradient(m, x, y, algorithm=algo(L), **kw)[1]
+    def grad(**kw):
+        return lambda L, m, a: L.gradient(m, x, y, algorithm=a, **kw)[1]
 
-    out = {
-        "bptt": grad(lambda L: L.bptt()),
-        "bptt online": lambda L, m: online(L, m, L.bptt(), x, y),
-        "bptt(checkpoint=14)": grad(lambda L: L.bptt(checkpoint=14)),
-        "tbptt(20)": grad(lambda L: L.tbptt(20)),
-        "bptt mask+h0+reward": grad(lambda L: L.bptt(), mask=mask, h0=h0, reward=reward),
-        "bptt(sensitivities=True)": grad(lambda L: L.bptt(sensitivities=True)),
+    return {
+        "bptt": (lambda L: L.bptt(), grad()),
+        "bptt online": (lambda L: L.bptt(), lambda L, m, a: online(L, m, a, x, y)),
+        "bptt(checkpoint=14)": (lambda L: L.bptt(checkpoint=14), grad()),
+        "tbptt(20)": (lambda L: L.tbptt(20), grad()),
+        "bptt mask+h0+reward": (lambda L: L.bptt(), grad(mask=mask, h0=h0, reward=reward)),
+        "bptt(sensitivities=True)": (lambda L: L.bptt(sensitivities=True), grad()),
     }
-    return out
 
 
 def rtrl_cases(T, B, D, H):
@@ -109,19 +110,25 @@ def rtrl_cases(T, B, D, H):
     y = torch.randn(T, B, 10, generator=torch.Generator().manual_seed(2))
     h0 = 0.1 * torch.randn(B, H, generator=torch.Generator().manual_seed(4))
     return {
-        "rtrl": lambda L, m: L.gradient(m, x, y, algorithm=L.rtrl())[1],
-        "rtrl h0": lambda L, m: L.gradient(m, x, y, algorithm=L.rtrl(), h0=h0)[1],
+        "rtrl": (lambda L: L.rtrl(), lambda L, m, a: L.gradient(m, x, y, algorithm=a)[1]),
+        "rtrl h0": (lambda L: L.rtrl(),
+                    lambda L, m, a: L.gradient(m, x, y, algorithm=a, h0=h0)[1]),
     }
 
 
 def time_round_robin(cands: dict, repeats: int) -> dict:
+    """Median CPU time of each candidate; every repeat runs them all, in a shuffled order
+    (so that no candidate always follows the same one)."""
     times = {n: [] for n in cands}
     for f in cands.values():
         f()  # warm-up
+    order = list(cands)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for n, f in cands.items():
+        rng.shuffle(order)
+        for n in order:
             t0 = time.thread_time()
-            f()
+            cands[n]()
             times[n].append(time.thread_time() - t0)
     return {n: statistics.median(ts) for n, ts in times.items()}
 
@@ -149,28 +156,24 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     rows = []
     T, B, D, K = 200, 64, 32, 10
-    jobs = [(H, T, B, cases) for H in map(int, args.hidden.split(","))]
-    jobs.append((32, 50, 8, None))
-    for H, T_, B_, _ in jobs:
+    jobs = [(H, T, B) for H in map(int, args.hidden.split(","))] + [(32, 50, 8)]
+    for H, T_, B_ in jobs:
         libs = {"base": base, "new": rnngrad}
         ms = {k: models(L, D, H, K) for k, L in libs.items()}
-        if H == 32:
-            torch.manual_seed(0)
-            table = {k: rtrl_cases(T_, B_, D, H) for k in libs}
-        else:
-            table = {k: cases(L, H, T_, B_, D, K) for k, L in libs.items()}
-        for case in table["base"]:
+        table = rtrl_cases(T_, B_, D, H) if H == 32 else cases(H, T_, B_, D, K)
+        for case, (make, f) in table.items():
             cands = {}
             for lab, key, which in (("base RNN", "base", 0), ("base Network", "base", 1),
                                     ("Network", "new", 1), ("RNN", "new", 0)):
-                L, m, f = libs[key], ms[key][which], table[key][case]
+                L, m = libs[key], ms[key][which]
+                a = make(L)  # one algorithm object for every call, as in a training loop
                 try:
-                    f(L, m)
+                    f(L, m, a)
                 except (ValueError, TypeError) as e:
                     rows.append({"case": case, "H": H, "T": T_, "B": B_, "model": lab,
                                  "ms": "", "ratio": "", "note": str(e).split(":")[0][:60]})
                     continue
-                cands[lab] = (lambda L=L, m=m, f=f: f(L, m))
+                cands[lab] = (lambda L=L, m=m, f=f, a=a: f(L, m, a))
             ref = cands["base RNN"]()
             for lab, f in cands.items():
                 same(f(), ref, f"{case} {lab}")
@@ -184,8 +187,8 @@ def main() -> None:
     out = Path(args.out)
     head = (f"Network(Elman) against rnngrad.RNN's hand-written paths (baseline {args.base}), "
             f"float32, D={D} K={K}, CPU {platform.machine()} {platform.processor() or ''}, "
-            f"one thread, CPU time (time.thread_time), median of {args.repeats} round-robin "
-            f"repeats, torch {torch.__version__}. Ratio: time / base RNN's time in the same "
+            f"one thread, CPU time (time.thread_time), median of {args.repeats} repeats "
+            f"(each runs every candidate, in a shuffled order), torch {torch.__version__}. Ratio: time / base RNN's time in the same "
             f"run. Load average (1 min, {os.cpu_count()} CPUs): {load0:.2f} at the start, "
             f"{load1:.2f} at the end.")
     with open(out.with_suffix(".csv"), "w", newline="") as f:

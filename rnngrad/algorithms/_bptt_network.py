@@ -64,12 +64,13 @@ class NetBPTTState(NamedTuple):
 def init(model, batch_size: int, h0, *, keep: bool = False,
          sensitivities: bool = False) -> NetBPTTState:
     """``keep``: store each step's states, so that ``flush`` builds the cells' caches from
-    them (``sequence_cache``) instead of rerunning the forward pass, where every cell can."""
+    them (``sequence_cache``) instead of rerunning the forward pass, where every cell can
+    (``caches_from_states``); otherwise nothing more than the checkpoint is kept."""
     h0, as_tensor = as_state(model, h0, batch_size)
     track = h0 is not None
     if h0 is None:
         h0 = model.init_state(batch_size)
-    keep = keep and all(hasattr(c, "sequence_cache") for _, c in model.layers())
+    keep = keep and all(getattr(c, "caches_from_states", False) for _, c in model.layers())
     h0 = shown(model, h0)
     return NetBPTTState(h0, h0, track, [], [], [], [h0], torch.zeros_like(model.W_out.detach()),
                         torch.zeros_like(model.b_out.detach()), _leak.init(model, batch_size),

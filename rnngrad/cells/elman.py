@@ -179,7 +179,8 @@ class Elman(Cell):
     #   backward_overwrites backward_sequence(..., overwrite=True) writes u_t over d_outputs
     #   gives_sensitivities backward_sequence(..., sensitivities=True) also returns
     #                       u_t = dL/da_t = dL/db_rec(t) as grads["u"] (T, B, H)
-    #   sequence_cache      the cache rebuilt from the states the online steps produced
+    #   sequence_cache      the cache rebuilt from the states the online steps produced,
+    #                       where caches_from_states says it can
     uses_workspace = True
     backward_overwrites = True
     gives_sensitivities = True
@@ -204,6 +205,11 @@ class Elman(Cell):
             out = _buffer(workspace, "h", (T, B, self.hidden_size), inputs)
         hs, dphi = unroll(view, inputs, state0.h, need_deriv=cache and not per_step, out=out)
         return hs, ElmanState(hs[-1]), ((hs, dphi) if cache else None)
+
+    @property
+    def caches_from_states(self) -> bool:
+        """True when ``sequence_cache`` can rebuild the cache (vanilla tanh or sigmoid)."""
+        return self._per_step()
 
     def sequence_cache(self, params, inputs: Tensor, state0: ElmanState, states: list):
         """The cache ``forward_sequence(..., cache=True)`` would give, from the states
