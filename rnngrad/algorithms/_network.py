@@ -95,22 +95,34 @@ def check_real(model) -> None:
                             "rnngrad.cells.LRU does (B_re, B_im)")
 
 
+def _own_params(cell) -> dict[str, Tensor]:
+    """The cell's parameters by its own names, as ``named_parameters`` gives them (the
+    common case, a cell without submodules or shared tensors, read off directly)."""
+    if not cell._modules:
+        own = {n: t for n, t in cell._parameters.items() if t is not None}
+        if len({id(t) for t in own.values()}) == len(own):
+            return own
+    return dict(cell.named_parameters())
+
+
 def bind(model) -> Bound:
-    named = dict(model.named_parameters())
-    if any(p.is_complex() for p in named.values()):
-        check_real(model)  # raises, naming the parameter
+    """The layers' cells and their parameters, detached, for one call of an algorithm. A
+    layer's parameters are its cell's own tensors, which are the network's (``RNN``'s
+    ``layers`` keeps its cell on the flat-named ones)."""
     cells, prefixes, params, names, offsets = [], [], [], [], []
     off = 0
     for prefix, cell in model.layers():
-        own = [prefix + n for n, _ in cell.named_parameters()]
-        p = {n[len(prefix):]: named[n].detach() for n in own}
+        own = _own_params(cell)
+        p = {n: t.detach() for n, t in own.items()}
         cells.append(cell)
         prefixes.append(prefix)
         params.append(p)
-        names.append(own)
+        names.append([prefix + n for n in own])
         offsets.append(off)
         off += sum(t.numel() for t in p.values())
     offsets.append(off)
+    if any(t.is_complex() for p in params for t in p.values()) or model.W_out.is_complex():
+        check_real(model)  # raises, naming the parameter
     return Bound(cells, prefixes, params, names, offsets)
 
 
