@@ -27,8 +27,8 @@ from torch.func import vjp, vmap
 
 from ..cells._derive import jvp
 from . import _leaky_readout as _leak
+from . import _signs
 from ._network import bind, flatten_net_state, output_into_state, split_flat, unflatten_net_state
-from ._online import random_signs
 from .base import StepOutput, output_grads, readout_step
 
 __all__ = ["NetUOROState", "init", "step"]
@@ -39,6 +39,8 @@ class NetUOROState(NamedTuple):
     h_tilde: Tensor  # (B, S) h~_t over the flattened state
     theta_tilde: Tensor  # (B, N) theta~_t over the flattened recurrent parameters
     leak: _leak.Leak | None = None  # a leaky readout (kappa > 0); h~ then also covers r = hf
+    signs: Tensor | None = None  # (BLOCK, B, S) a block of signs nu, drawn in one call
+    sign_pos: int = _signs.BLOCK  # the next step's row of ``signs``
 
 
 def init(model, batch_size: int) -> NetUOROState:
@@ -51,7 +53,8 @@ def init(model, batch_size: int) -> NetUOROState:
     if leak is not None:
         S += leak.hf.shape[1]
     return NetUOROState(h, torch.zeros(batch_size, S, **kw),
-                        torch.zeros(batch_size, net.offsets[-1], **kw), leak)
+                        torch.zeros(batch_size, net.offsets[-1], **kw), leak,
+                        torch.empty(_signs.BLOCK, batch_size, S, **kw))
 
 
 def _flat_step(net, like):
@@ -92,7 +95,7 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
             s = torch.cat([s, state.leak.hf], 1)
         B, S = s.shape
         s_new, Jh = jvp(lambda v: F(params, v, x_t), (s,), (state.h_tilde,))
-        nu = random_signs((B, S), gen, s)
+        signs, pos, nu = _signs.take(gen, state.signs, state.sign_pos, s)
 
         def per_example(s1, x1, nu1):
             def f1(p):
@@ -127,7 +130,8 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
                     for n, v in layer.items():
                         grads[prefix + n] = grads[prefix + n] + v
                 grads.update(ro)
-            return NetUOROState(new_state, h_tilde, th, leak), StepOutput(h, z, value), grads
+            return (NetUOROState(new_state, h_tilde, th, leak, signs, pos),
+                    StepOutput(h, z, value), grads)
         z, value, dz = readout_step(model, h, target_t, mask_t, loss)
         q = None if dz is None else dz @ model.W_out.detach()
         if dh_t is not None:
@@ -155,4 +159,4 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
                 grads["b_out"] = torch.zeros_like(model.b_out.detach())
             else:
                 grads.update(output_grads(dz, h))
-    return NetUOROState(new_state, h_tilde, th), StepOutput(h, z, value), grads
+    return NetUOROState(new_state, h_tilde, th, None, signs, pos), StepOutput(h, z, value), grads
