@@ -94,29 +94,39 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
             kappa = kappa.T
         v = like.new_zeros(B, K)  # v[:, tau] = c[t, tau]: theta~_t's weights on this chunk
         a = like.new_ones(B)  # theta~_t's weight on theta~_{t0}
-        rho0s = like.new_empty(K, B)
-        s = like.new_empty(K, B)
+        inv0 = like.new_empty(K, B)  # 1 / rho0_t
+        s = like.new_empty(K, B)  # q_t . h~_t
+        # per step, everything that does not wait for rho0, for the whole chunk at once
+        inv1 = r1.reciprocal()
+        nu1 = nu[t0:t1] * r1.unsqueeze(2)  # rho1_t nu_t
+        two1 = inv1 * 2.0
+        last = Gd * inv1.square()  # ||m_t||^2 / rho1^2
+        Gt = G.transpose(0, 1)  # (K, B, K): row t of every example's Gram matrix
+        Qc = Q[t0:t1]
+        nrm = n2.sqrt()
         for k in range(K):
             Jh = Jv(t0 + k, h)
-            rho0 = ((n2.sqrt() + eps) / (Jh.norm(dim=1) + eps)).sqrt_()
-            h = torch.addcmul(r1[k].unsqueeze(1) * nu[t0 + k], rho0.unsqueeze(1), Jh)
-            cross = (v * G[:, k]).sum(1)
+            rho0 = ((nrm + eps) / (torch.linalg.vector_norm(Jh, dim=1) + eps)).sqrt_()
+            h = torch.addcmul(nu1[k], rho0.unsqueeze(1), Jh)
+            cross = torch.linalg.vecdot(v, Gt[k])  # <theta~_{t-1}, m_t> (carried part below)
             if kappa is not None:
-                cross = cross + a * kappa[k]
-            n2 = (n2 / rho0.square() + 2.0 * cross / (rho0 * r1[k])
-                  + Gd[k] / r1[k].square()).clamp_(min=0.0)
-            v = v / rho0.unsqueeze(1)
-            v[:, k] = 1.0 / r1[k]
-            a = a / rho0
-            rho0s[k] = rho0
-            s[k] = (Q[t0 + k] * h).sum(1)
+                cross.addcmul_(a, kappa[k])
+            inv = torch.reciprocal(rho0, out=inv0[k])
+            # ||theta~_t||^2 = (||theta~_{t-1}||^2 / rho0 + 2 cross / rho1) / rho0 + last
+            n2 = n2.mul(inv).addcmul_(cross, two1[k]).mul_(inv).add_(last[k]).clamp_(min=0.0)
+            nrm = n2.sqrt()
+            v.mul_(inv.unsqueeze(1))
+            v[:, k] = inv1[k]
+            a.mul_(inv)
+            torch.linalg.vecdot(Qc[k], h, out=s[k])
         # g = sum_t s_t theta~_t, reordered: lambda_t = s_t + lambda_{t+1} / rho0_{t+1}
         w = like.new_empty(K, B)
-        lam = like.new_zeros(B)
-        for k in range(K - 1, -1, -1):
-            lam = s[k] + (lam / rho0s[k + 1] if k + 1 < K else 0.0)
-            w[k] = lam / r1[k]
-        beta = lam / rho0s[0]  # the weight of theta~_{t0}
+        lam = s[K - 1].clone()
+        torch.mul(lam, inv1[K - 1], out=w[K - 1])
+        for k in range(K - 2, -1, -1):
+            lam = torch.addcmul(s[k], lam, inv0[k + 1])
+            torch.mul(lam, inv1[k], out=w[k])
+        beta = lam * inv0[0]  # the weight of theta~_{t0}
         for j, (name, fi, ii, _) in enumerate(fac.pairs):
             wf = (fs[fi] * w.unsqueeze(2)).reshape(K * B, -1)
             g = wf.sum(0).unsqueeze(1) if inps[ii] is None else wf.T @ inps[ii].reshape(K * B, -1)

@@ -22,10 +22,22 @@ on the current nu (``||Mbar^T nu|| = ||alpha phi'|| ||pre||`` for signs), so the
 it unbiased. The noise is independent across the batch; ``W_out`` and ``b_out`` get
 their exact gradient.
 
-On one Elman layer (``rnngrad.RNN``, ``Network(Elman(...))``) theta~ is updated in place (the scaling by 1/rho0, then the outer
+On one Elman layer (``rnngrad.RNN``, ``Network(Elman(...))``, a cell-type check) the
+online step is fused: theta~ is updated in place (the scaling by 1/rho0, then the outer
 product by ``baddbmm_``), its norm for the next step's rho0 is taken right after (and
 kept in the state, so theta~ is not read for it again), and the gradient is one GEMV
-over the batch; above 8 MiB block by block of rows, each while in cache.
+over the batch; above 8 MiB block by block of rows, each while in cache. The signs are
+drawn a block of 32 steps per generator call (``_signs``) into a buffer of the state.
+
+Over a whole sequence with fixed weights (``rnngrad.gradient``, the ``sequence`` slot)
+theta~ is never formed (``_uoro_sequence``): it stays a weighted sum of the steps'
+rank-one terms, its norm comes from per-example Gram matrices over time and the gradient
+is one GEMM per parameter over the stacked (T B) rows, as in BPTT; the sequential part is
+``J_t h~`` (one GEMM a step on Elman) and O(B T) scalars a step. It applies to one layer
+whose cell declares a factored immediate term (every built-in cell but ALIF/LIF, whose
+recurrent input is masked per unit) and a plain readout, and draws the same signs as the
+online steps, so the two give the same gradient to round-off; other networks run the
+online steps.
 
 Approximate (unbiased, high variance). Online. Cost per step: time O(B H (H + D + K)),
 memory O(B H (H + D + 1)) (theta~ per example), constant in T.
@@ -181,7 +193,8 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         flush=flush,
         exact=False,
         online=True,
-        cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1))",
+        cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1)); over a sequence "
+             "(one layer): BPTT's GEMMs plus O(B min(T, 256) (H + D)) a step for its Gram matrices",
         sequence=sequence,
         rng=gens,
     )
