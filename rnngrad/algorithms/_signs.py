@@ -51,6 +51,9 @@ def take(gen: torch.Generator, buf: Tensor | None, pos: int, like: Tensor
          ) -> tuple[Tensor, int, Tensor]:
     """The next step's signs from the block ``buf`` (BLOCK, *shape) at row ``pos``; a fresh
     block (one call) when it is used up. Returns ``(buf, pos + 1, signs (*shape))``."""
+    if buf is None:  # a state saved before signs came in blocks
+        raise ValueError("this online state has no block of random signs (saved by an older "
+                         "rnngrad?); start it again with the algorithm's init")
     if pos >= buf.shape[0]:
         buf.copy_(draw(gen, buf.shape[0], tuple(buf.shape[1:]), like))
         pos = 0

@@ -110,7 +110,7 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
         rho0 = ((th.norm(dim=1) + eps) / (Jh.norm(dim=1) + eps)).sqrt_()
         rho1 = ((Mnu.norm(dim=1) + eps) / (nu.norm(dim=1) + eps)).sqrt_()
         h_tilde = torch.addcmul(rho1.unsqueeze(1) * nu, rho0.unsqueeze(1), Jh)
-        th = th / rho0.unsqueeze(1) + Mnu / rho1.unsqueeze(1)
+        th = th.div_(rho0.unsqueeze(1)).addcdiv_(Mnu, rho1.unsqueeze(1))  # in place
         new_state = unflatten_net_state(s_new, state.h)
         emits = any(c.emits for c in net.cells)
         h = _top_output(net, state.h)(params, s_new, x_t) if emits else \
