@@ -365,6 +365,6 @@ def _reverse_agrees(fwd, rev, s_all: Tensor) -> bool:
             a, b = fwd(t, v), rev(t, v)
         except RuntimeError:
             return False
-        if not bool(((a - b).norm() <= tol * (a.norm() + b.norm() + 1e-30))):
+        if not bool((a - b).norm() <= tol * (a.norm() + b.norm() + 1e-30)):
             return False
     return True
