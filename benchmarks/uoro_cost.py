@@ -37,6 +37,7 @@ from rnngrad.cells import ALIF, GRU, LRU, LSTM, Elman  # noqa: E402
 T, B, D, K = 200, 64, 32, 10
 NETS = ("RNN", "Network(Elman)", "GRU", "LSTM", "ALIF", "LRU")
 CSV = HERE / "uoro_cost.csv"
+ONLINE_ONLY = ("ALIF",)  # no sequence form (its recurrent input is masked per unit): online steps
 FIELDS = ["impl", "device", "network", "H", "algorithm", "steps", "seconds", "bptt_seconds",
           "ratio", "repeats", "loadavg"]
 
@@ -87,7 +88,7 @@ def run(args) -> None:
                 steps = T
                 if label == "kf_rtrl":
                     steps = min(T, max(2, int(args.kf_budget * 64 ** 2 / H ** 2)))
-                elif args.impl == "old" and H > 64:
+                elif (args.impl == "old" or name in ONLINE_ONLY) and H > 64:
                     steps = args.old_steps
                 sec, bsec = measure(net, algo, x, y, reps, steps)
                 row = {"impl": args.impl, "device": "cpu 1 thread", "network": name, "H": H,
@@ -102,6 +103,66 @@ def run(args) -> None:
         if new:
             w.writeheader()
         w.writerows(rows)
+
+
+def phases(args) -> None:
+    """Where the sequence form's time goes (CPU seconds per phase, median of the repeats),
+    beside BPTT's whole time: the forward pass and the factors, the signs, the Gram
+    matrices, the step loop (J_t h~ and the norms' scalars) and the readout."""
+    import functools
+
+    from rnngrad.algorithms import _uoro_sequence as S
+
+    torch.set_num_threads(1)
+    acc: dict = {}
+
+    def wrap(name):
+        f = getattr(S, name)
+
+        @functools.wraps(f)
+        def g(*a, **k):
+            t0 = time.thread_time()
+            r = f(*a, **k)
+            acc[name] = acc.get(name, 0.0) + time.thread_time() - t0
+            return r
+
+        setattr(S, name, g)
+
+    for n in ("_gram", "signs", "_elman", "_generic", "run", "_readout"):
+        wrap(n)
+    rows = []
+    for H in args.sizes:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(T, B, D, generator=g)
+        y = torch.randn(T, B, K, generator=g)
+        for name in args.nets:
+            net = make(name, H)
+            algo = rnngrad.uoro(seed=0)
+            rnngrad.gradient(net, x, y, algorithm=algo)
+            samples = []
+            for _ in range(args.repeats):
+                acc.clear()
+                tot = cpu_time(functools.partial(rnngrad.gradient, net, x, y, algorithm=algo))
+                bp = cpu_time(functools.partial(rnngrad.gradient, net, x, y,
+                                                algorithm=rnngrad.bptt()))
+                samples.append((dict(acc), tot, bp))
+            med = {k: statistics.median(s[0].get(k, 0.0) for s in samples)
+                   for k in ("_elman", "_generic", "signs", "_gram", "run", "_readout")}
+            tot = statistics.median(s[1] for s in samples)
+            bp = statistics.median(s[2] for s in samples)
+            fwd = med["_elman"] + med["_generic"] - med["signs"]
+            row = {"network": name, "H": H, "bptt": bp, "uoro": tot, "forward+factors": fwd,
+                   "signs": med["signs"], "gram": med["_gram"],
+                   "step_loop+gradient_gemms": med["run"] - med["_gram"],
+                   "readout": med["_readout"], "loadavg": os.getloadavg()[0]}
+            print(row, flush=True)
+            rows.append(row)
+    out = HERE / "uoro_cost_phases.csv"
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def report() -> None:
@@ -141,9 +202,12 @@ def main() -> None:
     p.add_argument("--kf-budget", type=float, default=200.0)
     p.add_argument("--no-kf", dest="kf", action="store_false")
     p.add_argument("--report", action="store_true")
+    p.add_argument("--phases", action="store_true")
     args = p.parse_args()
     if args.report:
         report()
+    elif args.phases:
+        phases(args)
     else:
         run(args)
 

@@ -279,11 +279,22 @@ def _generic(cell, params, inputs, state0, gen, eps):
     inps: list[list[Tensor]] = []
     pairs = None
     fkeys, ikeys = [], []
-    lin = cell.linearize(params, st, inputs[0], need=("immediate",))
+    # a diagonal cell (units do not couple, verified once per cell) declares J_t itself:
+    # its per-unit C x C blocks (``local``), so J_t v needs no autodiff
+    diagonal = bool(getattr(cell, "diagonal", False))
+    if diagonal:
+        from ..cells._derive import verify_diagonal
+
+        verify_diagonal(cell, "uoro()")
+    need = ("immediate", "local") if diagonal else ("immediate",)
+    locals_: list[Tensor] = []
+    lin = cell.linearize(params, st, inputs[0], need=need)
     nu = None  # drawn once the first step shows the sequence form applies
     for t in range(T):
         if t > 0:
-            lin = cell.linearize(params, st, inputs[t], need=("immediate",))
+            lin = cell.linearize(params, st, inputs[t], need=need)
+        if diagonal:
+            locals_.append(lin.local)
         imm = lin.immediate
         st = lin.state
         flats.append(flatten_state(st))
@@ -331,9 +342,16 @@ def _generic(cell, params, inputs, state0, gen, eps):
             (Jv,) = torch.autograd.grad(g, u, v, allow_unused=True)
         return torch.zeros_like(v) if Jv is None else Jv
 
-    Jv = Jv_forward
-    if _reverse_agrees(Jv_forward, Jv_reverse, s_all):
+    def Jv_local(t, v):  # J v [c, i] = sum_c' local[i, c, c'] v[c', i]
+        vu = v.view(B, C, U).transpose(1, 2).unsqueeze(3)  # (B, U, C, 1)
+        return torch.matmul(locals_[t], vu).squeeze(3).transpose(1, 2).reshape(B, S)
+
+    if diagonal:
+        Jv = Jv_local
+    elif _reverse_agrees(Jv_forward, Jv_reverse, s_all):
         Jv = Jv_reverse
+    else:
+        Jv = Jv_forward
 
     state_all = unflatten_state(s_all[1:].reshape(T * B, S), state0)
     x_all = inputs.reshape(T * B, -1)
