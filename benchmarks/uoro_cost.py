@@ -188,7 +188,19 @@ def report() -> None:
             f"{n['ratio'] + 'x' if n else '-'} | {n['seconds'] if n else '-'} | "
             f"{n['bptt_seconds'] if n else '-'} | {o['steps'] if o else '-'}, "
             f"{n['steps'] if n else '-'} | {n['loadavg'] if n else o['loadavg']} |")
-    (HERE / "uoro_cost.md").write_text("\n".join(lines) + "\n")
+    ph = HERE / "uoro_cost_phases.csv"
+    if ph.exists():
+        lines += ["", "Where the sequence form's time goes (`--phases`; CPU seconds, median of 3):",
+                  "", "| network | H | BPTT | UORO | forward + factors | signs | Gram | step loop "
+                  "+ gradient GEMMs | readout |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in csv.DictReader(ph.open()):
+            lines.append(f"| {r['network']} | {r['H']} | {r['bptt']} | {r['uoro']} | "
+                         f"{r['forward+factors']} | {r['signs']} | {r['gram']} | "
+                         f"{r['step_loop+gradient_gemms']} | {r['readout']} |")
+    md = HERE / "uoro_cost.md"
+    marker = "<!-- notes: kept by --report -->"
+    notes = md.read_text().split(marker, 1)[1] if md.exists() and marker in md.read_text() else "\n"
+    md.write_text("\n".join(lines) + "\n\n" + marker + notes)
 
 
 def main() -> None:

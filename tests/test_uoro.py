@@ -145,3 +145,16 @@ def test_network_elman_takes_the_fused_step_and_equals_rnn():
         for k, v in a.items():
             name = "cells.0." + k if k in ("W_in", "W_rec", "b_rec") else k
             torch.testing.assert_close(b[name], v, rtol=1e-13, atol=1e-15)
+
+
+def test_network_step_updates_theta_in_place():
+    """On a one-layer network with a factored immediate term (GRU) the online step adds
+    m_t into theta~ in place: theta~ and the sign block keep their storage."""
+    net = make_net("gru")
+    x, y, _ = data(T=4)
+    algo = rnngrad.uoro(seed=2)
+    state = algo.init(net, 3)
+    ptrs = (state.theta_tilde.data_ptr(), state.signs.data_ptr())
+    for t in range(4):
+        state, _, _ = algo.step(net, state, x[t], y[t])
+    assert (state.theta_tilde.data_ptr(), state.signs.data_ptr()) == ptrs
