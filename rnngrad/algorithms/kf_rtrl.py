@@ -20,9 +20,12 @@ balance the norms of the two factors, which minimises the variance (Mujika et al
 Lemma 1). ``W_rec A`` for the whole batch is one (H, H) x (H, B H) GEMM (A is stored
 (H, B, H) for that); ``W_out`` and ``b_out`` get their exact gradient.
 
-On ``rnngrad.RNN`` the GEMM writes into a spare (H, B, H) buffer (two alternate, as
-``rtrl()``'s influence), J_t, the scalings and ``D_t`` are applied in place, u is updated
-in place and ``A_t^T q_t`` is one batched GEMV: no step allocates anything of A's size.
+It takes one Elman layer: ``rnngrad.RNN`` or ``rnngrad.Network(Elman(...))`` with a plain
+readout (the cell type is checked; any other network gets an error naming these). The
+GEMM writes into a spare (H, B, H) buffer (two alternate, as ``rtrl()``'s influence), J_t,
+the scalings and ``D_t`` are applied in place, u is updated in place and ``A_t^T q_t`` is
+one batched GEMV: no step allocates anything of A's size. The signs are drawn a block of
+32 steps per generator call into a buffer of the state (``_signs``).
 
 Approximate (unbiased, lower variance than UORO). Online. Cost per step:
 time O(B H^3 + B H (D + K)), memory O(B H (H + D)), constant in T.
