@@ -68,8 +68,9 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
     n2 = nu.new_zeros(B)
     theta = None  # per pair (B, R, P): theta~ at the chunk's start, formed past the first
     grads = {}
-    for t0 in range(0, T, CHUNK):
-        t1 = min(T, t0 + CHUNK)
+    chunk = _chunk(T, fac)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
         K = t1 - t0
         fs = [f[t0:t1] for f in fac.fs]
         inps = [None if i is None else i[t0:t1] for i in fac.inps]
@@ -117,7 +118,8 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
             nrm = n2.sqrt()
             v.mul_(inv.unsqueeze(1))
             v[:, k] = inv1[k]
-            a.mul_(inv)
+            if kappa is not None:
+                a.mul_(inv)
             torch.linalg.vecdot(Qc[k], h, out=s[k])
         # g = sum_t s_t theta~_t, reordered: lambda_t = s_t + lambda_{t+1} / rho0_{t+1}
         w = like.new_empty(K, B)
@@ -145,6 +147,22 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
             theta = new
     return {name: grads[name] if shape is None else grads[name].reshape(shape)
             for name, _, _, shape in fac.pairs}
+
+
+def _chunk(T: int, fac: Factors) -> int:
+    """Steps per Gram block. A block of C steps costs B T C (R + P) multiply-adds for the
+    Gram matrices; cutting the sequence costs 2 B T R P more (theta~ formed at each cut and
+    its inner products with the next block's terms): cut where that is cheaper (small H,
+    long T), never above ``CHUNK``."""
+    gram = sum(f.shape[2] for f in fac.fs) + sum(1 if i is None else i.shape[2]
+                                                   for i in fac.inps)
+    form = 2 * sum(fac.fs[fi].shape[2] * (1 if fac.inps[ii] is None else fac.inps[ii].shape[2])
+                   for _, fi, ii, _ in fac.pairs)
+    best, cost = min(T, CHUNK), min(T, CHUNK) * gram + (form if T > CHUNK else 0)
+    for c in (128, 64, 32):
+        if c < best and c * gram + form < cost:
+            best, cost = c, c * gram + form
+    return best
 
 
 def signs(gen, T: int, B: int, S: int, like: Tensor) -> Tensor:
