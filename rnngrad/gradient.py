@@ -105,6 +105,10 @@ def gradient(
         _check_result(algorithm, model, inputs, h0, value, grads)
 
     if track_h0:
+        if "h0" not in grads:  # a sequence form that does not estimate it (uoro())
+            raise ValueError(f"{algorithm.name} does not estimate the gradient w.r.t. the "
+                             "initial state h0; call gradient without h0 (the state then "
+                             "starts at zero)")
         if is_rnn(model):
             grads["h0"] = grads["h0"].sum(0) if spec else grads["h0"]
         else:

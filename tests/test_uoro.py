@@ -158,3 +158,14 @@ def test_network_step_updates_theta_in_place():
     for t in range(4):
         state, _, _ = algo.step(net, state, x[t], y[t])
     assert (state.theta_tilde.data_ptr(), state.signs.data_ptr()) == ptrs
+
+
+def test_gradient_with_h0_raises_on_both_paths():
+    """A given h0, zero or not, is refused (UORO does not estimate dL/dh0), by the sequence
+    form as by the online init."""
+    net = make_model(D=D, H=5, K=K)
+    x, y, _ = data(T=4)
+    for h0 in (torch.zeros(3, 5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64)):
+        for algo in (rnngrad.uoro(), rnngrad.uoro()._replace(sequence=None)):
+            with pytest.raises(ValueError, match="initial state h0"):
+                rnngrad.gradient(net, x, y, h0=h0, algorithm=algo)
