@@ -98,6 +98,10 @@ def gradient(
         _check_result(algorithm, model, inputs, h0, value, grads)
 
     if track_h0:
+        if "h0" not in grads:  # a sequence form that does not estimate it (uoro())
+            raise ValueError(f"{algorithm.name} does not estimate the gradient w.r.t. the "
+                             "initial state h0; call gradient without h0 (the state then "
+                             "starts at zero)")
         d0 = grads["h0"]
         if isinstance(d0, torch.Tensor):  # a one-component state's gradient as its tensor
             d0 = unflatten_net_state(d0, h0)
