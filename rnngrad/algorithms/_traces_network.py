@@ -94,7 +94,8 @@ def check_owned(model, who: str) -> None:
 
 def init(model, batch_size: int, h0: tuple | None, feedback: Tensor | None,
          modes: tuple | None = None) -> NetTraceState:
-    _leak.check_traces(model, "rtrl(layers='spatial')" if modes else "the per-unit trace rules")
+    _leak.check_traces(model, "rtrl(layers='spatial')" if modes and len(modes) > 1
+                       else "the per-unit trace rules")
     h = model.init_state(batch_size) if h0 is None else h0
     traces, cs = [], []
     for l, ((_, cell), s) in enumerate(zip(model.layers(), h)):

@@ -1,0 +1,142 @@
+"""Per-sequence cost of the truncated rules in sequence form, against BPTT of the same network.
+
+``rnngrad.gradient`` with e-prop, RFLO (Elman only), SnAp-1 and exact RTRL on the diagonal
+cells (LRU, eLSTM), each timed against ``rnngrad.bptt()`` on the same network and data,
+in the same process, interleaved, one thread, CPU time (``time.thread_time``), median of
+repeats, float32; T = 200, B = 64, D = 32. The "old" column is the step loop the same
+algorithm ran before (``algo._replace(sequence=None)``: the online init/step/flush
+summed), timed on the first ``--old-steps`` steps and scaled to T (its cost per step is
+constant in T); "-" where it was not run.
+
+    python benchmarks/sequence_cost.py                      # H = 64, 256, 1024
+    python benchmarks/sequence_cost.py --sizes 64 --repeats 3
+
+Writes benchmarks/sequence_cost.csv and .md (with os.getloadavg() at the start and end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import rnngrad
+from rnngrad.cells import ALIF, ELSTM, GRU, LRU, LSTM, Elman
+
+HERE = Path(__file__).resolve().parent
+T, B, D, K = 200, 64, 32, 10
+
+CELLS = {
+    "Elman": lambda H: Elman(D, H),
+    "GRU": lambda H: GRU(D, H),
+    "LSTM": lambda H: LSTM(D, H),
+    "ALIF": lambda H: ALIF(D, H),
+    "LRU": lambda H: LRU(D, H),
+    "eLSTM": lambda H: ELSTM(D, H),
+}
+
+
+def rules(cell: str) -> dict:
+    out = {"eprop": rnngrad.eprop(), "snap1": rnngrad.snap1()}
+    if cell == "Elman":
+        out["rflo"] = rnngrad.rflo()
+    if cell in ("LRU", "eLSTM"):
+        out["rtrl"] = rnngrad.rtrl()
+    return out
+
+
+def cpu(fn) -> float:
+    t0 = time.thread_time()
+    fn()
+    return time.thread_time() - t0
+
+
+def measure(cell: str, H: int, repeats: int, old_steps: int) -> list[dict]:
+    torch.manual_seed(0)
+    net = rnngrad.Network(CELLS[cell](H), K)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, D, generator=g)
+    y = torch.randn(T, B, K, generator=g)
+    algos = rules(cell)
+    bptt = rnngrad.bptt()
+
+    def grad(algo, n=T):
+        return lambda: rnngrad.gradient(net, x[:n], y[:n], algorithm=algo)
+
+    for a in (bptt, *algos.values()):  # warm-up (and the one-time cell checks)
+        grad(a, 5)()
+    times = {n: [] for n in ["bptt", *algos]}
+    for _ in range(repeats):  # interleaved: each repeat times every variant once
+        times["bptt"].append(cpu(grad(bptt)))
+        for n, a in algos.items():
+            times[n].append(cpu(grad(a)))
+    old = {}
+    if old_steps:
+        for n, a in algos.items():
+            step_loop = a._replace(sequence=None)
+            b = statistics.median(cpu(grad(bptt)) for _ in range(1))
+            o = cpu(grad(step_loop, old_steps)) * T / old_steps
+            old[n] = o / b
+    bp = statistics.median(times["bptt"])
+    rows = []
+    for n in algos:
+        t = statistics.median(times[n])
+        rows.append({"cell": cell, "H": H, "rule": n, "bptt_s": round(bp, 4),
+                     "rule_s": round(t, 4), "ratio": round(t / bp, 3),
+                     "old_ratio": round(old[n], 2) if n in old else "",
+                     "repeats": repeats, "old_steps": old_steps or ""})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--cells", nargs="+", default=list(CELLS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats-large", type=int, default=1, help="repeats at H = 1024")
+    ap.add_argument("--old-steps", type=int, default=20,
+                    help="steps of the old step loop timed (0: skip it)")
+    ap.add_argument("--old-max-h", type=int, default=256, help="no old path above this H")
+    ap.add_argument("--out", default=str(HERE / "sequence_cost"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    load0 = os.getloadavg()
+    rows = []
+    for H in args.sizes:
+        for cell in args.cells:
+            rep = args.repeats if H < 1024 else args.repeats_large
+            old = args.old_steps if H <= args.old_max_h else 0
+            rows += measure(cell, H, rep, old)
+            print(rows[-1], flush=True)  # noqa: T201 (a script, not the library)
+    load1 = os.getloadavg()
+    with open(args.out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "# Per-sequence cost of the truncated rules / BPTT of the same network",
+        "",
+        f"T = {T}, B = {B}, D = {D}, K = {K}, float32, one thread, CPU time "
+        "(`time.thread_time`), median of repeats, interleaved with BPTT in one process "
+        "(`benchmarks/sequence_cost.py`). \"new\": `rnngrad.gradient` (the sequence form); "
+        "\"old\": the online step loop (`algo._replace(sequence=None)`), timed on the first "
+        f"{args.old_steps} steps and scaled to T. Load average at start "
+        f"{tuple(round(v, 2) for v in load0)}, at end {tuple(round(v, 2) for v in load1)} "
+        "(2 shared cores).",
+        "",
+        "| cell | H | rule | BPTT (s) | rule (s) | new / BPTT | old / BPTT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['H']} | {r['rule']} | {r['bptt_s']} | {r['rule_s']} "
+                     f"| {r['ratio']} | {r['old_ratio'] or '-'} |")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
