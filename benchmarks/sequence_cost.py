@@ -111,8 +111,10 @@ def main() -> None:
         for cell in args.cells:
             rep = args.repeats if H < 1024 else args.repeats_large
             old = args.old_steps if H <= args.old_max_h else 0
-            rows += measure(cell, H, rep, old)
-            print(rows[-1], flush=True)  # noqa: T201 (a script, not the library)
+            new = measure(cell, H, rep, old)
+            rows += new
+            for r in new:
+                print(r, flush=True)  # noqa: T201 (a script, not the library)
     load1 = os.getloadavg()
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

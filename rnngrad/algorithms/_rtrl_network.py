@@ -114,7 +114,7 @@ def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor
         if d.inp is None:
             block.add_(d.D.permute(0, 1, 2, 4, 3))
         else:
-            block.add_(d.D.unsqueeze(3) * d.inp.permute(0, 2, 1).unsqueeze(1).unsqueeze(1))
+            block.add_(d.D.unsqueeze(3) * d.rows().permute(0, 2, 1).unsqueeze(1).unsqueeze(1))
         off += n
 
 

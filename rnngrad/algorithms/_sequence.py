@@ -61,9 +61,15 @@ def trajectory_states(cell, params: dict, inputs: Tensor, s0) -> tuple[Any, Any,
     """A layer over the segment: ``(prev, new, outputs)``, prev and new the states before
     and after each step as states of (T, B, n_c) components, outputs (T, B, H).
 
-    A cell whose state is its output (Elman, GRU) runs its own ``forward_sequence``
+    A cell may declare ``forward_states(params, inputs, s0) -> (state of (T + 1, B, n_c)
+    components, outputs (T, B, H))`` (LSTM, LIF/ALIF: their fast forward, keeping every
+    state); a cell whose state is its output (Elman, GRU) runs its own ``forward_sequence``
     (one GEMM for the inputs of every step); any other steps ``step``."""
     T = inputs.shape[0]
+    declared = getattr(cell, "forward_states", None)
+    if declared is not None:  # the cell's own whole-sequence forward, keeping its states
+        full, out = declared(params, inputs, s0)  # components (T + 1, B, n_c)
+        return type(s0)(*(f[:-1] for f in full)), type(s0)(*(f[1:] for f in full)), out
     if len(s0) == 1 and not cell.emits and cell.output(s0) is s0[0]:
         hs, _, _ = cell.forward_sequence(params, inputs, s0, cache=False)
         prev = torch.cat((s0[0].unsqueeze(0), hs[:-1]))
@@ -126,20 +132,25 @@ def _weighted(lam: Tensor, D: Tensor) -> Tensor:
     return (lam.unsqueeze(2) * D).sum(1)
 
 
-def _param_grad(lam: Tensor, imm, shape) -> Tensor:
+def _param_grad(lam: Tensor, imm, shape, memo: dict) -> Tensor:
     """``sum_n lam_n^T I_n`` for one parameter viewed as (G, U, P): one GEMM over the stacked
-    rows where the immediate term factors with a shared input row."""
+    rows where the immediate term factors with a shared input row. ``memo`` keeps the
+    weighted signal of a factor D that several parameters share (a gate's W, U and b)."""
     if imm.inp is None:  # dense (N, C, G, U, P)
         return torch.einsum("nci,ncgij->gij", lam, imm.D).reshape(shape)
-    w = _weighted(lam, imm.D)  # (N, G, U)
+    w = memo.get(id(imm.D))
+    if w is None:
+        w = memo[id(imm.D)] = _weighted(lam, imm.D)  # (N, G, U)
     N, G, U = w.shape
     inp = imm.inp
     if inp.shape[1] == 1:
         P = inp.shape[2]
         if P == 1:  # a bias: ones
-            return (w * inp.view(N, 1, 1)).sum(0).reshape(shape)
-        return (w.reshape(N, G * U).T @ inp.reshape(N, P)).reshape(shape)
-    return torch.einsum("ngi,nij->gij", w, inp).reshape(shape)
+            g = (w.reshape(N, G * U).T @ inp.reshape(N)).view(G, U, 1)
+        else:
+            g = (w.reshape(N, G * U).T @ inp.reshape(N, P)).view(G, U, P)
+        return (g if imm.mask is None else g * imm.mask).reshape(shape)
+    return torch.einsum("ngi,nij->gij", w, imm.rows()).reshape(shape)
 
 
 def _carry_traces(Js: Tensor, imm: dict, M0: dict, T: int, B: int) -> dict:
@@ -171,10 +182,11 @@ def _carry_traces(Js: Tensor, imm: dict, M0: dict, T: int, B: int) -> dict:
         elif d.inp.shape[1] == 1:
             inp = d.inp.reshape(T, B, P)
             # per example: (C G U, T) x (T, P), batched over b
-            new += torch.bmm(R.permute(1, 2, 3, 4, 0).reshape(B, C * G * U, T),
-                             inp.transpose(0, 1)).view(B, C, G, U, P)
+            add = torch.bmm(R.permute(1, 2, 3, 4, 0).reshape(B, C * G * U, T),
+                            inp.transpose(0, 1)).view(B, C, G, U, P)
+            new += add if d.mask is None else add * d.mask
         else:
-            inp = d.inp.reshape(T, B, U, P)
+            inp = d.rows().reshape(T, B, U, P)
             new += torch.einsum("tbcgi,tbij->bcgij", R, inp)
         out[name] = new
     return out
@@ -262,12 +274,13 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
                     lam = None
                 else:
                     lam = _adjoint(Js, qs.view(T, B, C, U))
+                memo: dict = {}
                 for name, v in p.items():
                     imm = lin.immediate.get(name)
                     if imm is None or lam is None:
                         gp = v.new_zeros(v.shape)
                     else:
-                        gp = _param_grad(lam.view(T * B, C, U), imm, v.shape)
+                        gp = _param_grad(lam.view(T * B, C, U), imm, v.shape, memo)
                     if tr0 is not None and lam is not None and name in tr0:
                         w0 = _transpose_apply(Js[0], lam[0])  # (B, C, U)
                         gp = gp + _contract(w0, tr0[name]).reshape(v.shape)

@@ -192,7 +192,7 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                     if d.inp is None:
                         M = M.add_(d.D)
                     else:
-                        M = M.addcmul_(d.D.unsqueeze(-1), d.inp.unsqueeze(1).unsqueeze(1))
+                        M = M.addcmul_(d.D.unsqueeze(-1), d.rows().unsqueeze(1).unsqueeze(1))
                     tr[name] = M
                 c = None if state.c is None else torch.matmul(J, state.c[l])
             traces.append(tr)

@@ -176,7 +176,7 @@ class GRU(Cell):
         Di = torch.stack((d_r, d_z, d_n), 1)              # (B, 3, H): through gi
         Dh = torch.stack((d_r, d_z, d_n * r), 1)          # (B, 3, H): through gh
         if "local" in need:
-            loc = torch.einsum("bgi,gi->bi", Dh, _diag_blocks(W_hh, 3)) + z
+            loc = (Dh * _diag_blocks(W_hh, 3)).sum(1) + z  # (an einsum copies Dh)
             out["local"] = loc.view(B, H, 1, 1)
         if "eligibility" in need:
             out["eligibility"] = z.reshape(B, H, 1, 1).clone()

@@ -239,9 +239,9 @@ class _Spiking(Cell):
         if "immediate" in need:
             D = psi.new_zeros(B, C, 1, U)
             D[:, 0] = 1.0  # only v_t moves within the step
-            z_pre = z.unsqueeze(1) * self.offdiag  # (B, U, U): z_{t-1}^j for j != i
+            # z_{t-1}^j for j != i: one row shared by the units, the diagonal masked
             out["immediate"] = {"W_in": Immediate(D, x.unsqueeze(1)),
-                                "W_rec": Immediate(D, z_pre)}
+                                "W_rec": Immediate(D, z.unsqueeze(1), self.offdiag)}
         if "jacobian" in need:
             S = C * U
             J = psi.new_zeros(B, S, S)
@@ -283,8 +283,16 @@ class _Spiking(Cell):
         zs, sT, c = self._forward(params, inputs, state0)
         return zs, sT, (c if cache else None)
 
+    def forward_states(self, params, inputs: Tensor, state0):
+        """``(state of (T + 1, B, U) components: s_0..s_T, outputs z_1..z_T)``: the forward
+        pass below, keeping the states (what the sequence forms of the truncated rules
+        linearize at)."""
+        kept: list = []
+        zs, _, _ = self._forward(params, inputs, state0, kept)
+        return type(state0)(*(torch.stack(c) for c in zip(*kept))), zs
+
     @torch.no_grad()
-    def _forward(self, params, inputs: Tensor, state0):
+    def _forward(self, params, inputs: Tensor, state0, kept: list | None = None):
         T = inputs.shape[0]
         # the input current of every step as one GEMM
         I_in = (inputs.reshape(-1, self.input_size) @ params["W_in"].detach().T).view(
@@ -293,6 +301,8 @@ class _Spiking(Cell):
         s = type(state0)(*(c.detach() for c in state0))
         z_prev, psis, zs = [], [], []
         for t in range(T + 1):
+            if kept is not None:
+                kept.append(s)
             u = self._u(s)
             z = (u > 0).to(u.dtype)
             psi = self.surrogate.derivative(u) / self.v_th

@@ -160,7 +160,7 @@ class LSTM(Cell):
         if "local" in need or "eligibility" in need:
             zero = torch.zeros_like(f)
             if "local" in need:
-                own = torch.einsum("bcgi,gi->bci", D, _diag_blocks(params["W_hh"], 4))
+                own = (D * _diag_blocks(params["W_hh"], 4)).sum(2)  # (an einsum copies D)
                 out["local"] = torch.stack((torch.stack((own[:, 0], kf), -1),
                                             torch.stack((own[:, 1], f), -1)), -2)
             if "eligibility" in need:
@@ -202,6 +202,15 @@ class LSTM(Cell):
         c = self._forward(params, inputs, state0)
         _, cs, hs, _ = c
         return hs, LSTMState(hs[-1], cs[-1]), (SequenceCache(c) if cache else None)
+
+    def forward_states(self, params, inputs: Tensor, state0: LSTMState):
+        """``(LSTMState of (T + 1, B, H) components: s_0..s_T, outputs h_1..h_T)``: the
+        forward pass above, keeping the states (what the sequence forms of the truncated
+        rules linearize at)."""
+        with torch.no_grad():
+            _, cs, hs, _ = self._forward(params, inputs, state0)
+            h0, c0 = state0
+            return LSTMState(torch.cat((h0.unsqueeze(0), hs)), torch.cat((c0.unsqueeze(0), cs))), hs
 
     @torch.no_grad()
     def _forward(self, params, inputs: Tensor, state0: LSTMState):
