@@ -119,17 +119,23 @@ def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None) -> Tensor:
         for t in range(T - 2, -1, -1):
             lam[t].addcmul_(Jv[t + 1], lam[t + 1])
         return lam
-    JT = Js.permute(0, 1, 4, 3, 2)  # (T, B, C_d, C_c, U)
+    # C^2 fused multiply-adds a step on (B, U) views of the blocks' entries: no temporary
+    # of the blocks' size, no copy of them
     for t in range(T - 2, -1, -1):
-        lam[t] += (JT[t + 1] * lam[t + 1].unsqueeze(1)).sum(2)
+        nxt, cur, J = lam[t + 1], lam[t], Js[t + 1]
+        for d in range(C):
+            for c in range(C):
+                cur[:, d].addcmul_(J[:, :, c, d], nxt[:, c])
     return lam
 
 
 def _weighted(lam: Tensor, D: Tensor) -> Tensor:
     """``w[n, g, i] = sum_c lam[n, c, i] D[n, c, g, i]`` (lam (N, C, U), D (N, C, G, U))."""
-    if D.shape[1] == 1:
-        return D[:, 0] * lam
-    return (lam.unsqueeze(2) * D).sum(1)
+    C = D.shape[1]
+    w = D[:, 0] * lam[:, 0].unsqueeze(1)
+    for c in range(1, C):  # no (N, C, G, U) temporary
+        w.addcmul_(D[:, c], lam[:, c].unsqueeze(1))
+    return w
 
 
 def _param_grad(lam: Tensor, imm, shape, memo: dict) -> Tensor:
@@ -252,6 +258,8 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
             C, U = len(new), cell.n_units
             if g is None:  # no signal reaches this layer
                 dp, qs, dx = {}, None, None
+            elif not cell.emits and hasattr(cell, "output_vjp"):  # declared in closed form
+                dp, qs, dx = {}, cell.output_vjp(nr, g), None
             else:
                 dp, qs, dx = emit_vjp(cell, p, nr, Xr, g)
             if mode.startswith("dense"):

@@ -185,6 +185,20 @@ class _Spiking(Cell):
         free = self._free(state)
         return z if free is None else z * free
 
+    def output_vjp(self, state, g: Tensor) -> Tensor:
+        """``(d output / d state)^T g`` flattened (B, S), in closed form: the spike's slope
+        psi on v, ``-beta psi`` on a, nothing on the counter (what a vjp of ``output`` gives,
+        without autograd: the sequence forms call it on every step's rows at once)."""
+        psi = self.surrogate.derivative(self._u(state)) / self.v_th
+        free = self._free(state)
+        gv = g * psi if free is None else g * psi * free
+        parts = [gv]
+        if self.adaptive:
+            parts.append(gv * -self._beta())
+        if self.refractory:
+            parts.append(torch.zeros_like(gv))
+        return torch.cat(parts, 1) if len(parts) > 1 else gv
+
     def _advance(self, params, state, x: Tensor, z: Tensor):
         """The new state from the previous one and its spikes z = output(state)."""
         return self._next(state, x @ params["W_in"].T, z, (params["W_rec"] * self.offdiag).T)

@@ -151,16 +151,22 @@ class LSTM(Cell):
         B, H = tc.shape
         out = {}
         k = o * (1 - tc * tc)                                             # dh_t / dc_t
-        Dc = torch.stack((g * i * (1 - i), state.c * f * (1 - f), i * (1 - g * g),
-                          torch.zeros_like(o)), 1)                        # (B, 4, H)
-        Dh = k.unsqueeze(1) * Dc
+        D = tc.new_empty(B, 2, 4, H)                                      # (B, 2, 4, H)
+        Dh, Dc = D[:, 0], D[:, 1]                                         # written in place
+        Dc[:, 0] = g * i * (1 - i)
+        Dc[:, 1] = state.c * f * (1 - f)
+        Dc[:, 2] = i * (1 - g * g)
+        Dc[:, 3] = 0.0
+        Dh[:, :3] = Dc[:, :3] * k.unsqueeze(1)
         Dh[:, 3] = tc * o * (1 - o)
-        D = torch.stack((Dh, Dc), 1)                                      # (B, 2, 4, H)
         kf = k * f
         if "local" in need or "eligibility" in need:
             zero = torch.zeros_like(f)
             if "local" in need:
-                own = (D * _diag_blocks(params["W_hh"], 4)).sum(2)  # (an einsum copies D)
+                dW = _diag_blocks(params["W_hh"], 4)                      # (4, H)
+                own = D[:, :, 0] * dW[0]
+                for gate in range(1, 4):  # no (B, 2, 4, H) temporary
+                    own.addcmul_(D[:, :, gate], dW[gate])
                 out["local"] = torch.stack((torch.stack((own[:, 0], kf), -1),
                                             torch.stack((own[:, 1], f), -1)), -2)
             if "eligibility" in need:
