@@ -93,6 +93,51 @@ def measure(cell: str, H: int, repeats: int, old_steps: int) -> list[dict]:
     return rows
 
 
+def bellec(repeats: int, out: str) -> None:
+    """One iteration of the evidence-accumulation reproduction (benchmarks/reproduce_bellec.py,
+    docs/spiking.md: 100 LIF/ALIF neurons, leaky readout, rate regulariser as a reward,
+    its shortened trial T = 500 and batch 16, and Bellec's T = 2250, batch 64): e-prop's
+    ``rnngrad.gradient`` (new: the sequence form; old: the step loop) / BPTT's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_bellec",
+                                                  HERE / "reproduce_bellec.py")
+    rb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rb)
+    rows = []
+    for short, batch in ((True, 16), (False, 64)):
+        task = rb.make_task(short)
+        net = rb.make_network(50, 50, 0)
+        b = task.batch(batch, generator=1)
+        reward = rb.rate_regulariser()
+        algos = {"bptt": rnngrad.bptt(), "eprop": rnngrad.eprop(),
+                 "eprop_random": rnngrad.eprop("random")}
+        algos["eprop_old"] = algos["eprop"]._replace(sequence=None)
+
+        def it(a, net=net, b=b, reward=reward):
+            return lambda: rnngrad.gradient(net, b.inputs, b.targets, algorithm=a,
+                                            loss="cross_entropy", mask=b.mask, reward=reward)
+
+        for a in algos.values():
+            it(a)()
+        times = {n: [] for n in algos}
+        for _ in range(repeats):
+            for n, a in algos.items():
+                if n == "eprop_old" and not short and times[n]:
+                    continue  # one run of the old path on the full trial
+                times[n].append(cpu(it(a)))
+        bp = statistics.median(times["bptt"])
+        for n in algos:
+            t = statistics.median(times[n])
+            rows.append({"T": b.inputs.shape[0], "B": batch, "rule": n, "seconds": round(t, 4),
+                         "ratio": round(t / bp, 3)})
+            print(rows[-1], flush=True)  # noqa: T201 (a script, not the library)
+    with open(out + "_bellec.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
@@ -103,8 +148,13 @@ def main() -> None:
                     help="steps of the old step loop timed (0: skip it)")
     ap.add_argument("--old-max-h", type=int, default=256, help="no old path above this H")
     ap.add_argument("--out", default=str(HERE / "sequence_cost"))
+    ap.add_argument("--bellec", action="store_true",
+                    help="only the evidence-accumulation iteration (writes *_bellec.csv)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.bellec:
+        bellec(args.repeats, args.out)
+        return
     load0 = os.getloadavg()
     rows = []
     for H in args.sizes:

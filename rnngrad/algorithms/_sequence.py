@@ -61,6 +61,9 @@ def trajectory_states(cell, params: dict, inputs: Tensor, s0) -> tuple[Any, Any,
     """A layer over the segment: ``(prev, new, outputs)``, prev and new the states before
     and after each step as states of (T, B, n_c) components, outputs (T, B, H).
 
+    (A cell that declares ``linearize_sequence(params, inputs, s0, need=...) -> (prev, new,
+    outputs, Linearization on the (T B) rows)`` gives the forward and the linearization
+    together: the LSTM's from the gates its forward keeps.)
     A cell may declare ``forward_states(params, inputs, s0) -> (state of (T + 1, B, n_c)
     components, outputs (T, B, H))`` (LSTM, LIF/ALIF: their fast forward, keeping every
     state); a cell whose state is its output (Elman, GRU) runs its own ``forward_sequence``
@@ -144,6 +147,14 @@ def _param_grad(lam: Tensor, imm, shape, memo: dict) -> Tensor:
     weighted signal of a factor D that several parameters share (a gate's W, U and b)."""
     if imm.inp is None:  # dense (N, C, G, U, P)
         return torch.einsum("nci,ncgij->gij", lam, imm.D).reshape(shape)
+    key = (id(imm.D), id(imm.inp), id(imm.mask))  # two biases of one gate: one product
+    if key in memo:
+        return memo[key].reshape(shape)
+    memo[key] = g = _factored_grad(lam, imm, memo)
+    return g.reshape(shape)
+
+
+def _factored_grad(lam: Tensor, imm, memo: dict) -> Tensor:
     w = memo.get(id(imm.D))
     if w is None:
         w = memo[id(imm.D)] = _weighted(lam, imm.D)  # (N, G, U)
@@ -155,8 +166,8 @@ def _param_grad(lam: Tensor, imm, shape, memo: dict) -> Tensor:
             g = (w.reshape(N, G * U).T @ inp.reshape(N)).view(G, U, 1)
         else:
             g = (w.reshape(N, G * U).T @ inp.reshape(N, P)).view(G, U, P)
-        return (g if imm.mask is None else g * imm.mask).reshape(shape)
-    return torch.einsum("ngi,nij->gij", w, imm.rows()).reshape(shape)
+        return g if imm.mask is None else g * imm.mask
+    return torch.einsum("ngi,nij->gij", w, imm.rows())
 
 
 def _carry_traces(Js: Tensor, imm: dict, M0: dict, T: int, B: int) -> dict:
@@ -220,10 +231,14 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
     with torch.no_grad():
         net = bind(model)
         x = inputs
-        layers = []  # per layer: (prev, new, X rows)
-        for cell, p, s0 in zip(net.cells, net.params, h0):
-            prev, new, out = trajectory_states(cell, p, x, s0)
-            layers.append((prev, new, x))
+        layers = []  # per layer: (prev, new, inputs, linearization or None)
+        for cell, p, s0, mode in zip(net.cells, net.params, h0, modes):
+            both = getattr(cell, "linearize_sequence", None)
+            if both is not None and not mode.startswith("dense"):  # declared: forward + lin
+                prev, new, out, lin = both(p, x, s0, need=(mode, "immediate"))
+            else:
+                (prev, new, out), lin = trajectory_states(cell, p, x, s0), None
+            layers.append((prev, new, x, lin))
             x = out
         hs = x  # (T, B, H) the top layer's outputs
         H = hs.shape[2]
@@ -251,7 +266,7 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
         g = None if sig is None else sig.reshape(T * B, H)  # dL/dh^l rows of layer l's output
         for l in range(net.L - 1, -1, -1):
             cell, p = net.cells[l], net.params[l]
-            prev, new, X = layers[l]
+            prev, new, X, lin = layers[l]
             mode = modes[l]
             Xr = X.reshape(T * B, -1)
             pr, nr = _rows(prev), _rows(new)
@@ -273,8 +288,8 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
                         else v.new_zeros(v.shape)
                 d0[l] = ds0
             else:
-                need = (mode, "immediate")
-                lin = cell.linearize(p, pr, Xr, need=need)
+                if lin is None:  # every step's linearization at once, on the (T B) rows
+                    lin = cell.linearize(p, pr, Xr, need=(mode, "immediate"))
                 J = (lin.local if mode == "local" else lin.eligibility)
                 Js = J.reshape(T, B, U, C, C)
                 tr0 = None if carry is None else carry[0][l]
@@ -327,7 +342,7 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
         grads["h0"] = d0[0].h if rnn else tuple(d0)
     if carry is None:
         return value, grads
-    states_T = tuple(type(new)(*(c[-1] for c in new)) for _, new, _ in layers)
+    states_T = tuple(type(new)(*(c[-1] for c in new)) for _, new, _, _ in layers)
     return value, grads, states_T, traces_out, c_out if carry[1] is not None else None, (hs, zT)
 
 

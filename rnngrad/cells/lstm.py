@@ -148,6 +148,31 @@ class LSTM(Cell):
         i, f, g, o, tc, new = self._gates(params, state, x)
         if not need:
             return Linearization(new)
+        return self._linearization(params, state, x, i, f, g, o, tc, new, need)
+
+    def linearize_sequence(self, params, inputs: Tensor, state0: LSTMState, *, need=()):
+        """The forward pass over the sequence and ``linearize`` at every step, from the
+        gates the forward keeps (no second evaluation of the step): ``(prev, new, outputs,
+        Linearization)``, prev and new the states before and after each step ((T, B, H)
+        components), the linearization on the (T B) rows (what the sequence forms of the
+        truncated rules use)."""
+        A, cs, hs, _ = self._forward(params, inputs, state0)
+        T, B, H = hs.shape
+        N = T * B
+        prev = LSTMState(torch.cat((state0.h.unsqueeze(0), hs[:-1])),
+                         torch.cat((state0.c.unsqueeze(0), cs[:-1])))
+        new = LSTMState(hs, cs)
+        gates = A.view(N, 4 * H)  # post-activation, loop order i, f, o, g
+        i, f, o, g = (gates[:, k * H:(k + 1) * H] for k in range(4))
+
+        def rows(s):
+            return LSTMState(*(c.reshape(N, H) for c in s))
+
+        lin = self._linearization(params, rows(prev), inputs.reshape(N, -1), i, f, g, o,
+                                  torch.tanh(cs.view(N, H)), rows(new), need)
+        return prev, new, hs, lin
+
+    def _linearization(self, params, state, x, i, f, g, o, tc, new, need) -> Linearization:
         B, H = tc.shape
         out = {}
         k = o * (1 - tc * tc)                                             # dh_t / dc_t
