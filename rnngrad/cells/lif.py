@@ -230,6 +230,30 @@ class _Spiking(Cell):
             new = self._advance(params, state, x, z)
         if not need:
             return Linearization(new)
+        return self._linearization(params, state, x, z, psi, new, need)
+
+    def linearize_sequence(self, params, inputs: Tensor, state0, *, need=()):
+        """The forward pass over the sequence and ``linearize`` at every step from the
+        spikes and slopes it keeps (no second evaluation of the step): ``(prev, new,
+        outputs, Linearization on the (T B) rows)`` (what the sequence forms of the
+        truncated rules use)."""
+        kept: list = []
+        zs, _, (z_prev, psis) = self._forward(params, inputs, state0, kept)
+        full = type(state0)(*(torch.stack(c) for c in zip(*kept)))
+        prev = type(state0)(*(f[:-1] for f in full))
+        new = type(state0)(*(f[1:] for f in full))
+        T, B, U = zs.shape
+        N = T * B
+
+        def rows(s):
+            return type(s)(*(c.reshape(N, U) for c in s))
+
+        lin = self._linearization(params, rows(prev), inputs.reshape(N, -1),
+                                  z_prev.reshape(N, U), psis[:-1].reshape(N, U), rows(new),
+                                  need)
+        return prev, new, zs, lin
+
+    def _linearization(self, params, state, x, z, psi, new, need) -> Linearization:
         B, U = z.shape
         C = len(new)
         alpha, v_th = self.alpha, self.v_th
@@ -251,8 +275,9 @@ class _Spiking(Cell):
                     J[..., 1, 1] = self.rho - bpsi
                 out[field] = J
         if "immediate" in need:
-            D = psi.new_zeros(B, C, 1, U)
-            D[:, 0] = 1.0  # only v_t moves within the step
+            D = psi.new_zeros(1, C, 1, U)
+            D[:, 0] = 1.0  # only v_t moves within the step: the same for every example
+            D = D.expand(B, C, 1, U)
             # z_{t-1}^j for j != i: one row shared by the units, the diagonal masked
             out["immediate"] = {"W_in": Immediate(D, x.unsqueeze(1)),
                                 "W_rec": Immediate(D, z.unsqueeze(1), self.offdiag)}
