@@ -13,7 +13,8 @@ tuple of its layers' states. ``forward`` is a plain loop over ``step``: what
 ``torch.autograd`` differentiates there is the oracle every algorithm is checked against.
 
 ``rnngrad.RNN`` is the one-Elman-layer case, with its own flat parameter names
-(``W_in``, ``W_rec``, ``b_rec``, ``W_out``, ``b_out``) and fast paths.
+(``W_in``, ``W_rec``, ``b_rec``, ``W_out``, ``b_out``); the algorithms treat it as any
+other network.
 """
 
 from __future__ import annotations

@@ -241,6 +241,11 @@ class _Drifting(Elman):
             self.b_rec.add_(1e-3)
         return super().linearize(params, state, x, need=need)
 
+    def linearize_sequence(self, params, inputs, state0, *, need=()):
+        with torch.no_grad():
+            self.b_rec.add_(1e-3)
+        return super().linearize_sequence(params, inputs, state0, need=need)
+
 
 def test_a_chunk_whose_weights_change_is_refused():
     net = rnngrad.Network([_Drifting(D, 4, **f64)], K)

@@ -51,7 +51,7 @@ from torch.func import vjp
 from ..cells.base import flatten_state
 from ..readouts import reward_grad
 from . import _leaky_readout as _leak
-from ._network import bind, emit_vjp, is_rnn
+from ._network import bind, emit_vjp
 from .base import Grads, output_grads
 
 __all__ = ["sequence", "chunk", "trajectory_states"]
@@ -215,15 +215,14 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
 
     ``modes`` per layer: "local" (SnAp-1, diagonal RTRL), "eligibility" (e-prop, RFLO),
     "dense" / "dense_generic" (spatial RTRL's layer whose units couple). ``feedback`` (K, H)
-    or None for ``W_out``. ``h0``: per-layer states (a (B, H) tensor for ``rnngrad.RNN``).
+    or None for ``W_out``. ``h0``: per-layer states.
     ``carry``: for a chunk, ``(traces, c, leak_z)`` of the online state at the chunk's
     start (see ``chunk``); then returns also what the state carries out.
 
-    Returns ``(loss, grads)`` (``grads["h0"]`` per layer, a tensor for RNN), or with
+    Returns ``(loss, grads)`` (``grads["h0"]`` per layer), or with
     ``carry`` ``(loss, grads, states_T, traces_T, c_T, out)``.
     """
-    rnn = is_rnn(model)
-    if rnn:
+    if isinstance(h0, Tensor):  # one Elman layer's h (rnngrad.RNN's flat form)
         from ..cells.elman import ElmanState
 
         h0 = (ElmanState(h0),)
@@ -339,7 +338,7 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
             grads["b_out"] = torch.zeros_like(model.b_out.detach())
         else:
             grads.update(output_grads(dz.reshape(T * B, -1), hs.reshape(T * B, H)))
-        grads["h0"] = d0[0].h if rnn else tuple(d0)
+        grads["h0"] = tuple(d0)
     if carry is None:
         return value, grads
     states_T = tuple(type(new)(*(c[-1] for c in new)) for _, new, _, _ in layers)

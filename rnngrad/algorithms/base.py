@@ -316,7 +316,9 @@ def _checked(name: str, init, step, flush):
         if h0 is not None:
             from ._network import is_rnn
 
-            if is_rnn(model):
+            if is_rnn(model):  # the RNN paths of e-prop, SnAp-1, UORO, KF-RTRL take a tensor
+                if isinstance(h0, tuple):  # the network's state, as rnngrad.gradient gives it
+                    h0 = model.coerce_state(h0, B)[0][0].h
                 if not isinstance(h0, Tensor):
                     from .._checks import _type_name
 
