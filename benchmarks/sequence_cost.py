@@ -188,6 +188,17 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['cell']} | {r['H']} | {r['rule']} | {r['bptt_s']} | {r['rule_s']} "
                      f"| {r['ratio']} | {r['old_ratio'] or '-'} |")
+    bellec_csv = Path(args.out + "_bellec.csv")
+    if bellec_csv.exists():  # the evidence-accumulation iteration, from --bellec
+        lines += ["", "## The evidence-accumulation e-prop iteration (docs/spiking.md)", "",
+                  "`--bellec`: `rnngrad.gradient` on 100 LIF/ALIF neurons with the leaky "
+                  "readout, cross-entropy over the recall window and the rate regulariser "
+                  "as a reward; ratio to BPTT's gradient on the same batch (eprop_old: the "
+                  "step loop).", "", "| T | B | rule | seconds | / BPTT |", "|---|---|---|---|---|"]
+        with open(bellec_csv) as f:
+            for r in csv.DictReader(f):
+                lines.append(f"| {r['T']} | {r['B']} | {r['rule']} | {r['seconds']} | "
+                             f"{r['ratio']} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
 
