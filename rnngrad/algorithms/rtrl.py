@@ -135,7 +135,8 @@ def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorith
              "constant in T; S state size, N recurrent parameters. One diagonal layer "
              "(LRU, eLSTM): O(B C N) time and memory; layers='spatial': that per diagonal "
              "layer, O(B S_l^2 N_l) per other layer",
-        sequence=sequence,
+        # rtrl(generic=True) keeps the dense influence everywhere but in spatial mode
+        sequence=None if generic and not spatial else sequence,
     )
 
 
