@@ -89,13 +89,13 @@ def gradient(
     h0, spec = model.coerce_state(h0, B)
     check_params_finite(model)
 
-    if algorithm.sequence is not None:
-        value, grads = algorithm.sequence(model, inputs, targets, mask, h0, loss, reward)
-        _check_result(algorithm, model, inputs, h0, value, grads)
-    else:
-        value, grads = _step_loop(algorithm, model, inputs, targets, mask, h0, loss, reward,
-                                  track_h0)
-        _check_result(algorithm, model, inputs, h0, value, grads)
+    # a sequence form may decline a model (None): the step loop then runs
+    out = None if algorithm.sequence is None else \
+        algorithm.sequence(model, inputs, targets, mask, h0, loss, reward)
+    if out is None:
+        out = _step_loop(algorithm, model, inputs, targets, mask, h0, loss, reward, track_h0)
+    value, grads = out
+    _check_result(algorithm, model, inputs, h0, value, grads)
 
     if track_h0:
         if "h0" not in grads:  # a sequence form that does not estimate it (uoro())

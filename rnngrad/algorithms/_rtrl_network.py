@@ -125,7 +125,7 @@ def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor
             if d.inp is None:
                 block.add_(d.D.view(B, U, P))
             else:
-                block.addcmul_(d.D.view(B, U, 1), d.inp)
+                block.addcmul_(d.D.view(B, U, 1), d.rows())  # the mask applied (LIF)
             off += n
             continue
         block = M[:, :, off:off + n].view(B, C, U, G, U, P).diagonal(dim1=2, dim2=4)
@@ -133,7 +133,7 @@ def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor
         if d.inp is None:
             block.add_(d.D.permute(0, 1, 2, 4, 3))
         else:  # no (B, C, G, P, U) temporary: the product is added where it lands
-            block.addcmul_(d.D.unsqueeze(3), d.inp.permute(0, 2, 1).unsqueeze(1).unsqueeze(1))
+            block.addcmul_(d.D.unsqueeze(3), d.rows().permute(0, 2, 1).unsqueeze(1).unsqueeze(1))
         off += n
 
 

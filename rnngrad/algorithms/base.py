@@ -73,8 +73,8 @@ class _AlgorithmFields(NamedTuple):
     online:   True if it emits during the sequence with memory constant in T.
     cost:     time and memory per step, in words.
     sequence: optional whole-sequence fast path, ``sequence(model, inputs, targets,
-              mask, h0, loss, dh) -> (loss, grads)`` with validated (T, B) mask and
-              ``dh`` (T, B, H) or None.
+              mask, h0, loss, reward) -> (loss, grads)`` with validated (T, B) mask, or
+              None where it has no sequence form for this model (the step loop then runs).
     rng:      the algorithm's random generators, a dict device name -> torch.Generator
               (filled on first use, seeded once per factory call and continued across
               ``init`` calls); None for a deterministic algorithm. ``rng_state`` and

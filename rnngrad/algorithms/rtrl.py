@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..cells._derive import declares, verify_diagonal, verify_emit_only
 from . import _rtrl_network as _net
+from . import _sequence as _seq
 from . import _traces_network as _traces
 from ._network import check_network, check_real
 from .base import Algorithm
@@ -102,7 +103,7 @@ def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorith
         if not generic and model.num_layers == 1 \
                 and model.layers()[0][1].diagonal and model.readout_decay == 0.0:
             verify_diagonal(model.layers()[0][1], "rtrl()")
-            return _traces.init(model, batch_size, h0, None)
+            return _traces.init(model, batch_size, h0, None, ("local",))
         return _net.init(model, batch_size, h0, generic)
 
     def step(model, state, x_t: Tensor, target_t: Tensor | None = None, *,
@@ -113,6 +114,14 @@ def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorith
 
     def flush(model, state):
         return state, None
+
+    def sequence(model, inputs, targets, mask, h0, loss, reward):
+        # per-unit traces (one diagonal layer) or spatial: the adjoint of their recursion
+        # (_sequence), at BPTT's cost; any other model: the step loop
+        modes = _sequence_modes(model, generic, spatial)
+        if modes is None:
+            return None  # rnngrad.gradient then runs the steps
+        return _seq.sequence(model, modes, None, inputs, targets, mask, h0, loss, reward)
 
     args = [a for a, on in (("generic=True", generic), ("layers='spatial'", spatial)) if on]
     return Algorithm(
@@ -126,7 +135,24 @@ def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorith
              "constant in T; S state size, N recurrent parameters. One diagonal layer "
              "(LRU, eLSTM): O(B C N) time and memory; layers='spatial': that per diagonal "
              "layer, O(B S_l^2 N_l) per other layer",
+        # rtrl(generic=True) keeps the dense influence everywhere but in spatial mode
+        sequence=None if generic and not spatial else sequence,
     )
+
+
+def _sequence_modes(model, generic: bool, spatial: bool) -> tuple | None:
+    """The per-layer trace modes rtrl() runs ``_traces_network`` with on this model (one
+    diagonal layer, or spatial), after the same checks as init; None: the dense influence."""
+    check_network(model, "rtrl()")
+    check_real(model)
+    model.init_state(1)
+    if spatial:
+        return _spatial_init(model, 1, None, generic).modes
+    if not generic and model.num_layers == 1 \
+            and model.layers()[0][1].diagonal and model.readout_decay == 0.0:
+        verify_diagonal(model.layers()[0][1], "rtrl()")
+        return ("local",)
+    return None
 
 
 def _spatial_init(model, batch_size: int, h0, generic: bool):

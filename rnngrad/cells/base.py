@@ -82,16 +82,26 @@ class Immediate(NamedTuple):
     Factored (``inp`` given): the entry is ``D[b, c, g, i] * inp[b, i or 0, j]``, with
     D (B, C, G, U) and inp (B, U, P) or (B, 1, P) (the vector row ``(g, i)`` of p
     multiplies; ones for a bias). Dense (``inp`` None): D is (B, C, G, U, P) itself.
+    ``mask`` (U, P), optional with a factored term: structural zeros shared by every
+    example, multiplying ``inp`` (LIF's missing self-connections), so that ``inp`` can stay
+    one row (B, 1, P) shared by the units: the sequence forms then take one GEMM for it.
     """
 
     D: Tensor
     inp: Tensor | None = None
+    mask: Tensor | None = None
+
+    def rows(self) -> Tensor | None:
+        """``inp`` with the mask applied: (B, U or 1, P); None for a dense term."""
+        if self.inp is None or self.mask is None:
+            return self.inp
+        return self.inp * self.mask
 
     def dense(self) -> Tensor:
         """(B, C, G, U, P)."""
         if self.inp is None:
             return self.D
-        return self.D.unsqueeze(-1) * self.inp.unsqueeze(1).unsqueeze(1)
+        return self.D.unsqueeze(-1) * self.rows().unsqueeze(1).unsqueeze(1)
 
 
 class Linearization(NamedTuple):

@@ -171,6 +171,34 @@ class Elman(Cell):
             out["input_jacobian"] = d.unsqueeze(2) * params["W_in"]
         return Linearization(ElmanState(h), **out)
 
+    def linearize_sequence(self, params, inputs: Tensor, state0: ElmanState, *, need=()):
+        """The forward pass (one GEMM for every step's input) and ``linearize`` at every
+        step from phi'(a_t) it keeps (from h_t for tanh and sigmoid): ``(prev, new,
+        outputs, Linearization on the (T B) rows)`` (what the sequence forms of the
+        truncated rules use)."""
+        act = get_activation(self.activation)
+        alpha = self.alpha
+        per_step = alpha == 1.0 and act.deriv_from_output
+        hs, dphi = unroll(_View(params, self), inputs, state0.h, need_deriv=not per_step)
+        T, B, H = hs.shape
+        N = T * B
+        d = (act.deriv(None, hs) if per_step else dphi).reshape(N, H)
+        if alpha != 1.0:
+            d = d * alpha  # alpha phi'(a_t): dh_t/da_t
+        prev = torch.cat((state0.h.unsqueeze(0), hs[:-1]))
+        out = {}
+        if "local" in need:
+            out["local"] = (d * params["W_rec"].diagonal() + (1.0 - alpha)).view(N, H, 1, 1)
+        if "eligibility" in need:
+            out["eligibility"] = d.new_full((N, H, 1, 1), 1.0 - alpha)
+        if "immediate" in need:
+            D = d.view(N, 1, 1, H)
+            out["immediate"] = {"W_in": Immediate(D, inputs.reshape(N, 1, -1)),
+                                "W_rec": Immediate(D, prev.view(N, 1, H)),
+                                "b_rec": Immediate(D, d.new_ones(N, 1, 1))}
+        new = ElmanState(hs)
+        return ElmanState(prev), new, hs, Linearization(ElmanState(hs.view(N, H)), **out)
+
     # ---- whole-sequence BPTT: what the Network algorithms take from this cell -----------
     #
     # The hand-derived pass below (``unroll``, ``backward``) is the one every exact algorithm

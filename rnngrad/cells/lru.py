@@ -399,6 +399,15 @@ class LRU(Cell):
         saved = (u, V, RE, IM, ecache) if cache else None
         return out.view(T, B, -1), LRUState(re, im), saved
 
+    def forward_states(self, params, inputs: Tensor, state0: LRUState):
+        """``(LRUState of (T + 1, B, N) components: s_0..s_T, outputs (T, B, H))``: the
+        forward pass above, keeping the states (what the sequence forms of the truncated
+        rules linearize at)."""
+        with torch.no_grad():
+            out, _, (_, _, RE, IM, _) = self.forward_sequence(params, inputs, state0, cache=True)
+        return LRUState(torch.cat((state0.re.unsqueeze(0), RE)),
+                        torch.cat((state0.im.unsqueeze(0), IM))), out
+
     def backward_sequence(self, params, inputs: Tensor, state0: LRUState, cache,
                           d_outputs: Tensor, d_state: LRUState | None = None, *,
                           input_grad: bool = True):
