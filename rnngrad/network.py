@@ -55,17 +55,18 @@ class Network(nn.Module):
             constant, as in Bellec et al. 2020's tasks: ``z_t = kappa z_{t-1} + W_out h^L_t
             + b_out`` from ``z_0 = 0`` (kappa = exp(-dt / tau_out)); 0 (the default) is the
             plain readout. Every algorithm on a Network takes it (``rnngrad.RNN`` does not).
-        verify: check, once, what a user's cell declares by hand (``linearize``, the
-            Jacobian methods, ``forward_sequence``/``backward_sequence``, ``emit_vjp``)
-            against the torch.func derivation of its step, on a random batch, the first
-            time the network is used (``layers()``, which every algorithm and ``forward``
-            call). False skips it (for benchmarks of a cell already checked with
-            ``rnngrad check --cell``). rnngrad's own cells are never re-checked here.
+        verify: check a user's cell (``Cell`` subclasses outside rnngrad): when built, that
+            ``step`` and ``emit``/``output`` read every parameter through ``params`` (not
+            ``self``) and change nothing in place; once, the first time the network is used
+            (``layers()``, which every algorithm and ``forward`` call), what it declares by
+            hand (``linearize``, the Jacobian methods, ``forward_sequence``/
+            ``backward_sequence``, ``emit_vjp``) against the torch.func derivation of its
+            step on a random batch. False skips both (for benchmarks of a cell already
+            checked with ``rnngrad check --cell``, or a test of what happens past them).
+            rnngrad's own cells are never re-checked here.
 
-    Checked when built, for a user's cell (``Cell`` subclasses outside rnngrad): that
-    ``step`` and ``emit``/``output`` read every parameter through ``params`` (not ``self``),
-    and change nothing in place. Every cell: one object per layer, no parameter shared
-    between layers, at least one parameter.
+    Checked for every cell when built: one object per layer, no parameter shared between
+    layers, at least one parameter, the protocol's types and shapes.
 
     Parameters: each cell's as ``cells.{l}.{name}``, and ``W_out (K, H)``, ``b_out (K,)``
     with H the last cell's ``hidden_size``, drawn U(-1/sqrt(H), 1/sqrt(H)).
@@ -81,7 +82,7 @@ class Network(nn.Module):
         super().__init__()
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {verify!r}")
-        cells = _as_cells(cells)
+        cells = _as_cells(cells, verify)
         self._pending_verify = verify and any(not is_builtin(type(c)) for c in cells)
         if not isinstance(output_size, int) or isinstance(output_size, bool) or output_size < 1:
             raise ValueError(f"output_size must be a positive int, got {output_size!r}")
@@ -346,7 +347,7 @@ def _real_state(state, i: int, cell: Cell):
     return state
 
 
-def _as_cells(cells) -> list[Cell]:
+def _as_cells(cells, verify: bool = True) -> list[Cell]:
     if isinstance(cells, Cell):
         cells = [cells]
     elif isinstance(cells, nn.Module) and not isinstance(cells, nn.ModuleList):
@@ -412,7 +413,7 @@ def _as_cells(cells) -> list[Cell]:
                                 "write a complex parameter as its real and imaginary parts, as "
                                 "rnngrad.cells.LRU does (B_re, B_im)")
         check_contract(c, f"cells[{i}] ({type(c).__name__})")
-        if not is_builtin(type(c)) and c._like().device.type != "meta":
+        if verify and not is_builtin(type(c)) and c._like().device.type != "meta":
             from .cells._derive import verify_pure, verify_reads
 
             verify_pure(c, f"cells[{i}] ({type(c).__name__})")

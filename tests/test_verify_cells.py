@@ -216,6 +216,12 @@ def test_a_step_that_changes_its_state_in_place_is_refused():
         rnngrad.Network(InPlaceState(), K)
 
 
+def test_verify_false_skips_the_construction_checks_too():
+    net = rnngrad.Network(Counter(), K, verify=False)
+    assert not net._pending_verify
+    rnngrad.Network(SelfInStep(), K, verify=False)
+
+
 def test_a_step_that_changes_a_buffer_is_refused():
     with pytest.raises(ValueError, match=r"Counter\.step changes its buffer 'steps' in place "
                                          r".* keep what changes over time in the state"):
