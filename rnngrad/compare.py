@@ -43,11 +43,15 @@ from .algorithms.base import Algorithm
 from .algorithms.bptt import bptt
 from .gradient import gradient
 from .metrics import METRICS, alignment
+from .outdir import OutputDir, claim
 from .readouts import loss_and_grad
-from .runs import DTYPES, make_model
-from .train import OPTIMIZERS, apply_update, make_optimizer, online_pass
+from .runs import DTYPES, check_device, make_model
+from .train import OPTIMIZERS, _check_applies, apply_update, loss_for, make_optimizer, online_pass
 
-__all__ = ["compare", "evaluate_loss", "state_bytes", "OPTIMIZERS"]
+__all__ = ["compare", "evaluate_loss", "state_bytes", "OPTIMIZERS", "OUTPUTS"]
+
+# what compare writes into its directory (compare.csv last: its presence marks a finished one)
+OUTPUTS = ("compare.csv", "curves.csv", "alignment.csv", "learning_curves.png", "alignment.png")
 
 # alignment is measured on the recurrent parameters (all but the readout's): every
 # algorithm here has the exact readout gradient, which would otherwise dominate the cosine
@@ -145,6 +149,8 @@ def compare(
     device: str | torch.device = "cpu",
     cell: str = "elman",
     layers: int = 1,
+    loss: str | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Train each algorithm from the same weights on the same data; tabulate and plot.
 
@@ -162,11 +168,16 @@ def compare(
         track_every: alignment with ``reference`` every so many steps (None: never).
         eval_every: test loss every so many steps (default: about 20 points per curve).
         out_dir: where to write ``compare.csv``, ``curves.csv``, ``alignment.csv``,
-            ``learning_curves.png``, ``alignment.png`` (None: write nothing).
+            ``learning_curves.png``, ``alignment.png`` (None: write nothing). A directory
+            holding an earlier comparison is refused before anything runs
+            (``rnngrad.outdir.RunExists``) unless ``overwrite``, which replaces it.
         progress: called with a dict (algorithm, seed, step, steps, test_loss) at each
             evaluation; the library prints nothing.
         reference: the exact algorithm for alignment (default ``bptt()``).
         dtype, device: of the model and data.
+        loss: "mse", "cross_entropy" or "bce"; None: the one that follows the task's
+            readout (softmax: cross-entropy, sigmoid: BCE, identity: the task's own).
+        overwrite: replace an earlier comparison in ``out_dir``.
 
     Returns:
         One dict per algorithm with the keys of ``TABLE_FIELDS`` (plus final test accuracy
@@ -191,10 +202,22 @@ def compare(
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds is empty: give at least one")
+    check_device(device)
+    loss = loss_for(task, task.readout, loss)
+    # every algorithm must apply to the network: checked before anything runs or is written
+    probe = make_model({"cell": cell, "layers": layers, "hidden": hidden,
+                        "activation": activation, "alpha": alpha, "init": init,
+                        "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                        "seed": seeds[0]}, task)
+    for _, algo in named:
+        _check_applies(algo, probe, batch_size)
+    how = None
+    if out_dir is not None:
+        how = claim(out_dir, outputs=OUTPUTS, overwrite=overwrite, checkpoint=None,
+                    finished="compare.csv", resumable=False)
     reference = bptt() if reference is None else reference
     eval_every = eval_every or max(1, steps // 20)
     streaming = bool(getattr(task, "streaming", False))
-    loss = task.loss
     test = task.test_batch().to(device=device, dtype=dtype)
     # accuracy where the targets are class indices (cross-entropy tasks)
     classification = bool(getattr(task, "classification", False)) and loss == "cross_entropy"
@@ -270,7 +293,8 @@ def compare(
 
     rows = _table(named, seeds, steps, curves, aligns, times, mem)
     if out_dir is not None:
-        _write(Path(out_dir), rows, curves, aligns, task, reference, recurrent)
+        with OutputDir(out_dir, replace=OUTPUTS if how == "overwrite" else ()) as d:
+            _write(d.path, rows, curves, aligns, task, reference, recurrent)
     return rows
 
 
