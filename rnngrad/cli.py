@@ -4,7 +4,8 @@ that prints.
 Exit codes (``rnngrad --help`` lists them too): 0 done; 1 training diverged (a
 non-finite loss or gradient; the last checkpoint is kept), a check failed, or a sweep
 trial failed with an error; 2 a bad command line or input (a resume that does not match
-its checkpoint included), or a missing optional dependency; 3 the output directory
+its checkpoint, an output directory holding an earlier run, an unusable device
+included), or a missing optional dependency; 3 the output directory
 cannot be used (held by another run, a file, read-only, full, or its checkpoint is
 unreadable); 130 interrupted (Ctrl-C). Every error is one line on stderr, never a traceback.
 """
@@ -29,8 +30,9 @@ EXIT_CODES = {
     0: "done",
     1: "training diverged (non-finite loss or gradient; the last checkpoint is kept), a "
        "check failed, or a sweep trial failed with an error",
-    2: "bad command line or input (a --resume that does not match its checkpoint "
-       "included), or a missing optional dependency",
+    2: "bad command line or input (a --resume that does not match its checkpoint, an "
+       "output directory holding an earlier run, an unusable device included), or a "
+       "missing optional dependency",
     3: "the output directory cannot be used: held by another run, a file, read-only, "
        "full, or its checkpoint is unreadable",
     130: "interrupted (Ctrl-C)",
