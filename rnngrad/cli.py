@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "earlier comparison is refused unless --overwrite")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the earlier comparison in DIR (its files are deleted first)")
+    g.add_argument("--tensorboard", default=None, metavar="TBDIR",
+                   help="also log each run's test loss (ALGORITHM/seedS/test_loss) for "
+                        "TensorBoard in TBDIR, as it goes (needs: pip install tensorboard)")
     g.add_argument("--no-progress", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_compare)
 
@@ -728,10 +731,18 @@ def cmd_compare(args) -> int:
         if v is not None and v < (1 if flag == "--log-every" else 0):
             raise ValueError(f"{flag} must be >= {1 if flag == '--log-every' else 0}, got {v}")
     out = Path(args.out) if args.out else Path("runs") / f"compare-{args.task}"
+    summary_writer = _tensorboard(args.tensorboard)
     bar = _progress(len(named) * args.seeds * args.steps, args.no_progress)
     seen: dict[tuple, int] = {}
+    tb: dict = {}
 
     def on_progress(info: dict) -> None:
+        if summary_writer is not None:  # first called once compare holds its directory
+            if "writer" not in tb:
+                tb["writer"] = summary_writer(args.tensorboard)
+            tb["writer"].add_scalar(f"{info['algorithm']}/seed{info['seed']}/test_loss",
+                                    info["test_loss"], global_step=info["step"])
+            tb["writer"].flush()
         key = (info["algorithm"], info["seed"])
         bar.set_postfix(algorithm=info["algorithm"], seed=info["seed"],
                         test_loss=f"{info['test_loss']:.4f}")
@@ -750,6 +761,8 @@ def cmd_compare(args) -> int:
                        layers=args.layers, loss=args.loss, overwrite=args.overwrite)
     finally:
         bar.close()
+        if "writer" in tb:
+            tb["writer"].close()
     net = args.cell if args.layers == 1 else f"{args.layers} x {args.cell}"
     print(f"{task.name}: {net}, {args.seeds} seed(s) x {args.steps} steps, H={args.hidden}, "
           f"{time.perf_counter() - t0:.0f} s; test_loss is per counted step")

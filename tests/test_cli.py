@@ -491,6 +491,27 @@ def test_tensorboard_missing_is_one_line_and_writes_nothing(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_compare_tensorboard_missing_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--steps", "2", "--no-progress", "--tensorboard", "tb"]) == 2
+    assert "--tensorboard needs the tensorboard package" in _one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_tensorboard_logs_each_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["compare", "--task", "adding", "--seq-len", "4", "--algorithms", "bptt,eprop",
+                 "--seeds", "1", "--steps", "4", "--hidden", "3", "--log-every", "2",
+                 "--out", str(tmp_path / "cmp"), "--tensorboard", str(tmp_path / "tb"),
+                 "--no-progress"]) == 0
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eprop/seed0/test_loss")] == [0, 2, 4]
+
+
 def test_tensorboard_logs_as_training_goes(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
