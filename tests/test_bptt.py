@@ -101,7 +101,7 @@ def test_masks(kind):
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 @pytest.mark.parametrize("shape", ["batch", "shared"])
 def test_h0_gradient(alpha, shape):
-    """Seed 004: the gradient with respect to the initial state."""
+    """The gradient with respect to the initial state."""
     model, x, y = make_problem(5, 3, 2, 4, 2, alpha=alpha)
     h0 = torch.randn(3, 4, dtype=DT) if shape == "batch" else torch.randn(4, dtype=DT)
     g = check(model, x, y, loss="mse", h0=h0)
@@ -110,7 +110,7 @@ def test_h0_gradient(alpha, shape):
 
 @pytest.mark.parametrize("with_targets", [True, False])
 def test_reward(with_targets):
-    """Seed 000's trajectory learning: maximise R(h_1..h_T); the loss returned is L - R."""
+    """Trajectory learning: maximise R(h_1..h_T); the loss returned is L - R."""
     model, x, y = make_problem(6, 2, 3, 4, 2, alpha=0.9)
     target = torch.randn(6, 2, 4, dtype=DT)
 

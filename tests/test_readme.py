@@ -10,6 +10,12 @@ def test_readme_python_example_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert set(scope["g_rtrl"]) == {"W_in", "W_rec", "b_rec", "W_out", "b_out"}
+    import torch
+
+    # the online example, flushed, sums to the whole-sequence RTRL gradient
+    total, g = scope["total"], scope["g_rtrl"]
+    for k in g:
+        torch.testing.assert_close(total[k], g[k], rtol=1e-5, atol=1e-6)
 
 
 def test_readme_cells_example_runs():

@@ -1,4 +1,4 @@
-"""Exact RTRL for any ``rnngrad.Network`` (seed 001), layer by layer within each step.
+"""Exact RTRL for any ``rnngrad.Network`` (Williams & Zipser 1989), layer by layer within each step.
 
 For layer l with state s^l (flattened, S_l), output ``h^l_t = emit_l(theta_l, s^l_t,
 h^{l-1}_t)`` (``h^0 = x``; for most cells ``emit`` is ``output(s^l_t)``) and the recurrent

@@ -1,4 +1,4 @@
-"""Backpropagation through time, written out by hand (seeds 000, 002, 004).
+"""Backpropagation through time, written out by hand (Werbos 1990).
 
 Forward (DESIGN.md's notation)::
 
@@ -13,10 +13,11 @@ Backward, from ``u_{T+1} = 0`` and ``delta_{T+1} = 0``::
 
     dW_rec = sum_t u_t h_{t-1}^T,  dW_in = sum_t u_t x_t^T,  db_rec = sum_t u_t
     dW_out = sum_t dl/dz_t h_t^T,  db_out = sum_t dl/dz_t
-    dh_0   = W_rec^T u_1 + (1 - alpha) delta_1                  (seed 004)
+    dh_0   = W_rec^T u_1 + (1 - alpha) delta_1                  (initial state)
 
-For alpha = 1 this is seed 000's ``x^(t) = W^T u(t+1) + dR/dx(t)``, ``u(t) = D(t) x^(t)``.
-``u_t`` is the sensitivity of the loss to the bias at step t (seed 000's sensitivity
+For alpha = 1 this is recurrent backprop's (Almeida 1987; Pineda 1987)
+``x^(t) = W^T u(t+1) + dR/dx(t)``, ``u(t) = D(t) x^(t)``.
+``u_t`` is the sensitivity of the loss to the bias at step t (the sensitivity
 lemma, ``dL/dW_rec = sum_t u_t h_{t-1}^T``); ``bptt(sensitivities=True)`` returns it
 as ``grads["u"]`` (T, B, H).
 

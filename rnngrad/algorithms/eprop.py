@@ -1,7 +1,7 @@
 """e-prop (Bellec et al. 2020, "A solution to the learning dilemma for recurrent networks
 of spiking neurons", Nat. Commun. 11:3625), for the rate cells of DESIGN.md.
 
-The classical factorization (seed 003) writes the gradient as
+The classical factorization (Bellec et al. 2020) writes the gradient as
 ``dL/dtheta = sum_t dL/dh_t . dh_t/dtheta``; e-prop replaces the total ``dL/dh_t`` by
 the immediate learning signal and keeps, of the influence ``dh_t/dtheta``, only the
 path through each unit's own state (the leak), not through ``W_rec``::

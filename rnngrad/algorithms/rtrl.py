@@ -1,4 +1,4 @@
-"""Real-time recurrent learning (seed 001; Williams & Zipser 1989).
+"""Real-time recurrent learning (Williams & Zipser 1989).
 
 The influence matrix ``M_t = dh_t/dW`` of the recurrent parameters, stacked as
 ``W = [W_in | W_rec | b_rec]`` of shape (H, P), ``P = D + H + 1``, with the input
@@ -6,14 +6,14 @@ of step t ``pre_t = [x_t; h_{t-1}; 1]`` (P,)::
 
     a_t = W pre_t,   h_t = (1 - alpha) h_{t-1} + alpha phi(a_t)
 
-    Mbar_t[k, i, j] = delta_ki pre_t[j]                         immediate term, seed 001
+    Mbar_t[k, i, j] = delta_ki pre_t[j]                         immediate term
     J_t             = (1 - alpha) I + alpha diag(phi'(a_t)) W_rec   dh_t/dh_{t-1}
     M_t             = (1 - alpha) M_{t-1} + alpha phi'(a_t) * (W_rec @ M_{t-1} + Mbar_t)
 
-    q_t    = dl_t/dh_t = W_out^T dl_t/dz_t (+ dh_t, e.g. -dR/dh_t)   seed 001's q
+    q_t    = dl_t/dh_t = W_out^T dl_t/dz_t (+ dh_t, e.g. -dR/dh_t)   Williams & Zipser's q
     dL/dW  = sum_t q_t^T M_t,  dL/dW_out = sum_t dl_t/dz_t h_t^T,  dL/db_out = sum_t dl_t/dz_t
 
-For alpha = 1 this is seed 001's ``M_t = J_t M_{t-1} + Mbar_t`` with ``J_t = D_t W_rec``.
+For alpha = 1 this is Williams & Zipser's ``M_t = J_t M_{t-1} + Mbar_t`` with ``J_t = D_t W_rec``.
 ``Mbar_t`` is only a diagonal add (the sensitivity lemma: ``da_k/dW_ij = delta_ki pre_j``);
 the whole batch's ``W_rec @ M`` is one batched GEMM in which ``alpha phi'(a_t)`` is
 folded into the left factor (``(alpha phi'(a_t) * W_rec) @ M``, (B, H, H) x (B, H, H P)),

@@ -1,4 +1,4 @@
-"""Truncated backpropagation through time, streaming (Williams & Peng 1990; seeds 000, 002).
+"""Truncated backpropagation through time, streaming (Williams & Peng 1990; Werbos 1990).
 
 The sequence is cut into chunks ``C_1 = [1..k], C_2 = [k+1..2k], ...``. The hidden
 state is carried across chunks (the forward pass is the true one) but is a constant

@@ -34,7 +34,7 @@ Structure a cell may declare (each optional; the defaults here derive it with
 - **eligibility_jacobian** (B, U, C, C): what e-prop carries its traces through
   (Bellec et al. 2020: the unit's recurrent output held fixed, so only its internal
   state dynamics remain). Default: ``local_jacobian``.
-- **immediate**: ``d state_t / d params`` for the rows each unit owns (seed 000's
+- **immediate**: ``d state_t / d params`` for the rows each unit owns (the
   sensitivity lemma, generalised), factored where it can be (``Immediate``).
 - **jacobian** (B, S, S) and **input_jacobian** (B, S, D): the dense Jacobians of the
   flattened state ``s = [state_0 | state_1 | ...]`` (S = sum of the widths) RTRL needs.

@@ -1,4 +1,4 @@
-"""The Elman cell, leaky or vanilla, with its hand-derived BPTT (seeds 000, 002, 004).
+"""The Elman cell, leaky or vanilla, with its hand-derived BPTT (Werbos 1990).
 
 In DESIGN.md's notation::
 
