@@ -198,6 +198,8 @@ def compare(
     test = task.test_batch().to(device=device, dtype=dtype)
     # accuracy where the targets are class indices (cross-entropy tasks)
     classification = bool(getattr(task, "classification", False)) and loss == "cross_entropy"
+    # the task's own measure where it has one (neurogym's: the output at a trial's last step)
+    performance = getattr(task, "performance", None) if classification else None
 
     curves: list[dict] = []
     aligns: list[dict] = []
@@ -223,6 +225,10 @@ def compare(
                 if classification:
                     value, acc = evaluate_loss(_model, test, loss=loss, accuracy=True)
                     extra = {"test_acc": acc}
+                    if performance is not None:
+                        with torch.no_grad():
+                            z = _model(test.inputs)[1] @ _model.W_out.T + _model.b_out
+                        extra["test_perf"] = performance(z, test)
                 else:
                     value, extra = evaluate_loss(_model, test, loss=loss), {}
                 curves.append({"algorithm": _name, "seed": _seed, "step": step,
@@ -301,6 +307,11 @@ def _table(named, seeds, steps, curves, aligns, times, mem) -> list[dict]:
         if accs:
             row["final_test_acc_mean"] = _mean(accs)
             row["final_test_acc_std"] = _std(accs)
+        perfs = [c["test_perf"] for c in curves
+                 if c["algorithm"] == name and c["step"] == steps and "test_perf" in c]
+        if perfs:
+            row["final_test_perf_mean"] = _mean(perfs)
+            row["final_test_perf_std"] = _std(perfs)
         row |= {
             "ms_per_time_step": _mean(times[name]),
             "state_kib": mem.get(name, 0) / 1024.0,
@@ -325,6 +336,8 @@ def _write(out: Path, rows, curves, aligns, task, reference: Algorithm, recurren
     curve_fields = ["algorithm", "seed", "step", "test_loss"]
     if curves and "test_acc" in curves[0]:
         curve_fields.append("test_acc")
+    if curves and "test_perf" in curves[0]:
+        curve_fields.append("test_perf")
     for fname, recs, fields in (("curves.csv", curves, curve_fields),
                                 ("alignment.csv", aligns,
                                  ["algorithm", "seed", "step", *METRICS])):

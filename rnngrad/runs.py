@@ -32,6 +32,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULTS: dict[str, Any] = {
     # task
     "task": "digits", "seq_len": None, "stream": False,
+    "task_kwargs": None,  # a dict for the task's constructor (neurogym env_kwargs, file layout)
     # model
     "cell": "elman", "layers": 1, "hidden": 64, "activation": "tanh", "alpha": 1.0,
     "init": "uniform", "dtype": "float32", "device": "cpu",
@@ -76,6 +77,11 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     for k in ("task", "cell", "activation", "init", "device", "algorithm"):
         if not isinstance(cfg[k], str) or not cfg[k]:
             raise ValueError(f"{k} must be a non-empty string, got {cfg[k]!r}")
+    if cfg["task_kwargs"] is not None and not isinstance(cfg["task_kwargs"], Mapping):
+        raise ValueError(f"task_kwargs must be a dict or None, got {cfg['task_kwargs']!r}")
+    from .tasks import check_task_name
+
+    check_task_name(cfg["task"])
     check_cell(cfg["cell"])
     get_algorithm(cfg["algorithm"])  # an unknown name fails here, not in the middle of a sweep
     return cfg
@@ -91,10 +97,10 @@ def check_cell(name: str) -> str:
 
 
 def make_task(config: Mapping[str, Any]):
-    """The task a configuration names (``task``, ``seq_len``, ``stream``)."""
+    """The task a configuration names (``task``, ``seq_len``, ``stream``, ``task_kwargs``)."""
     from .tasks import get_task
 
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = dict(config.get("task_kwargs") or {})
     if config.get("seq_len") is not None:
         kw["seq_len"] = config["seq_len"]
     if config.get("stream"):
