@@ -198,3 +198,26 @@ def test_cli_bad_file_exits_2_and_writes_nothing(tmp_path, capsys):
                  "--no-progress"]) == 2
     assert "layout is not stated" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_task_kwargs_from_the_command_line():
+    from rnngrad.runs import check_config
+    from rnngrad.tasks import parse_task_kwargs
+
+    assert parse_task_kwargs("layout=NTD test_fraction=0.1 split_seed=3") == {
+        "layout": "NTD", "test_fraction": 0.1, "split_seed": 3}
+    assert parse_task_kwargs(["dt=20", 'timing={"delay": 500}', "abort=true"]) == {
+        "dt": 20, "timing": {"delay": 500}, "abort": True}
+    assert parse_task_kwargs(['{"dt": 20, "cohs": [51.2]}']) == {"dt": 20, "cohs": [51.2]}
+    assert parse_task_kwargs(None) == {} and parse_task_kwargs("") == {}
+    for bad, match in (("dt", "is not key=value"), ("dt=1 dt=2", "given twice"),
+                       ("1x=3", "not a valid argument name"), ('{"dt": ', "not a valid JSON"),
+                       ("=3", "is not key=value")):
+        with pytest.raises(ValueError, match=match):
+            parse_task_kwargs(bad)
+    with pytest.raises(ValueError, match="task_kwargs must be a dict"):
+        check_config({"task_kwargs": "layout=NTD"})
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        check_config({"task": "nope"})
+    assert check_config({"task": "file:x.npz", "task_kwargs": {"layout": "NTD"}})["task"] == \
+        "file:x.npz"
