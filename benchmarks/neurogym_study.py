@@ -85,7 +85,7 @@ def report(rows: list[dict], table: Path, plot: Path) -> None:
 
     lines = ["| task | cell | " + " | ".join(LABELS[a] for a in ALGORITHMS) + " |",
              "|---|---|" + "---|" * len(ALGORITHMS)]
-    summary: dict[tuple, tuple[float, float, int] | None] = {}
+    summary: dict[tuple, tuple[float, float, list[float]] | None] = {}
     for task in TASKS:
         for cell in CELLS:
             cells = []
@@ -100,10 +100,21 @@ def report(rows: list[dict], table: Path, plot: Path) -> None:
                     m, s = _stats(ok)
                     bad = len(rs) - len(ok)
                     cells.append(f"{m:.3f} ± {s:.3f}" + (f" ({bad} diverged)" if bad else ""))
-                    summary[task, cell, algo] = (m, s, len(ok))
+                    summary[task, cell, algo] = (m, s, ok)
                 else:
                     cells.append("–")
             lines.append(f"| {task.removesuffix('-v0')} | {cell} | " + " | ".join(cells) + " |")
+    lines += ["", "CPU seconds per run (one thread; mean over tasks and seeds; the whole run: "
+                  "data, gradients, updates, test):", "",
+              "| cell | " + " | ".join(LABELS[a] for a in ALGORITHMS) + " |",
+              "|---|" + "---|" * len(ALGORITHMS)]
+    for cell in CELLS:
+        cpu = []
+        for algo in ALGORITHMS:
+            xs = [float(r["cpu_s"]) for r in rows
+                  if (r["cell"], r["algorithm"], r["status"]) == (cell, algo, "ok")]
+            cpu.append(f"{sum(xs) / len(xs):.1f}" if xs else "n/a")
+        lines.append(f"| {cell} | " + " | ".join(cpu) + " |")
     seeds = sorted({int(r["seed"]) for r in rows})
     cpu = sum(float(r["cpu_s"]) for r in rows)
     loads = [float(r["load1"]) for r in rows]
@@ -116,21 +127,24 @@ def report(rows: list[dict], table: Path, plot: Path) -> None:
     width = 0.38
     for ax, task in zip(axes, TASKS):
         for j, cell in enumerate(CELLS):
-            xs, ms, ss = [], [], []
+            xs, ms = [], []
             for i, algo in enumerate(ALGORITHMS):
+                x = i + (j - 0.5) * width
+                if (task, cell, algo) in summary and summary[task, cell, algo] is None:
+                    ax.text(x, 0.02, "n/a", ha="center", fontsize=7, rotation=90)
                 v = summary.get((task, cell, algo))
                 if v:
-                    xs.append(i + (j - 0.5) * width)
+                    xs.append(x)
                     ms.append(v[0])
-                    ss.append(v[1])
-            ax.bar(xs, ms, width, yerr=ss, capsize=2, label=cell)
+                    ax.scatter([x] * len(v[2]), v[2], s=7, color="black", zorder=3)
+            ax.bar(xs, ms, width, label=cell, color=f"C{j}")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(ALGORITHMS)), [LABELS[a] for a in ALGORITHMS], rotation=45,
                       ha="right", fontsize=8)
         ax.set_title(task.removesuffix("-v0"), fontsize=10)
         ax.set_ylim(0, 1)
-    axes[0].set_ylabel("neurogym performance (test)")
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[0].set_ylabel("neurogym performance (test)\nbars: mean, dots: seeds")
+    axes[-1].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(plot, dpi=110)
