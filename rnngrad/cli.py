@@ -94,6 +94,25 @@ def _positive(text: str) -> int:
     return v
 
 
+def _arg(check):
+    """An argparse type from a checker that raises ValueError with a one-line message."""
+
+    def parse(text: str):
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = check.__name__
+    return parse
+
+
+def _slug(task: str) -> str:
+    """A task spec as a directory name: neurogym:ID -> neurogym-ID, file:a/b.npz -> file-b."""
+    prefix, _, rest = task.partition(":")
+    return f"{prefix}-{Path(rest).stem if prefix == 'file' else rest}" if rest else task
+
+
 def _tol(text: str) -> float:
     """An argparse type: ``rnngrad check --tol``, a finite number >= 0."""
     from .check import check_tol
@@ -169,11 +188,17 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_task_flags(p: argparse.ArgumentParser) -> None:
-    from .tasks import TASKS
+    from .tasks import TASKS, check_task_name
 
     g = p.add_argument_group("task")
-    g.add_argument("--task", default="digits", choices=sorted(TASKS),
-                   help="built-in task (default: digits)")
+    g.add_argument("--task", default="digits", type=_arg(check_task_name),
+                   help=f"a built-in task ({', '.join(sorted(TASKS))}), neurogym:ID (one of "
+                        "neurogym's tasks, pip install 'rnngrad[neuro]') or file:PATH.npz "
+                        "(your own arrays x, y, mask; docs/neurogym.md) (default: digits)")
+    g.add_argument("--task-kwargs", nargs="+", default=None, metavar="KWARGS",
+                   help="the task's arguments: a JSON object or key=value items, e.g. "
+                        "'dt=20 sigma=0.5' (neurogym env_kwargs) or 'layout=NTD "
+                        "test_fraction=0.2' (file:)")
     g.add_argument("--seq-len", type=int, default=None, metavar="T",
                    help="sequence length for tasks that take one (adding, sine, stream_add; "
                         "default: the task's own, 50)")
@@ -555,8 +580,16 @@ def _model_config(args) -> dict:
             "init": args.init, "dtype": args.dtype, "device": args.device}
 
 
+def _task_kwargs(args) -> dict | None:
+    """--task-kwargs as a dict (one JSON object, or key=value items), None when absent."""
+    from .tasks import parse_task_kwargs
+
+    return parse_task_kwargs(args.task_kwargs) or None if args.task_kwargs else None
+
+
 def _training_config(args) -> dict:
-    return {"task": args.task, "seq_len": args.seq_len, "stream": args.stream,
+    return {"task": args.task, "task_kwargs": _task_kwargs(args),
+            "seq_len": args.seq_len, "stream": args.stream,
             "steps": args.steps, "optimizer": args.optimizer, "batch_size": args.batch_size,
             "clip": args.clip or None, "update_every": args.update_every,
             "log_every": args.log_every, "track_alignment": args.track_alignment,
@@ -572,6 +605,8 @@ def _final_columns(final: dict) -> dict:
         out["test_loss (per step)"] = per_step
     if "test_acc" in final:
         out["test_acc"] = final["test_acc"]
+    if "test_perf" in final:
+        out["test_perf"] = final["test_perf"]
     if "test_mse" in final:
         out["test_mse (per step)"] = final["test_mse"]
     return out
@@ -595,7 +630,7 @@ def cmd_train(args) -> int:
     _check_device(args.device)
     config = {**_training_config(args), **_model_config(args), "hidden": args.hidden,
               "algorithm": args.algorithm or "bptt", "lr": args.lr, "seed": args.seed}
-    out = Path(args.out) if args.out else Path("runs") / f"{args.task}-{args.algorithm or 'bptt'}"
+    out = Path(args.out) if args.out else Path("runs") / f"{_slug(args.task)}-{args.algorithm or 'bptt'}"
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run in "
                          f"{out}, or replace it")
@@ -689,7 +724,7 @@ def cmd_sweep(args) -> int:
     base = {**_training_config(args), **_model_config(args)}
     grid = {"algorithm": args.algorithms, "cell": args.cell, "hidden": args.hidden,
             "lr": args.lr, "seed": list(range(args.seeds))}
-    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.task}"
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{_slug(args.task)}"
     state: dict = {"bar": None}
 
     def on_start(info: dict) -> None:
@@ -735,14 +770,15 @@ def cmd_compare(args) -> int:
     from .runs import make_task
 
     _check_device(args.device)
-    task = make_task({"task": args.task, "seq_len": args.seq_len, "stream": args.stream})
+    task = make_task({"task": args.task, "seq_len": args.seq_len, "stream": args.stream,
+                      "task_kwargs": _task_kwargs(args)})
     named = parse_algorithms(args.algorithms)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     for flag, v in (("--log-every", args.log_every), ("--track-alignment", args.track_alignment)):
         if v is not None and v < (1 if flag == "--log-every" else 0):
             raise ValueError(f"{flag} must be >= {1 if flag == '--log-every' else 0}, got {v}")
-    out = Path(args.out) if args.out else Path("runs") / f"compare-{args.task}"
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{_slug(args.task)}"
     summary_writer = _tensorboard(args.tensorboard)
     bar = _progress(len(named) * args.seeds * args.steps, args.no_progress)
     seen: dict[tuple, int] = {}

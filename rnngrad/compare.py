@@ -225,6 +225,8 @@ def compare(
     test = task.test_batch().to(device=device, dtype=dtype)
     # accuracy where the targets are class indices (cross-entropy tasks)
     classification = bool(getattr(task, "classification", False)) and loss == "cross_entropy"
+    # the task's own measure where it has one (neurogym's: the output at a trial's last step)
+    performance = getattr(task, "performance", None) if classification else None
 
     curves: list[dict] = []
     aligns: list[dict] = []
@@ -232,7 +234,7 @@ def compare(
     mem: dict[str, int] = {}
     dtype_name = str(dtype).removeprefix("torch.")
     curve_fields = ["algorithm", "seed", "step", "test_loss"] + (
-        ["test_acc"] if classification else [])
+        ["test_acc"] if classification else []) + (["test_perf"] if performance else [])
     align_fields = ["algorithm", "seed", "step", *METRICS]
     with contextlib.ExitStack() as stack:
         logs: dict[str, _Log] = {}
@@ -260,6 +262,10 @@ def compare(
                     if classification:
                         value, acc = evaluate_loss(_model, test, loss=loss, accuracy=True)
                         extra = {"test_acc": acc}
+                        if performance is not None:
+                            with torch.no_grad():
+                                z = _model(test.inputs)[1] @ _model.W_out.T + _model.b_out
+                            extra["test_perf"] = performance(z, test)
                     else:
                         value, extra = evaluate_loss(_model, test, loss=loss), {}
                     curves.append({"algorithm": _name, "seed": _seed, "step": step,
@@ -356,6 +362,11 @@ def _table(named, seeds, steps, curves, aligns, times, mem) -> list[dict]:
         if accs:
             row["final_test_acc_mean"] = _mean(accs)
             row["final_test_acc_std"] = _std(accs)
+        perfs = [c["test_perf"] for c in curves
+                 if c["algorithm"] == name and c["step"] == steps and "test_perf" in c]
+        if perfs:
+            row["final_test_perf_mean"] = _mean(perfs)
+            row["final_test_perf_std"] = _std(perfs)
         row |= {
             "ms_per_time_step": _mean(times[name]),
             "state_kib": mem.get(name, 0) / 1024.0,

@@ -34,6 +34,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULTS: dict[str, Any] = {
     # task
     "task": "digits", "seq_len": None, "stream": False,
+    "task_kwargs": None,  # a dict for the task's constructor (neurogym env_kwargs, file layout)
     # model
     "cell": "elman", "layers": 1, "hidden": 32, "activation": "tanh", "alpha": 1.0,
     "init": "uniform", "dtype": "float32", "device": "cpu",
@@ -122,6 +123,11 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["loss"] is not None and cfg["loss"] not in LOSSES:
         raise ValueError(f"unknown loss {cfg['loss']!r}; known losses: {', '.join(LOSSES)}")
     check_device(cfg["device"])
+    if cfg["task_kwargs"] is not None and not isinstance(cfg["task_kwargs"], Mapping):
+        raise ValueError(f"task_kwargs must be a dict or None, got {cfg['task_kwargs']!r}")
+    from .tasks import check_task_name
+
+    check_task_name(cfg["task"])
     check_cell(cfg["cell"])
     get_algorithm(cfg["algorithm"])  # an unknown name fails here, not in the middle of a sweep
     return cfg
@@ -137,12 +143,12 @@ def check_cell(name: str) -> str:
 
 
 def make_task(config: Mapping[str, Any]):
-    """The task a configuration names (``task``, ``seq_len``, ``stream``)."""
+    """The task a configuration names (``task``, ``seq_len``, ``stream``, ``task_kwargs``)."""
     import inspect
 
     from .tasks import TASKS, get_task
 
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = dict(config.get("task_kwargs") or {})
     if config.get("seq_len") is not None:
         cls = TASKS.get(config["task"])
         if cls is not None and "seq_len" not in inspect.signature(cls).parameters:

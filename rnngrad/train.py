@@ -159,6 +159,8 @@ def evaluate(model: nn.Module, task, batch: Batch | None = None, *,
     if task.classification:
         correct = (z.argmax(-1) == batch.targets) & m
         out["test_acc"] = float(correct.sum()) / n
+        if hasattr(task, "performance"):  # the task's own measure (neurogym's: last step)
+            out["test_perf"] = task.performance(z, batch)
     else:
         err = ((y - batch.targets) ** 2).mean(-1)
         out["test_mse"] = float((err * m).sum()) / n
