@@ -229,38 +229,25 @@ def test_chunk_uses_the_closed_form_for_the_trace_rules():
 
 
 class _Drifting(Elman):
-    """An Elman cell whose step writes its own weights (as an optimizer run from a callback
-    would): a chunk over it must refuse. It drifts only once ``drift`` is set, after the
-    network has been built (Network refuses a step that writes its parameters in place)."""
-
-    drift = False
-
-    def _drift(self):
-        if self.drift:
-            with torch.no_grad():
-                self.b_rec.add_(1e-3)
-
-    def step(self, params, state, x):
-        self._drift()
-        return super().step(params, state, x)
+    """An Elman cell whose linearization writes its own weights (as an optimizer run from a
+    callback would; its step stays pure): a chunk over it must refuse."""
 
     def linearize(self, params, state, x, *, need=()):
-        self._drift()
+        with torch.no_grad():
+            self.b_rec.add_(1e-3)
         return super().linearize(params, state, x, need=need)
 
     def linearize_sequence(self, params, inputs, state0, *, need=()):
-        self._drift()
+        with torch.no_grad():
+            self.b_rec.add_(1e-3)
         return super().linearize_sequence(params, inputs, state0, need=need)
 
 
 def test_a_chunk_whose_weights_change_is_refused():
-    # verify=False: past Network's own refusal of a step that writes its weights in place
-    # (tests/test_verify_cells.py), to the chunk's guard
-    net = rnngrad.Network([_Drifting(D, 4, **f64)], K, verify=False)
+    net = rnngrad.Network([_Drifting(D, 4, **f64)], K, verify=False)  # (it would be refused)
     x, y, _ = data()
     algo = rnngrad.eprop()
     state = algo.init(net, B)
-    net.cells[0].drift = True
     with pytest.raises(RuntimeError, match=r"weights changed during the chunk \(cells.0.b_rec"):
         rnngrad.run(algo, net, state, x[:3], y[:3])
 
