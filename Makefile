@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RNNGRAD := $(VENV)/bin/rnngrad
 
-.PHONY: setup demo train sweep test lint bench clean
+.PHONY: setup demo train sweep test docs lint bench clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -25,6 +25,15 @@ sweep: setup
 test: setup
 	$(PY) -m pytest -q
 
+# the API reference and the pages of docs/ as a site in site/ (open site/index.html);
+# --strict: a warning (a reference to a missing name, a broken link) fails the build
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict
+
 lint: setup
 	$(VENV)/bin/ruff check rnngrad tests benchmarks
 
@@ -32,4 +41,4 @@ bench: setup
 	$(PY) benchmarks/bptt.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site
