@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sweep's directory, new or empty (default: runs/sweep-TASK)")
     g.add_argument("--resume", action="store_true",
                    help="continue the sweep in DIR (the same command): finished trials are "
-                        "kept, unfinished ones run, failed ones run again")
+                        "kept, unfinished ones run, failed ones run again (with no sweep in "
+                        "DIR, start one)")
     g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="each trial checkpoints every N steps, so that a trial cut off "
                         "resumes where it was")
@@ -608,6 +609,8 @@ def cmd_sweep(args) -> int:
         how = (f"; ASHA stops trials by {args.metric} ({mode}) at rungs of "
                f"{args.grace_period or args.log_every} x {args.reduction_factor}^k steps"
                if args.scheduler == "asha" else "")
+        if args.resume and not info["resumed"]:
+            _note("sweep", f"no sweep in {out}: starting one")
         _note("sweep", f"{info['trials']} trials: {info['to_run']} to run on {where}{kept}{how}")
         state["bar"] = _progress(info["to_run"], args.no_progress, unit="trial")
 

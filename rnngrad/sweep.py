@@ -243,12 +243,14 @@ def _settings(base: Mapping[str, Any], space: Mapping[str, Any], *, samples: int
             "trials": _grid_size(axes) * samples}
 
 
-def _check_out(out: Path, settings: dict, resume: bool) -> None:
-    """Refuse a directory that would be overwritten, or a resume of something else."""
+def _check_out(out: Path, settings: dict, resume: bool) -> bool:
+    """Refuse a directory that would be overwritten, or a resume of another sweep; True
+    if there is a sweep to continue (``resume`` with none starts one, as ``rnngrad train
+    --resume`` does without a checkpoint)."""
     spec = out / SPEC_NAME
     if out.exists() and not out.is_dir():
         raise SweepExists(f"{out} is a file, not a directory: give another --out")
-    if not resume:
+    if not resume or not spec.exists():
         if spec.exists():
             table = out / TABLE_NAME
             done = (f"a finished sweep ({table.name} holds its table)" if table.exists()
@@ -259,12 +261,10 @@ def _check_out(out: Path, settings: dict, resume: bool) -> None:
             held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
             if held:
                 shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-                raise SweepExists(f"{out} is not empty (it holds {shown}): give a new or "
-                                  f"empty --out; nothing there is overwritten")
-        return
-    if not spec.exists():
-        raise SweepExists(f"--resume: {out} holds no sweep to continue ({SPEC_NAME} is "
-                          f"missing); leave --resume out to start one")
+                raise SweepExists(f"{out} is not empty (it holds {shown}) and holds no "
+                                  f"sweep: give a new or empty --out; nothing there is "
+                                  f"overwritten")
+        return False
     try:
         before = json.loads(spec.read_text())
     except (OSError, ValueError) as e:
@@ -283,6 +283,7 @@ def _check_out(out: Path, settings: dict, resume: bool) -> None:
         raise SweepExists(f"--resume continues the same sweep, but {out} holds one with "
                           f"other settings ({', '.join(details)} differ): run the same "
                           f"command with --resume, or give another --out")
+    return True
 
 
 # ------------------------------------------------------------------------------- Ray
@@ -530,12 +531,14 @@ def sweep(
             ``workers`` is not used, the cluster's CPUs are.
         connect_timeout: seconds to wait for ``address`` to answer (``ClusterUnreachable``).
         resume: continue the sweep recorded in ``out`` (the same settings), with
-            ``Tuner.restore``: finished trials are kept, the others run. Without it, a
-            directory that holds a sweep or anything else is refused (``SweepExists``).
+            ``Tuner.restore``: finished trials are kept, the others run (with none
+            recorded, start it). Without it, a directory that holds a sweep or anything
+            else is refused (``SweepExists``).
         checkpoint_every: each trial checkpoints every so many steps, so that a trial
             cut off (a lost node, Ctrl-C) resumes from there.
         progress: called with each finished trial's row.
-        on_start: called once with {"trials", "to_run", "finished"} before trials start.
+        on_start: called once with {"trials", "to_run", "finished", "resumed"} before
+            trials start.
 
     Raises ``KeyboardInterrupt`` when interrupted (Tune has saved the state: resume it).
     """
@@ -559,7 +562,7 @@ def sweep(
         raise ValueError(f"checkpoint_every must be a positive int or None, got "
                          f"{checkpoint_every!r}")
     out = Path(out)
-    _check_out(out, settings, resume)
+    resume = _check_out(out, settings, resume)
     ray, tune = _import_tune()
     with _quiet("ray.tune", "ray.air", "ray.train"):
         finished = _finished_trials(tune, out) if resume else None
@@ -569,7 +572,8 @@ def sweep(
                                  timeout=connect_timeout)
     try:
         with OutputDir(out) as d:
-            _check_out(d.path, settings, resume)  # again, now that the directory is ours
+            if _check_out(d.path, settings, resume) != resume:  # again, now that it is ours
+                raise SweepExists(f"{out} changed while the sweep was starting: run it again")
             path = d.path.resolve()
             atomic_write(path / SPEC_NAME, json.dumps(settings, indent=2).encode())
             results = _fit(tune, path, settings, restore=finished is not None, rerun=rerun,
@@ -649,7 +653,8 @@ def _fit(tune, path: Path, settings: dict, *, restore: bool, rerun: bool, checkp
                     callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
                                _progress_callback(tune)]))
         if on_start is not None:
-            on_start({"trials": total, "to_run": total - finished, "finished": finished})
+            on_start({"trials": total, "to_run": total - finished, "finished": finished,
+                      "resumed": restore})
         if rerun:
             _PROGRESS["fn"] = progress
             try:

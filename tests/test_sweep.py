@@ -104,7 +104,7 @@ def test_a_directory_that_holds_anything_is_refused_and_left_as_it_was(tmp_path)
     space = {"algorithm": ["bptt"], "lr": "loguniform:1e-3:1e-1"}
     finished = tmp_path / "finished"
     finished.mkdir()
-    (finished / "sweep.json").write_text("{}")
+    (finished / "sweep.json").write_text(json.dumps({"samples": 3}))
     (finished / "sweep.csv").write_text("trial\n")
     run = tmp_path / "run"  # a finished `rnngrad train` run
     run.mkdir()
@@ -113,13 +113,12 @@ def test_a_directory_that_holds_anything_is_refused_and_left_as_it_was(tmp_path)
     before = {d: _snapshot(d) for d in (finished, run)}
     with pytest.raises(SweepExists, match="already holds a finished sweep .* --resume"):
         sweep(BASE, space, out=finished, samples=2)
-    with pytest.raises(SweepExists, match=r"is not empty \(it holds config.json, model.pt\)"):
-        sweep(BASE, space, out=run, samples=2)
-    with pytest.raises(SweepExists, match="holds no sweep to continue"):
-        sweep(BASE, space, out=run, samples=2, resume=True)
-    with pytest.raises(SweepExists, match="holds no sweep to continue"):
-        sweep(BASE, space, out=tmp_path / "nothing", samples=2, resume=True)
-    assert not (tmp_path / "nothing").exists()
+    for resume in (False, True):
+        with pytest.raises(SweepExists, match=r"is not empty \(it holds config.json, "
+                                              r"model.pt\) and holds no sweep"):
+            sweep(BASE, space, out=run, samples=2, resume=resume)
+    with pytest.raises(SweepExists, match=r"holds one with other settings \(base, samples, "):
+        sweep(BASE, space, out=finished, samples=2, resume=True)
     assert {d: _snapshot(d) for d in (finished, run)} == before
 
 
