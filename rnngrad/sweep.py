@@ -663,9 +663,12 @@ def _fit(tune, path: Path, settings: dict, *, restore: bool, rerun: bool, checkp
                 _PROGRESS["fn"] = None
         else:
             grid = tune.ResultGrid(tune.ExperimentAnalysis(str(path)))
-        trials = list(grid._experiment_analysis.trials)
-        if len(trials) < total or any(t.status not in ("TERMINATED", "ERROR") for t in trials):
+        # the state Tune saved: on Ctrl-C it saves the trials as they were, then ends the
+        # unfinished ones (and returns as if done)
+        saved = tune.ExperimentAnalysis(str(path)).trials
+        if len(saved) < total or any(t.status not in ("TERMINATED", "ERROR") for t in saved):
             raise KeyboardInterrupt(f"the sweep in {path} was interrupted")
+        trials = list(grid._experiment_analysis.trials)
         results = []
         for trial, result in zip(trials, grid):
             frame = result.metrics_dataframe
