@@ -15,7 +15,6 @@ from rnngrad.sweep import (
     ClusterUnreachable,
     RayMissing,
     SweepExists,
-    _row,
     load,
     parse_axis,
     run_trial,
@@ -165,6 +164,9 @@ def test_a_trial_reports_every_logged_step_then_how_it_ended(tmp_path):
 
 
 def test_a_row_says_how_each_trial_ended():
+    pytest.importorskip("ray.tune")
+    from rnngrad._tune import _row
+
     config = {**BASE, "algorithm": "bptt", "cell": "elman", "lr": 0.1, "seed": 0}
     metrics = {"step": 8, "test_loss": 0.5, "test_loss_per_step": 0.5, "test_mse": 1.0,
                "time_total_s": 1.5}
@@ -182,6 +184,8 @@ def test_a_row_says_how_each_trial_ended():
     failed = _row(config, {}, RemoteError("Traceback ..."), "t3")
     assert failed["status"] == "error" and failed["steps_done"] == 0
     assert failed["error"] == "RuntimeError: the cell is broken on purpose"
+    text = "Traceback (most recent call last):\n  File ...\nValueError: bad cell\n"
+    assert _row(config, {}, text, "t4")["error"] == "ValueError: bad cell"  # error.txt
     assert list(failed)[:7] == ["trial", "algorithm", "cell", "hidden", "lr", "seed",
                                 "steps_done"]
 
