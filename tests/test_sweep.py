@@ -132,18 +132,17 @@ def test_an_unreachable_cluster_is_one_line_after_the_timeout(tmp_path, capsys):
     pytest.importorskip("ray.tune")
     port = _free_port()  # nothing listens there
     out = tmp_path / "s"
-    t0 = time.monotonic()
-    code = main(["sweep", *TINY, "--address", f"127.0.0.1:{port}", "--connect-timeout", "1.5",
+    code = main(["sweep", *TINY, "--address", f"127.0.0.1:{port}", "--connect-timeout", "0.5",
                  "--out", str(out), "--no-progress"])
-    elapsed = time.monotonic() - t0
     assert code == 2
     line = _one_line(capsys.readouterr().err)
-    assert f"no Ray cluster answered at 127.0.0.1:{port}" in line and "within 1.5 s" in line
-    assert 1.4 < elapsed < 15
+    assert f"no Ray cluster answered at 127.0.0.1:{port}" in line and "within 0.5 s" in line
     assert not out.exists()
-    with pytest.raises(ClusterUnreachable):
+    t0 = time.monotonic()  # Ray's own retries go on for minutes; this gives up on time
+    with pytest.raises(ClusterUnreachable, match=f"at ray://127.0.0.1:{port} "):
         sweep(BASE, {"seed": [0]}, out=out, address=f"ray://127.0.0.1:{port}",
-              connect_timeout=0.2)
+              connect_timeout=1.0)
+    assert 0.9 < time.monotonic() - t0 < 10
     assert not out.exists()
 
 
