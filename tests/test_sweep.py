@@ -243,3 +243,24 @@ def test_a_real_two_worker_tune_sweep_random_search_asha_and_resume(tmp_path, ca
     again = load(out)
     assert list(again["trial"]) == list(df["trial"])
     assert list(again["status"]) == list(df["status"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "logunif:1e-4:1e-1"], "argument --lr: unknown search space 'logunif'"),
+    (["--hidden", "uniform:8"], "argument --hidden: 'uniform:8': uniform takes two bounds"),
+    (["--lr", "loguniform:1e-3:1e-1", "--samples", "2", "--metric", "test_acc"],
+     "unknown metric 'test_acc' for task 'adding'"),
+    (["--samples", "2"], "every axis is a grid"),
+    (["--lr", "choice:0.1,0.2", "--scheduler", "asha", "--grace-period", "8"],
+     "grace_period must be an int in [1, steps = 8)"),
+])
+def test_the_command_line_refuses_a_bad_search_and_writes_nothing(tmp_path, capsys, args,
+                                                                  message):
+    out = tmp_path / "s"
+    try:
+        code = main(["sweep", *TINY, *args, "--out", str(out), "--no-progress"])
+    except SystemExit as e:  # argparse's own refusal (usage, then the error)
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
