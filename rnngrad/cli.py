@@ -47,6 +47,17 @@ def _check_device(name: str) -> str:
     return name
 
 
+def _tol(text: str) -> float:
+    """An argparse type: ``rnngrad check --tol``, a finite number >= 0."""
+    from .check import check_tol
+
+    try:
+        return check_tol(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (the largest relative "
+                                         f"error that passes, e.g. 1e-10), got {text!r}") from None
+
+
 def _list(kind):
     """An argparse type: a comma-separated list of ``kind``."""
 
@@ -346,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the working directory and built as Class(input_size, "
                         "hidden_size) (default: every network)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random networks (default: 0)")
-    p.add_argument("--tol", type=float, default=1e-10,
-                   help="largest relative error that passes (default: 1e-10)")
+    p.add_argument("--tol", type=_tol, default=1e-10,
+                   help="largest relative error that passes, a finite number >= 0 "
+                        "(default: 1e-10)")
     p.add_argument("--verbose", action="store_true",
                    help="one row per algorithm and network (default: worst case per algorithm)")
     p.set_defaults(func=cmd_check)

@@ -549,7 +549,22 @@ def online_pass(model, opt, algorithm: Algorithm, batch: Batch, state, loss: str
             _check_loss(value)
         apply_update(model, opt, pending, clip, check=check)
 
-    for t in range(T):
+    chunked = update_every is not None and algorithm.online
+    if chunked:
+        # chunks of update_every steps with the weights fixed: rnngrad.run (the trace rules
+        # in closed form, the traces carried across; any other algorithm steps through)
+        from .algorithms._chunk import run
+
+        for s in range(0, T, update_every):
+            e = min(s + update_every, T)
+            state, out, g = run(algorithm, model, state, batch.inputs[s:e], batch.targets[s:e],
+                                mask=batch.mask[s:e], loss=loss)
+            value = value + out.loss
+            pending = add_grads(pending, g)
+            if e < T and pending is not None:
+                update(pending)
+                total, pending = add_grads(total, pending), None
+    for t in range(0 if chunked else T):
         state, out, g = algorithm.step(model, state, batch.inputs[t], batch.targets[t],
                                        mask_t=batch.mask[t], loss=loss)
         value = value + out.loss

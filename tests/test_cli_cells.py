@@ -56,7 +56,8 @@ def test_check_a_users_cell(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["check", "--cell", "mycells:Adaptive"]) == 0
     text = capsys.readouterr().out
-    assert "mycells:Adaptive" in text and "all 46 checks passed" in text
+    # 50: rtrl() has a sequence form (diagonal cells), so its step path is checked too
+    assert "mycells:Adaptive" in text and "all 50 checks passed" in text
     assert main(["check", "--cell", "mycells:BrokenElman"]) == 1
     assert "FAILED" in capsys.readouterr().err
     assert main(["check", "--cell", "mycells:Missing"]) == 2
