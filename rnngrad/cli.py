@@ -140,6 +140,20 @@ def _list(kind):
     return parse
 
 
+def _space(kind):
+    """An argparse type: a sweep axis, a grid (comma-separated) or a distribution."""
+
+    def parse(text: str):
+        from .sweep import parse_axis
+
+        try:
+            return parse_axis(text, kind)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def _add_model_flags(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     from .registry import CELLS
     from .runs import DEFAULTS
@@ -162,8 +176,11 @@ def _add_model_flags(p: argparse.ArgumentParser, *, sweep: bool = False) -> None
     g.add_argument("--layers", type=int, default=1, metavar="N",
                    help="stack N layers of the cell, each of H units (default: 1)")
     if sweep:
-        g.add_argument("--hidden", type=_list(int), default=[hidden], metavar="H[,H...]",
-                       help=f"numbers of hidden units H, comma-separated (default: {hidden})")
+        g.add_argument("--hidden", type=_space(int), default={"grid": [hidden]},
+                       metavar="H[,H...]|DIST",
+                       help=f"numbers of hidden units H, comma-separated (a grid), or drawn "
+                            f"--samples times: loguniform:A:B or uniform:A:B (integers in "
+                            f"[A, B]), choice:A,B,... (default: {hidden})")
     else:
         g.add_argument("--hidden", type=int, default=hidden, metavar="H",
                        help=f"number of hidden units H per layer (default: {hidden})")
@@ -221,8 +238,10 @@ def _add_training_flags(p: argparse.ArgumentParser, *, mode: str = "train"
                    help="the loss (default: the one that follows the task's readout: "
                         "softmax: cross_entropy, sigmoid: bce, identity: mse)")
     if mode == "sweep":
-        g.add_argument("--lr", type=_list(float), default=[1e-2], metavar="LR[,LR...]",
-                       help="learning rates, comma-separated (default: 1e-2)")
+        g.add_argument("--lr", type=_space(float), default={"grid": [1e-2]},
+                       metavar="LR[,LR...]|DIST",
+                       help="learning rates, comma-separated (a grid), or drawn --samples "
+                            "times: loguniform:A:B, uniform:A:B, choice:A,B,... (default: 1e-2)")
     else:
         g.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: 1e-2)")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
@@ -307,17 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "at most every 30 s stands in for the bar)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="a grid of training runs on Ray, gathered in one table",
-                       description="Train one run per point of the grid algorithms x cells x "
-                                   "hidden sizes x learning rates x seeds, each exactly as "
-                                   "`rnngrad train` would, as Ray tasks: on an embedded local "
-                                   "Ray with --workers CPUs, or on a running cluster with "
-                                   "--address. Writes DIR/sweep.csv (one row per trial: its "
-                                   "values, final test metrics, wall time, status, error), "
-                                   "learning_curves.png, and each trial's run in "
-                                   "DIR/trials/. A failed trial is a row with its error; "
-                                   "--resume skips the finished ones. Needs Ray: pip "
-                                   "install 'rnngrad[ray]'.",
+    p = sub.add_parser("sweep", help="a search over training runs on Ray Tune, in one table",
+                       description="Train one run per trial, each exactly as `rnngrad train` "
+                                   "would, as trials of a Ray Tune Tuner: a grid of algorithms "
+                                   "x cells x hidden sizes x learning rates x seeds, where "
+                                   "--lr and --hidden may also be drawn (loguniform:A:B, "
+                                   "uniform:A:B, choice:A,B) --samples times per grid point; "
+                                   "--scheduler asha stops the trials trailing by --metric. "
+                                   "On an embedded local Ray with --workers CPUs, or on a "
+                                   "running cluster with --address. Writes DIR/sweep.csv (one "
+                                   "row per trial: its values, steps trained, last test "
+                                   "metrics, wall time, status ok/stopped/diverged/error, "
+                                   "error), learning_curves.png, and each trial's run in "
+                                   "DIR/<trial>/; DIR is Tune's experiment directory. A "
+                                   "failed trial is a row with its error; --resume continues "
+                                   "an interrupted sweep; a DIR holding anything is never "
+                                   "overwritten. Needs Ray Tune: pip install 'rnngrad[ray]'.",
                        epilog=f"exit codes: {codes}.")
     _add_task_flags(p)
     p.add_argument("--algorithms", type=_list(str), default=["bptt"], metavar="A[,A...]",
@@ -331,19 +355,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--track-alignment", type=_positive, default=None, metavar="N",
                    help="every N steps, each trial logs its alignment with exact BPTT "
                         "(then alignment.png)")
+    from .sweep import METRIC_MODES
+
+    g = p.add_argument_group("search (Ray Tune)")
+    g.add_argument("--samples", type=int, default=1, metavar="N",
+                   help="values drawn of the random axes (--lr, --hidden given as "
+                        "loguniform:, uniform:, choice:) for each point of the grid "
+                        "(default: 1)")
+    g.add_argument("--search-seed", type=int, default=0, metavar="N",
+                   help="seed of those draws: the same seed draws the same values (default: 0)")
+    g.add_argument("--scheduler", default="fifo", choices=["fifo", "asha"],
+                   help="fifo: every trial runs all its steps; asha: Tune's ASHAScheduler "
+                        "(Li et al. 2020) stops, at rungs of --grace-period x "
+                        "--reduction-factor^k training steps, the trials whose --metric "
+                        "trails (default: fifo)")
+    g.add_argument("--metric", default="test_loss_per_step", choices=list(METRIC_MODES),
+                   help="what a trial is judged by (ASHA, and the best trial printed): "
+                        "test_loss_per_step, test_loss, train_loss (mode min), test_acc "
+                        "(classification, max), test_mse (regression, min); every trial "
+                        "reports it at each logged step (default: test_loss_per_step, min)")
+    g.add_argument("--mode", default=None, choices=["min", "max"],
+                   help="whether a smaller or a larger --metric is better (default: max for "
+                        "test_acc, min for the others)")
+    g.add_argument("--grace-period", type=int, default=None, metavar="STEPS",
+                   help="asha: training steps before the first rung (default: --log-every)")
+    g.add_argument("--reduction-factor", type=int, default=3, metavar="R",
+                   help="asha: 1 in R trials goes on at each rung (default: 3)")
     g = p.add_argument_group("Ray")
     g.add_argument("--workers", type=int, default=2, metavar="N",
                    help="CPUs of the embedded local Ray: N trials at a time (default: 2)")
     g.add_argument("--address", default=None,
-                   help="join a running Ray cluster instead (e.g. auto, ray://head:10001); "
-                        "rnngrad must be installed on its nodes, and DIR should be on a "
-                        "shared filesystem to collect each trial's files")
+                   help="join a running Ray cluster instead (auto, HOST:6379, or "
+                        "ray://HOST:10001); rnngrad must be installed on its nodes, and DIR "
+                        "should be on a shared filesystem to collect each trial's files")
+    g.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for --address to answer before giving up "
+                        "(default: 30)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR",
-                   help="the sweep's directory (default: runs/sweep-TASK)")
+                   help="the sweep's directory, new or empty (default: runs/sweep-TASK)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the sweep in DIR: trials recorded ok or diverged are "
-                        "skipped, the rest run")
+                   help="continue the sweep in DIR (the same command): finished trials are "
+                        "kept, unfinished ones run, failed ones run again (with no sweep in "
+                        "DIR, start one)")
     g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="each trial checkpoints every N steps, so that a trial cut off "
                         "resumes where it was")
@@ -718,19 +772,26 @@ def cmd_sweep(args) -> int:
     from .sweep import AXES, sweep
 
     _check_device(args.device)
-    for flag, v in (("--seeds", args.seeds), ("--workers", args.workers)):
+    for flag, v in (("--seeds", args.seeds), ("--workers", args.workers),
+                    ("--samples", args.samples)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     base = {**_training_config(args), **_model_config(args)}
-    grid = {"algorithm": args.algorithms, "cell": args.cell, "hidden": args.hidden,
-            "lr": args.lr, "seed": list(range(args.seeds))}
+    space = {"algorithm": args.algorithms, "cell": args.cell, "hidden": args.hidden,
+             "lr": args.lr, "seed": list(range(args.seeds))}
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{_slug(args.task)}"
     state: dict = {"bar": None}
+    mode = args.mode or ("max" if args.metric == "test_acc" else "min")
 
     def on_start(info: dict) -> None:
         where = f"Ray at {args.address}" if args.address else f"a local Ray, {args.workers} workers"
-        skipped = f", {info['skipped']} recorded as finished (skipped)" if info["skipped"] else ""
-        _note("sweep", f"{info['trials']} trials: {info['to_run']} to run on {where}{skipped}")
+        kept = f", {info['finished']} finished before (kept)" if info["finished"] else ""
+        how = (f"; ASHA stops trials by {args.metric} ({mode}) at rungs of "
+               f"{args.grace_period or args.log_every} x {args.reduction_factor}^k steps"
+               if args.scheduler == "asha" else "")
+        if args.resume and not info["resumed"]:
+            _note("sweep", f"no sweep in {out}: starting one")
+        _note("sweep", f"{info['trials']} trials: {info['to_run']} to run on {where}{kept}{how}")
         state["bar"] = _progress(info["to_run"], args.no_progress, unit="trial")
 
     def progress(row: dict) -> None:
@@ -739,27 +800,39 @@ def cmd_sweep(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        rows = sweep(base, grid, out=out, workers=args.workers, address=args.address,
-                     resume=args.resume, checkpoint_every=args.checkpoint_every,
-                     progress=progress, on_start=on_start)
+        df = sweep(base, space, out=out, samples=args.samples, scheduler=args.scheduler,
+                   metric=args.metric, mode=args.mode, grace_period=args.grace_period,
+                   reduction_factor=args.reduction_factor, search_seed=args.search_seed,
+                   workers=args.workers, address=args.address,
+                   connect_timeout=args.connect_timeout, resume=args.resume,
+                   checkpoint_every=args.checkpoint_every, progress=progress,
+                   on_start=on_start)
     except KeyboardInterrupt:
         if state["bar"] is not None:
             state["bar"].close()
             state["bar"] = None
-        _note("sweep", f"interrupted; the finished trials are recorded in {out / 'trials'}; "
+        _note("sweep", f"interrupted; Tune saved the sweep's state in {out}; "
                        f"continue with: {_resume_command(args, out)}")
         return 130
     finally:
         if state["bar"] is not None:
             state["bar"].close()
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "diverged", "error")}
-    print(f"{args.task}: {len(rows)} trials ({counts['ok']} ok, {counts['diverged']} diverged, "
-          f"{counts['error']} failed), {time.perf_counter() - t0:.0f} s")
+    rows = df.to_dict("records")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stopped", "diverged",
+                                                               "error")}
+    print(f"{args.task}: {len(rows)} trials ({counts['ok']} ok, {counts['stopped']} stopped "
+          f"early, {counts['diverged']} diverged, {counts['error']} failed), "
+          f"{time.perf_counter() - t0:.0f} s")
     metrics = [k for k in ("test_loss_per_step", "test_acc", "test_mse")
-               if any(k in r for r in rows)]
+               if k in df.columns and df[k].notna().any()]
     table = [{**r, "error": (r["error"][:60] + "...") if len(r["error"]) > 60 else r["error"]}
              for r in rows]
-    print(_table(table, [*AXES, *metrics, "wall_s", "status", "error"]))
+    print(_table(table, [*AXES, "steps_done", *metrics, "wall_s", "status", "error"]))
+    judged = [r for r in rows if r["status"] in ("ok", "stopped")
+              and r.get(args.metric) == r.get(args.metric) and args.metric in r]
+    if judged:
+        best = (min if mode == "min" else max)(judged, key=lambda r: r[args.metric])
+        print(f"best by {args.metric} ({mode}): {best['trial']} ({best[args.metric]:.4g})")
     print(f"wrote {out / 'sweep.csv'} and plots in {out}")
     return 1 if counts["error"] else 0
 
@@ -898,7 +971,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, _Parser]:
 
 def main(argv: list[str] | None = None) -> int:
     from .outdir import OutputLocked
-    from .sweep import RayMissing
+    from .sweep import ClusterUnreachable, RayMissing
     from .train import CheckpointError, Diverged
 
     parser = build_parser()
@@ -928,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputLocked, CheckpointError) as e:
         print(f"{where}: error: {e}", file=sys.stderr)
         return 3
-    except RayMissing as e:
+    except (RayMissing, ClusterUnreachable) as e:
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as e:

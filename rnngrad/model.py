@@ -116,6 +116,8 @@ class RNN(Network):
         return self.W_out.shape[0]
 
     def reset_parameters(self) -> None:
+        """Draw ``W_in``, ``b_rec``, ``W_out``, ``b_out`` uniformly in +-1/sqrt(H) (as
+        ``torch.nn.RNN``), and ``W_rec`` (H, H) by the ``init`` given."""
         H = self.hidden_size
         bound = 1.0 / math.sqrt(H)
         with torch.no_grad():

@@ -101,6 +101,7 @@ class Network(nn.Module):
         self.reset_readout()
 
     def reset_readout(self) -> None:
+        """Draw ``W_out`` (K, H) and ``b_out`` (K,) uniformly in +-1/sqrt(H), as nn.Linear."""
         bound = 1.0 / math.sqrt(self.W_out.shape[1])
         with torch.no_grad():
             self.W_out.uniform_(-bound, bound)

@@ -89,6 +89,8 @@ def _lines(ax, records, names, key, by, *, clamp=None):
         if clamp is not None:
             lo = [max(v, clamp[0]) for v in lo]
             hi = [min(v, clamp[1]) for v in hi]
+        if len(s) <= style["markevery"][0]:  # too short for its staggered markers (a run
+            style = {**style, "markevery": None}  # stopped early): mark every point
         ax.plot(s, m, label=name, **style)
         ax.fill_between(s, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
         lows += lo

@@ -266,32 +266,6 @@ def test_compare_needs_no_ray(tmp_path, monkeypatch):
                  "--out", str(tmp_path), "--no-progress"]) == 0
 
 
-def test_sweep_command_table_and_exit_code(tmp_path, capsys, monkeypatch):
-    """The CLI's plumbing (the trials run in this process; test_sweep runs them on Ray)."""
-    import rnngrad.sweep as sweep_module
-
-    def serial(jobs, *, workers, address, checkpoint_every, finished):
-        for config, tdir in jobs:
-            finished(sweep_module.run_trial(config, tdir, checkpoint_every=checkpoint_every))
-
-    monkeypatch.setattr(sweep_module, "_run_on_ray", serial)
-    monkeypatch.setattr(sweep_module, "_import_ray", lambda: None)
-    args = ["sweep", "--task", "adding", "--seq-len", "4", "--algorithms", "bptt,eprop",
-            "--hidden", "3,4", "--lr", "0.05", "--seeds", "1", "--steps", "2",
-            "--log-every", "2", "--batch-size", "4", "--out", str(tmp_path), "--no-progress"]
-    assert main(args) == 0
-    captured = capsys.readouterr()
-    assert "adding: 4 trials (4 ok, 0 diverged, 0 failed)" in captured.out
-    assert captured.err.strip() == "rnngrad sweep: 4 trials: 4 to run on a local Ray, 2 workers"
-    with open(tmp_path / "sweep.csv") as f:
-        assert [(r["algorithm"], r["hidden"]) for r in csv.DictReader(f)] == [
-            ("bptt", "3"), ("bptt", "4"), ("eprop", "3"), ("eprop", "4")]
-    assert main(args) == 2
-    assert "already holds a sweep" in capsys.readouterr().err
-    assert main([*args, "--resume"]) == 0
-    assert "0 to run" in capsys.readouterr().err
-
-
 KILL_ARGS = ("train", "--task", "adding", "--seq-len", "5", "--hidden", "4", "--batch-size", "4",
              "--steps", "1000", "--log-every", "500", "--dtype", "float64", "--no-progress")
 

@@ -55,6 +55,8 @@ PARAM_NAMES = ("W_in", "W_rec", "b_rec", "W_out", "b_out")
 
 
 class StepOutput(NamedTuple):
+    """What an online step computed: the hidden state, the readout and the step's loss."""
+
     h: Tensor  # (B, H) h_t
     z: Tensor  # (B, K) readout pre-activation z_t
     loss: Tensor  # () (1/B) sum_b mask_t[b] l_t[b]; zero when the step has no target

@@ -42,6 +42,8 @@ INITS = ("uniform", "orthogonal", "normal", "identity")
 
 
 class ElmanState(NamedTuple):
+    """The Elman cell's state: the hidden state ``h`` (B, H)."""
+
     h: Tensor  # (B, H)
 
 
@@ -113,6 +115,8 @@ class Elman(Cell):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draw ``W_in`` (H, D) and ``b_rec`` (H,) uniformly in +-1/sqrt(H), ``W_rec``
+        (H, H) by the ``init`` given."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         with torch.no_grad():
             self.W_in.uniform_(-bound, bound)

@@ -44,6 +44,8 @@ __all__ = ["ELSTM", "ELSTMState"]
 
 
 class ELSTMState(NamedTuple):
+    """The eLSTM's state: the element-wise memory cell ``c`` (B, H)."""
+
     c: Tensor  # (B, H)
 
 
@@ -81,6 +83,8 @@ class ELSTM(Cell):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draw ``W (2H, D)``, ``w (2H,)``, ``b (2H,)`` from N(0, 0.1^2), add ``forget_bias``
+        to b_f, and draw ``W_o``, ``R_o``, ``b_o`` in +-1/sqrt(D + H)."""
         H = self.hidden_size
         bound = 1.0 / math.sqrt(self.input_size + H)
         with torch.no_grad():

@@ -71,6 +71,8 @@ __all__ = ["GRU", "GRUState", "SequenceCache", "gate_parameters", "gate_sum"]
 
 
 class GRUState(NamedTuple):
+    """The GRU's state: the hidden state ``h`` (B, H)."""
+
     h: Tensor  # (B, H)
 
 

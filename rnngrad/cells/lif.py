@@ -63,20 +63,31 @@ __all__ = ["LIF", "ALIF", "LIFState", "LIFRefractoryState", "ALIFState",
 
 
 class LIFState(NamedTuple):
+    """A LIF layer's state: the membrane potential ``v`` (B, U)."""
+
     v: Tensor  # (B, U) membrane potential
 
 
 class LIFRefractoryState(NamedTuple):
+    """A LIF layer's state with a refractory period: ``v`` and the refractory
+    counter ``q``, each (B, U)."""
+
     v: Tensor  # (B, U) membrane potential
     q: Tensor  # (B, U) refractory steps left (0: free to spike), integer-valued
 
 
 class ALIFState(NamedTuple):
+    """An ALIF layer's state: the membrane potential ``v`` and the threshold
+    adaptation ``a``, each (B, U)."""
+
     v: Tensor  # (B, U) membrane potential
     a: Tensor  # (B, U) threshold adaptation
 
 
 class ALIFRefractoryState(NamedTuple):
+    """An ALIF layer's state with a refractory period: ``v``, ``a`` and the
+    refractory counter ``q``, each (B, U)."""
+
     v: Tensor  # (B, U) membrane potential
     a: Tensor  # (B, U) threshold adaptation
     q: Tensor  # (B, U) refractory steps left (0: free to spike), integer-valued

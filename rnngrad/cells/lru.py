@@ -73,6 +73,8 @@ EPS = 1e-5  # the layer norm's epsilon
 
 
 class LRUState(NamedTuple):
+    """The LRU's complex state ``h_t`` as its real and imaginary parts, each (B, N)."""
+
     re: Tensor  # (B, N) Re h_t
     im: Tensor  # (B, N) Im h_t
 

@@ -70,6 +70,8 @@ __all__ = ["LSTM", "LSTMState"]
 
 
 class LSTMState(NamedTuple):
+    """The LSTM's state: the output ``h`` and the memory cell ``c``, each (B, H)."""
+
     h: Tensor  # (B, H)
     c: Tensor  # (B, H)
 

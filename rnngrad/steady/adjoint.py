@@ -83,7 +83,7 @@ def recurrent_backprop(
 
         dR/dW = sum_b u_b x_b^T,     dR/db = u.
 
-    Methods:
+    The solvers (``method``):
         ``"direct"``: dense LU of the (B, N, N) matrices ``I - D W^T``, O(B N^3).
         Raises ValueError when a matrix is singular (zero pivot) or numerically
         singular (pivot ratio ``min|U_ii| / max|U_ii| < N eps``, or a backward

@@ -34,6 +34,8 @@ class Adding:
         self._test = self.batch(test_size, generator=test_seed)
 
     def batch(self, batch_size: int, *, generator: torch.Generator | int | None = None) -> Batch:
+        """``batch_size`` new sequences from ``generator`` (a seed or a torch.Generator):
+        inputs (T, B, D), targets (T, B, 1) (the sum, at the last step), mask (T, B)."""
         g = make_generator(generator)
         T, B = self.seq_len, batch_size
         values = torch.rand(T, B, generator=g)

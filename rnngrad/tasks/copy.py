@@ -37,6 +37,8 @@ class Copy:
         self._test = self.batch(test_size, generator=test_seed)
 
     def batch(self, batch_size: int, *, generator: torch.Generator | int | None = None) -> Batch:
+        """``batch_size`` new sequences from ``generator`` (a seed or a torch.Generator):
+        inputs (T, B, D), targets (T, B) class indices (the symbols, on the answer steps), mask (T, B)."""
         g = make_generator(generator)
         L, Dl, S, B, T = self.length, self.delay, self.n_symbols, batch_size, self.seq_len
         symbols = torch.randint(0, S, (L, B), generator=g)
@@ -52,6 +54,7 @@ class Copy:
         return Batch(inputs, targets, mask)
 
     def test_batch(self) -> Batch:
+        """A fixed test set (seeded apart from training batches)."""
         return self._test
 
 

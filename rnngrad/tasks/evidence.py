@@ -110,6 +110,8 @@ class EvidenceAccumulation:
         return end - self.cue_steps, end
 
     def batch(self, batch_size: int, *, generator: torch.Generator | int | None = None) -> Batch:
+        """``batch_size`` new sequences from ``generator`` (a seed or a torch.Generator):
+        inputs (T, B, D), targets (T, B) class indices (the majority side), counted in the recall window, mask (T, B)."""
         g = make_generator(generator)
         B, T, n = batch_size, self.seq_len, self.n_channels
         # the majority side of each example, then each cue: minority with p_minority

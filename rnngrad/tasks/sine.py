@@ -17,6 +17,9 @@ __all__ = ["Sine"]
 
 
 class Sine:
+    """The sine-generation task (see the module docstring): inputs (T, B, 1), the
+    frequency cue; targets (T, B, 1), ``sin(omega t)``; every step counted."""
+
     name = "sine"
     loss = "mse"
     readout = "identity"
@@ -35,6 +38,8 @@ class Sine:
         self._test = self.batch(test_size, generator=test_seed)
 
     def batch(self, batch_size: int, *, generator: torch.Generator | int | None = None) -> Batch:
+        """``batch_size`` new sequences from ``generator`` (a seed or a torch.Generator):
+        inputs (T, B, D), targets (T, B, 1), mask (T, B)."""
         g = make_generator(generator)
         T, B = self.seq_len, batch_size
         lo, hi = self.omega_min, self.omega_max
@@ -46,4 +51,5 @@ class Sine:
         return Batch(inputs, targets, torch.ones(T, B))
 
     def test_batch(self) -> Batch:
+        """A fixed test set (seeded apart from training batches)."""
         return self._test

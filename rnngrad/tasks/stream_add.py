@@ -166,5 +166,6 @@ class StreamAdd:
         return {"history": None if self._history is None else self._history.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the stream ``state_dict`` saved (streaming mode)."""
         h = state.get("history")
         self._history = None if h is None else h.clone()
