@@ -776,7 +776,8 @@ def cmd_sweep(args) -> int:
                     ("--samples", args.samples)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
-    base = {**_training_config(args), **_model_config(args)}
+    # the searched axes come from ``space``; the base holds one valid value of each
+    base = {**_training_config(args), **_model_config(args), "cell": args.cell[0]}
     space = {"algorithm": args.algorithms, "cell": args.cell, "hidden": args.hidden,
              "lr": args.lr, "seed": list(range(args.seeds))}
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{_slug(args.task)}"

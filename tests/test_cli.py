@@ -334,9 +334,9 @@ def test_train_compare_and_sweep_share_flag_names_and_defaults():
         values = {c: p[key] for c, p in parsed.items()}
         assert len(set(map(str, values.values()))) == 1, (key, values)
     assert parsed["train"]["lr"] == parsed["compare"]["lr"] == DEFAULTS["lr"]
-    assert parsed["sweep"]["lr"] == [DEFAULTS["lr"]]
+    assert parsed["sweep"]["lr"] == {"grid": [DEFAULTS["lr"]]}  # a sweep axis: a grid
     assert parsed["train"]["hidden"] == parsed["compare"]["hidden"] == DEFAULTS["hidden"]
-    assert parsed["sweep"]["hidden"] == [DEFAULTS["hidden"]]  # sweep's flags take lists
+    assert parsed["sweep"]["hidden"] == {"grid": [DEFAULTS["hidden"]]}  # sweep axes: grids
     assert parsed["train"]["cell"] == parsed["compare"]["cell"] == "elman"
     assert parsed["sweep"]["cell"] == ["elman"]
     assert (parsed["train"]["steps"], parsed["train"]["batch_size"]) == (
