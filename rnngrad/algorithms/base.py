@@ -352,6 +352,8 @@ def _forget(key: int, ref) -> None:
 
 
 def _record(name: str, model, state) -> None:
+    if torch.compiler.is_compiling():  # a rule calling another's checked step (TBPTT: BPTT's)
+        return  # inside a compiled step: the outer, eager validation records
     leaf = _h_leaf(state)
     if leaf is None:
         return
@@ -371,6 +373,8 @@ def _record(name: str, model, state) -> None:
 def _recorded(name: str, model, state) -> bool:
     """Refuse a state another algorithm returned, or one already consumed; True when the
     state is, untouched, what this algorithm returned for this model (no shape check then)."""
+    if torch.compiler.is_compiling():
+        return False
     leaf = _h_leaf(state)
     entry = None if leaf is None else _RECORDS.get(id(leaf))
     rec = None if entry is None or entry[0]() is not leaf else entry[1].get(id(state))
@@ -426,6 +430,14 @@ def _checked(name: str, init, step, flush):
         return state
 
     def c_step(model, state, x_t, target_t=None, *, mask_t=None, loss=None, dh_t=None):
+        if not fused and torch.compiler.is_compiling():
+            # a rule calling another's checked step inside a compiled one (TBPTT: BPTT's):
+            # the outer step was validated, and a host sync here would break the graph
+            if loss is None:
+                loss = default_loss(model.readout)
+            if mask_t is not None:
+                mask_t = mask_t.to(model.W_out.dtype)
+            return step(model, state, x_t, target_t, mask_t=mask_t, loss=loss, dh_t=dh_t)
         _check_model(model, name)
         B = _check_state(name, init, model, state)
         if loss is None:
@@ -445,6 +457,8 @@ def _checked(name: str, init, step, flush):
         return new, out, grads
 
     def c_flush(model, state):
+        if torch.compiler.is_compiling():  # inside a compiled step (see c_step)
+            return flush(model, state)
         _check_model(model, name)
         _check_state(name, init, model, state)
         new, grads = flush(model, state)
