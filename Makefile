@@ -11,12 +11,14 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
-# the main job: every gradient algorithm trained from the same weights on the same data
+# the main job: every gradient algorithm trained from the same weights on the same data.
+# demo and train replace their own earlier run (--overwrite): seeded, they give the same
+# result again, so nothing is lost; rnngrad itself never overwrites a run unasked
 demo: setup
-	$(RNNGRAD) compare --task digits --algorithms bptt,tbptt:4,rtrl,eprop,rflo,snap1,uoro,kf_rtrl --seeds 3 --steps 300 --hidden 32 --out runs/demo
+	$(RNNGRAD) compare --task digits --algorithms bptt,tbptt:4,rtrl,eprop,rflo,snap1,uoro,kf_rtrl --seeds 3 --steps 300 --hidden 32 --out runs/demo --overwrite
 
 train: setup
-	$(RNNGRAD) train --task digits --algorithm bptt --hidden 64 --steps 2000 --lr 1e-2 --seed 0 --out runs/digits
+	$(RNNGRAD) train --task digits --algorithm bptt --hidden 64 --batch-size 32 --steps 2000 --lr 1e-2 --seed 0 --out runs/digits --overwrite
 
 # docs/sweep.md: 16 trials on an embedded 2-worker Ray (again: finished trials are skipped)
 sweep: setup

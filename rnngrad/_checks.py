@@ -78,6 +78,15 @@ def check_seed_value(name: str, seed: object) -> int:
 def check_tensor(name: str, t: object, model: nn.Module, *, floating: bool = True) -> Tensor:
     """A tensor on the model's device (and, if floating, of the model's dtype)."""
     ref = _param(model)
+    if ref.is_meta:
+        raise ValueError("the model is on the meta device (shapes without data), where nothing "
+                         "can be computed: build it on a real device, or move it with "
+                         "model.to_empty(device='cpu') and load its weights")
+    if ref.is_complex() or not ref.is_floating_point():
+        raise TypeError(f"the model's parameters are {ref.dtype}, but rnngrad takes real "
+                        "floating parameters (float32 or float64): model.to(torch.float64); "
+                        "a complex parameter is kept as its real and imaginary parts, as "
+                        "rnngrad.cells.LRU does")
     if not isinstance(t, Tensor):
         hint = " (convert it with torch.as_tensor)" if hasattr(t, "__array__") else ""
         raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(t)}{hint}")

@@ -128,7 +128,9 @@ def build(spec: str, D: int, H: int, K: int, readout: str, dtype: torch.dtype):
     for i, name in enumerate(layers):
         cell = get_cell(name)(D if i == 0 else H, H)
         cells.append(cell.to(dtype=dtype))
-    return Network(cells, K, readout=readout).to(dtype=dtype)
+    # verify=False: a wrong declaration shows in the table, against autograd, rather than
+    # as the first-use check's error
+    return Network(cells, K, readout=readout, verify=False).to(dtype=dtype)
 
 
 def _reward(h: Tensor) -> Tensor:
@@ -328,6 +330,20 @@ def exact_algorithms(config: CheckConfig) -> dict[str, object]:
     }
 
 
+def check_tol(tol: object) -> float:
+    """The tolerance of ``run_checks``: a finite number >= 0."""
+    import math
+    import numbers
+
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol must be a finite number >= 0 (the largest relative error that "
+                        f"passes, e.g. 1e-10), got {tol!r}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0 (the largest relative error that "
+                         f"passes, e.g. 1e-10), got {tol!r}")
+    return float(tol)
+
+
 def run_checks(*, seed: int = 0, dtype: torch.dtype = torch.float64,
                configs: Sequence[CheckConfig] | None = None, cell: str | None = None,
                algorithms: Callable[[CheckConfig], Mapping[str, object]] | None = None,
@@ -354,6 +370,7 @@ def run_checks(*, seed: int = 0, dtype: torch.dtype = torch.float64,
     from .algorithms.base import Algorithm
     from .gradient import gradient
 
+    tol = check_tol(tol)
     if cell is not None:
         if configs is not None:
             raise ValueError("give configs or cell, not both")

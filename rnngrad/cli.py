@@ -4,7 +4,8 @@ that prints.
 Exit codes (``rnngrad --help`` lists them too): 0 done; 1 training diverged (a
 non-finite loss or gradient; the last checkpoint is kept), a check failed, or a sweep
 trial failed with an error; 2 a bad command line or input (a resume that does not match
-its checkpoint included), or a missing optional dependency; 3 the output directory
+its checkpoint, an output directory holding an earlier run, an unusable device
+included), or a missing optional dependency; 3 the output directory
 cannot be used (held by another run, a file, read-only, full, or its checkpoint is
 unreadable); 130 interrupted (Ctrl-C). Every error is one line on stderr, never a traceback.
 """
@@ -12,6 +13,7 @@ unreadable); 130 interrupted (Ctrl-C). Every error is one line on stderr, never 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import shlex
 import sys
@@ -28,23 +30,98 @@ EXIT_CODES = {
     0: "done",
     1: "training diverged (non-finite loss or gradient; the last checkpoint is kept), a "
        "check failed, or a sweep trial failed with an error",
-    2: "bad command line or input (a --resume that does not match its checkpoint "
-       "included), or a missing optional dependency",
+    2: "bad command line or input (a --resume that does not match its checkpoint, an "
+       "output directory holding an earlier run, an unusable device included), or a "
+       "missing optional dependency",
     3: "the output directory cannot be used: held by another run, a file, read-only, "
        "full, or its checkpoint is unreadable",
     130: "interrupted (Ctrl-C)",
 }
 
 
+# torch threads: measured on this 2-core machine with the other core busy (docs/threads.md),
+# `train --task digits` ran 4 to 5x slower on two threads than on one
+DEFAULT_THREADS = 1
+
+
 def _check_device(name: str) -> str:
+    from .runs import check_device
+
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA, but torch {torch.__version__} sees no "
-                         "CUDA device here")
+        check_device(name)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     return name
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--hid`` is not ``--hidden``), whose unknown flags
+    get the nearest known one suggested, under the usage of the subcommand they were
+    given to."""
+
+    def __init__(self, *args, **kw) -> None:
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
+
+    def suggest(self, flag: str) -> str:
+        known = [o for a in self._actions if not isinstance(a, _Deprecated)
+                 for o in a.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: stores into the new one's dest and records the rename,
+    which ``main`` announces on stderr."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kw) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        renamed = getattr(namespace, "_deprecated", None) or []
+        namespace._deprecated = [*renamed, (option_string, self.new)]
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _arg(check):
+    """An argparse type from a checker that raises ValueError with a one-line message."""
+
+    def parse(text: str):
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = check.__name__
+    return parse
+
+
+def _slug(task: str) -> str:
+    """A task spec as a directory name: neurogym:ID -> neurogym-ID, file:a/b.npz -> file-b."""
+    prefix, _, rest = task.partition(":")
+    return f"{prefix}-{Path(rest).stem if prefix == 'file' else rest}" if rest else task
+
+
+def _tol(text: str) -> float:
+    """An argparse type: ``rnngrad check --tol``, a finite number >= 0."""
+    from .check import check_tol
+
+    try:
+        return check_tol(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (the largest relative "
+                                         f"error that passes, e.g. 1e-10), got {text!r}") from None
 
 
 def _list(kind):
@@ -63,10 +140,11 @@ def _list(kind):
     return parse
 
 
-def _add_model_flags(p: argparse.ArgumentParser, *, hidden: int = 64,
-                     sweep: bool = False) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     from .registry import CELLS
+    from .runs import DEFAULTS
 
+    hidden = DEFAULTS["hidden"]
     g = p.add_argument_group("model")
     cells = ", ".join(CELLS)
     if not sweep:
@@ -75,6 +153,12 @@ def _add_model_flags(p: argparse.ArgumentParser, *, hidden: int = 64,
                             "rnngrad.cells.Cell subclass (imported from the working directory, "
                             "built as Class(input_size, hidden_size)); one elman layer is "
                             "rnngrad.RNN, the fast paths (default: elman)")
+    else:
+        g.add_argument("--cell", type=_list(str), default=["elman"], metavar="C[,C...]",
+                       help=f"comma-separated cells from: {cells}, or module:Class "
+                            "(default: elman)")
+        g.add_argument("--cells", type=_list(str), dest="cell", action=_Deprecated,
+                       new="--cell", default=argparse.SUPPRESS, metavar="C[,C...]", help="deprecated spelling of --cell")
     g.add_argument("--layers", type=int, default=1, metavar="N",
                    help="stack N layers of the cell, each of H units (default: 1)")
     if sweep:
@@ -96,12 +180,25 @@ def _add_model_flags(p: argparse.ArgumentParser, *, hidden: int = 64,
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
+def _add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive, default=DEFAULT_THREADS, metavar="N",
+                   help="torch threads (torch.set_num_threads; default: "
+                        f"{DEFAULT_THREADS}: on a machine whose cores are shared, two threads "
+                        "ran 4 to 5x slower than one, docs/threads.md)")
+
+
 def _add_task_flags(p: argparse.ArgumentParser) -> None:
-    from .tasks import TASKS
+    from .tasks import TASKS, check_task_name
 
     g = p.add_argument_group("task")
-    g.add_argument("--task", default="digits", choices=sorted(TASKS),
-                   help="built-in task (default: digits)")
+    g.add_argument("--task", default="digits", type=_arg(check_task_name),
+                   help=f"a built-in task ({', '.join(sorted(TASKS))}), neurogym:ID (one of "
+                        "neurogym's tasks, pip install 'rnngrad[neuro]') or file:PATH.npz "
+                        "(your own arrays x, y, mask; docs/neurogym.md) (default: digits)")
+    g.add_argument("--task-kwargs", nargs="+", default=None, metavar="KWARGS",
+                   help="the task's arguments: a JSON object or key=value items, e.g. "
+                        "'dt=20 sigma=0.5' (neurogym env_kwargs) or 'layout=NTD "
+                        "test_fraction=0.2' (file:)")
     g.add_argument("--seq-len", type=int, default=None, metavar="T",
                    help="sequence length for tasks that take one (adding, sine, stream_add; "
                         "default: the task's own, 50)")
@@ -110,12 +207,19 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
                         "hidden and algorithm state carry over from batch to batch")
 
 
-def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size: int,
-                        mode: str = "train") -> argparse._ArgumentGroup:
+def _add_training_flags(p: argparse.ArgumentParser, *, mode: str = "train"
+                        ) -> argparse._ArgumentGroup:
+    from .readouts import LOSSES
+    from .runs import DEFAULTS
+
+    steps, batch_size = DEFAULTS["steps"], DEFAULTS["batch_size"]
     g = p.add_argument_group("training")
     per_run = " per run" if mode != "train" else ""
     g.add_argument("--steps", type=int, default=steps,
                    help=f"training batches{per_run} (default: {steps})")
+    g.add_argument("--loss", default=None, choices=LOSSES,
+                   help="the loss (default: the one that follows the task's readout: "
+                        "softmax: cross_entropy, sigmoid: bce, identity: mse)")
     if mode == "sweep":
         g.add_argument("--lr", type=_list(float), default=[1e-2], metavar="LR[,LR...]",
                        help="learning rates, comma-separated (default: 1e-2)")
@@ -134,9 +238,9 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch_size: i
     if mode == "train":
         g.add_argument("--seed", type=int, default=0,
                        help="seed for the initial weights and the data stream (default: 0)")
-    if mode != "compare":
-        g.add_argument("--log-every", type=int, default=50,
-                       help="evaluate and log every this many steps (default: 50)")
+    g.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help="evaluate on the test set and log every N steps (default: about 20 "
+                        "times a run, steps // 20)")
     return g
 
 
@@ -151,13 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     algos = ", ".join(f"{n}:K" if a[1] else n for n, a in ALGORITHMS.items())
     codes = "; ".join(f"{c} {what}" for c, what in EXIT_CODES.items())
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rnngrad",
         description="Gradients of recurrent networks by every method, behind one PyTorch API.",
         epilog=f"exit codes: {codes}.",
     )
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a network on a built-in task",
                        description="Train a network (rnngrad.RNN, or --cell and --layers) on a "
@@ -174,23 +278,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "a network x = f(Wx + U image + c) trained at its steady state by "
                         "recurrent backprop (digits only; default: rnn)")
     _add_model_flags(p)
-    _add_training_flags(p, steps=2000, batch_size=32)
+    _add_training_flags(p)
+    _add_threads_flag(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR",
-                   help="directory for metrics.csv, curve.png, model.pt, config.json "
-                        "(default: runs/TASK-ALGORITHM)")
+                   help="directory for metrics.csv (written as training goes), curve.png, "
+                        "model.pt, config.json (default: runs/TASK-ALGORITHM); a directory "
+                        "holding an earlier run is refused unless --resume or --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in DIR (its files are deleted first)")
+    g.add_argument("--tensorboard", default=None, metavar="TBDIR",
+                   help="also log the metrics for TensorBoard in TBDIR, as training goes "
+                        "(torch.utils.tensorboard; needs: pip install tensorboard)")
     g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="write DIR/checkpoint.pt (atomically) every N steps and at the end; "
                         "it holds the configuration, weights, optimizer and every random "
                         "generator, so --resume continues bit-identically")
     g.add_argument("--resume", action="store_true",
                    help="continue from DIR/checkpoint.pt (refused if it is from different "
-                        "settings); without it, a checkpoint in DIR is an error, never "
-                        "overwritten")
-    g.add_argument("--track-alignment", type=int, default=None, metavar="N",
-                   help="every N steps, log the cosine, sign agreement and norm ratio of the "
+                        "settings); metrics.csv continues from the checkpoint's step")
+    g.add_argument("--track-alignment", type=_positive, default=None, metavar="N",
+                   help="every N steps (a row of metrics.csv each time, whatever "
+                        "--log-every), log the cosine, sign agreement and norm ratio of the "
                         "recurrent part (all but W_out, b_out) of the gradient used against "
-                        "exact BPTT on the same batch")
+                        "exact BPTT on the same batch (default: off)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress display (when stderr is not a terminal, a plain line "
                         "at most every 30 s stands in for the bar)")
@@ -211,14 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_flags(p)
     p.add_argument("--algorithms", type=_list(str), default=["bptt"], metavar="A[,A...]",
                    help=f"comma-separated algorithms from: {algos} (default: bptt)")
-    p.add_argument("--cells", type=_list(str), default=["elman"], metavar="C[,C...]",
-                   help="comma-separated cells (default: elman)")
     p.add_argument("--seeds", type=int, default=1, metavar="S",
                    help="number of seeds, 0..S-1; each fixes initial weights and data "
-                        "(default: 1)")
-    _add_model_flags(p, hidden=32, sweep=True)
-    g = _add_training_flags(p, steps=300, batch_size=16, mode="sweep")
-    g.add_argument("--track-alignment", type=int, default=None, metavar="N",
+                        "(default: 1, where compare's is 3: the grid multiplies it)")
+    _add_model_flags(p, sweep=True)
+    g = _add_training_flags(p, mode="sweep")
+    _add_threads_flag(p)
+    g.add_argument("--track-alignment", type=_positive, default=None, metavar="N",
                    help="every N steps, each trial logs its alignment with exact BPTT "
                         "(then alignment.png)")
     g = p.add_argument_group("Ray")
@@ -253,14 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: bptt,tbptt:10,rtrl,eprop,rflo,snap1,uoro,kf_rtrl)")
     p.add_argument("--seeds", type=int, default=3, metavar="S",
                    help="number of seeds, 0..S-1; each fixes initial weights and data (default: 3)")
-    _add_model_flags(p, hidden=32)
-    g = _add_training_flags(p, steps=300, batch_size=16, mode="compare")
-    g.add_argument("--track-every", type=int, default=20, metavar="N",
+    _add_model_flags(p)
+    g = _add_training_flags(p, mode="compare")
+    _add_threads_flag(p)
+    g.add_argument("--track-alignment", type=int, default=20, metavar="N",
                    help="measure alignment with exact BPTT every N steps; 0 disables "
-                        "(default: 20)")
+                        "(default: 20, where train's is off: comparing the gradients is "
+                        "what compare is for)")
+    g.add_argument("--track-every", type=int, dest="track_alignment", action=_Deprecated,
+                   new="--track-alignment", default=argparse.SUPPRESS, metavar="N", help="deprecated spelling of --track-alignment")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR",
-                   help="output directory (default: runs/compare-TASK)")
+                   help="output directory (default: runs/compare-TASK); one holding an "
+                        "earlier comparison is refused unless --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier comparison in DIR (its files are deleted first)")
+    g.add_argument("--tensorboard", default=None, metavar="TBDIR",
+                   help="also log each run's test loss (ALGORITHM/seedS/test_loss) for "
+                        "TensorBoard in TBDIR, as it goes (needs: pip install tensorboard)")
     g.add_argument("--no-progress", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_compare)
 
@@ -275,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (default: 5)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the rows to FILE")
+    _add_threads_flag(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("check", help="check every exact algorithm against autograd",
@@ -292,10 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the working directory and built as Class(input_size, "
                         "hidden_size) (default: every network)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random networks (default: 0)")
-    p.add_argument("--tol", type=float, default=1e-10,
-                   help="largest relative error that passes (default: 1e-10)")
+    p.add_argument("--tol", type=_tol, default=1e-10,
+                   help="largest relative error that passes, a finite number >= 0 "
+                        "(default: 1e-10)")
     p.add_argument("--verbose", action="store_true",
                    help="one row per algorithm and network (default: worst case per algorithm)")
+    _add_threads_flag(p)
     p.set_defaults(func=cmd_check)
     return parser
 
@@ -359,12 +482,11 @@ STEADY_ALGORITHMS = {"rbp": "direct", "rbp_iterate": "iterate", "rbp_gmres": "gm
 
 
 def cmd_train_steady(args) -> int:
-    """Seed 000's steady-state network on the digits, trained by recurrent backprop."""
-    import csv
-    import json
-
-    from .plots import plot_series
-    from .steady import SteadyClassifier, train_steady
+    """A steady-state network on the digits, trained by recurrent backprop (Almeida 1987;
+    Pineda 1987)."""
+    from .outdir import TRAIN_OUTPUTS, OutputDir, claim
+    from .runs import log_every_for
+    from .steady import SteadyClassifier
 
     algorithm = args.algorithm or "rbp"
     if args.task != "digits":
@@ -378,29 +500,48 @@ def cmd_train_steady(args) -> int:
         ("--clip", args.clip, 1.0), ("--optimizer", args.optimizer, "adam"),
         ("--checkpoint-every", args.checkpoint_every, None), ("--resume", args.resume, False),
         ("--track-alignment", args.track_alignment, None), ("--stream", args.stream, False),
-        ("--seq-len", args.seq_len, None)) if value != default]
+        ("--seq-len", args.seq_len, None), ("--loss", args.loss, None),
+        ("--tensorboard", args.tensorboard, None)) if value != default]
     if unused:
         raise ValueError(f"--model steady (Adam, CPU, no sequence) does not take "
                          f"{', '.join(unused)}")
-    if args.log_every < 1:
+    log_every = log_every_for(args.steps, args.log_every)
+    if log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
     init_scale, max_spectral_norm = 0.4, 0.9  # the library's defaults, recorded in config.json
     model = SteadyClassifier(args.hidden, activation=args.activation, seed=args.seed,
                              backward_method=STEADY_ALGORITHMS[algorithm], init_scale=init_scale,
                              dtype=DTYPES[args.dtype])
     out = Path(args.out) if args.out else Path("runs") / f"digits-steady-{algorithm}"
-    out.mkdir(parents=True, exist_ok=True)
+    how = claim(out, outputs=TRAIN_OUTPUTS, overwrite=args.overwrite, checkpoint=None,
+                resumable=False)
+    with OutputDir(out, replace=TRAIN_OUTPUTS if how == "overwrite" else ()):
+        return _train_steady_into(out, args, model, algorithm, log_every, init_scale,
+                                  max_spectral_norm)
+
+
+def _train_steady_into(out: Path, args, model, algorithm: str, log_every: int,
+                       init_scale: float, max_spectral_norm: float) -> int:
+    import csv
+    import json
+
+    from .plots import plot_series
+    from .steady import train_steady
+
     # everything that defines the run: the flags, and the settings they leave at their
     # defaults (the forward solver, the spectral-norm projection, the optimizer)
     config = {"task": "digits", "model": "steady", "algorithm": algorithm,
               "hidden": args.hidden, "activation": args.activation, "dtype": args.dtype,
               "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-              "seed": args.seed, "log_every": args.log_every, "optimizer": "adam",
+              "seed": args.seed, "log_every": log_every, "optimizer": "adam",
               "max_spectral_norm": max_spectral_norm, "init_scale": init_scale,
               "n_inputs": model.U.shape[1], "n_classes": model.V.shape[0], **model.options}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     bar = _progress(args.steps, args.no_progress)
     rows: list[dict] = []
+    fields = ["step", "loss", "test_loss", "test_acc", "residual", "iterations"]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields).writeheader()
 
     def on_step(step: int, info: dict) -> None:
         bar.update(1)
@@ -408,19 +549,16 @@ def cmd_train_steady(args) -> int:
             rows.append({"step": step, "loss": info["loss"], "test_loss": info["test_loss"],
                          "test_acc": info["test_accuracy"], "residual": info["residual"],
                          "iterations": info["iterations"]})
+            with open(out / "metrics.csv", "a", newline="") as f:  # the log grows as it goes
+                csv.DictWriter(f, fieldnames=fields).writerow(rows[-1])
             bar.set_postfix(loss=f"{info['loss']:.4f}", test_acc=f"{info['test_accuracy']:.3f}",
                             iterations=info["iterations"])
 
     t0 = time.perf_counter()
     metrics = train_steady(model, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                            seed=args.seed, max_spectral_norm=max_spectral_norm,
-                           callback=on_step, eval_every=args.log_every)
+                           callback=on_step, eval_every=log_every)
     bar.close()
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "test_loss", "test_acc", "residual",
-                                          "iterations"])
-        w.writeheader()
-        w.writerows(rows)
     if rows:
         plot_series(rows, out / "curve.png", x="step", ys=["loss", "test_loss", "iterations"],
                     title=f"digits, steady-state network, {algorithm}")
@@ -442,11 +580,20 @@ def _model_config(args) -> dict:
             "init": args.init, "dtype": args.dtype, "device": args.device}
 
 
+def _task_kwargs(args) -> dict | None:
+    """--task-kwargs as a dict (one JSON object, or key=value items), None when absent."""
+    from .tasks import parse_task_kwargs
+
+    return parse_task_kwargs(args.task_kwargs) or None if args.task_kwargs else None
+
+
 def _training_config(args) -> dict:
-    return {"task": args.task, "seq_len": args.seq_len, "stream": args.stream,
+    return {"task": args.task, "task_kwargs": _task_kwargs(args),
+            "seq_len": args.seq_len, "stream": args.stream,
             "steps": args.steps, "optimizer": args.optimizer, "batch_size": args.batch_size,
             "clip": args.clip or None, "update_every": args.update_every,
-            "log_every": args.log_every, "track_alignment": args.track_alignment}
+            "log_every": args.log_every, "track_alignment": args.track_alignment,
+            "loss": args.loss}
 
 
 def _final_columns(final: dict) -> dict:
@@ -458,6 +605,8 @@ def _final_columns(final: dict) -> dict:
         out["test_loss (per step)"] = per_step
     if "test_acc" in final:
         out["test_acc"] = final["test_acc"]
+    if "test_perf" in final:
+        out["test_perf"] = final["test_perf"]
     if "test_mse" in final:
         out["test_mse (per step)"] = final["test_mse"]
     return out
@@ -481,11 +630,17 @@ def cmd_train(args) -> int:
     _check_device(args.device)
     config = {**_training_config(args), **_model_config(args), "hidden": args.hidden,
               "algorithm": args.algorithm or "bptt", "lr": args.lr, "seed": args.seed}
-    out = Path(args.out) if args.out else Path("runs") / f"{args.task}-{args.algorithm or 'bptt'}"
-    state: dict = {"bar": None, "checkpoint": None, "logged": 0}
+    out = Path(args.out) if args.out else Path("runs") / f"{_slug(args.task)}-{args.algorithm or 'bptt'}"
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in "
+                         f"{out}, or replace it")
+    summary_writer = _tensorboard(args.tensorboard)
+    state: dict = {"bar": None, "checkpoint": None, "logged": 0, "tb": None}
 
     def on_event(kind: str, info: dict) -> None:
         if kind == "start":
+            if summary_writer is not None:  # only now: a refused run writes nothing
+                state["tb"] = summary_writer(args.tensorboard)
             if info["resumed"]:
                 _note("train", f"resuming {info['checkpoint']} from step {info['step']}")
                 state["checkpoint"] = info["step"]
@@ -504,11 +659,17 @@ def cmd_train(args) -> int:
                          "steps/s": f"{row['steps_per_s']:.1f}"})
         bar.update(step - state["logged"])  # after the postfix: a plain line shows it
         state["logged"] = step
+        if state["tb"] is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    state["tb"].add_scalar(key, value, global_step=step)
+            state["tb"].flush()
 
     t0 = time.perf_counter()
     try:
         result = run(config, out=out, checkpoint_every=args.checkpoint_every,
-                     resume=args.resume, callback=on_log, on_event=on_event)
+                     resume=args.resume, overwrite=args.overwrite, callback=on_log,
+                     on_event=on_event)
     except KeyboardInterrupt:
         if state["bar"] is not None:
             state["bar"].close()
@@ -524,14 +685,33 @@ def cmd_train(args) -> int:
     finally:
         if state["bar"] is not None:
             state["bar"].close()
+        if state["tb"] is not None:
+            state["tb"].close()
     wall = time.perf_counter() - t0
     net = args.cell if args.layers == 1 else f"{args.layers}x{args.cell}"
     row = {"task": args.task, "cell": net, "algorithm": config["algorithm"],
            "hidden": args.hidden, "steps": args.steps, **_final_columns(result.final),
            "wall_s": wall}
     print(_table([row], list(row)))
-    print(f"wrote {out / 'metrics.csv'}, {out / 'curve.png'}, {out / 'model.pt'}")
+    print(f"wrote {out / 'metrics.csv'}, {out / 'curve.png'}, {out / 'model.pt'}"
+          + (f"; TensorBoard logs in {args.tensorboard}" if args.tensorboard else ""))
     return 0
+
+
+def _tensorboard(logdir: str | None):
+    """``torch.utils.tensorboard.SummaryWriter`` when ``--tensorboard`` is given (checked
+    here, before anything is written); None otherwise."""
+    if logdir is None:
+        return None
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package, which is not installed: "
+                         "pip install tensorboard") from None
+    if Path(logdir).exists() and not Path(logdir).is_dir():
+        raise ValueError(f"--tensorboard {logdir} is a file, not a directory")
+    return SummaryWriter
 
 
 def cmd_sweep(args) -> int:
@@ -542,9 +722,9 @@ def cmd_sweep(args) -> int:
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     base = {**_training_config(args), **_model_config(args)}
-    grid = {"algorithm": args.algorithms, "cell": args.cells, "hidden": args.hidden,
+    grid = {"algorithm": args.algorithms, "cell": args.cell, "hidden": args.hidden,
             "lr": args.lr, "seed": list(range(args.seeds))}
-    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.task}"
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{_slug(args.task)}"
     state: dict = {"bar": None}
 
     def on_start(info: dict) -> None:
@@ -590,15 +770,27 @@ def cmd_compare(args) -> int:
     from .runs import make_task
 
     _check_device(args.device)
-    task = make_task({"task": args.task, "seq_len": args.seq_len, "stream": args.stream})
+    task = make_task({"task": args.task, "seq_len": args.seq_len, "stream": args.stream,
+                      "task_kwargs": _task_kwargs(args)})
     named = parse_algorithms(args.algorithms)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    out = Path(args.out) if args.out else Path("runs") / f"compare-{args.task}"
+    for flag, v in (("--log-every", args.log_every), ("--track-alignment", args.track_alignment)):
+        if v is not None and v < (1 if flag == "--log-every" else 0):
+            raise ValueError(f"{flag} must be >= {1 if flag == '--log-every' else 0}, got {v}")
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{_slug(args.task)}"
+    summary_writer = _tensorboard(args.tensorboard)
     bar = _progress(len(named) * args.seeds * args.steps, args.no_progress)
     seen: dict[tuple, int] = {}
+    tb: dict = {}
 
     def on_progress(info: dict) -> None:
+        if summary_writer is not None:  # first called once compare holds its directory
+            if "writer" not in tb:
+                tb["writer"] = summary_writer(args.tensorboard)
+            tb["writer"].add_scalar(f"{info['algorithm']}/seed{info['seed']}/test_loss",
+                                    info["test_loss"], global_step=info["step"])
+            tb["writer"].flush()
         key = (info["algorithm"], info["seed"])
         bar.set_postfix(algorithm=info["algorithm"], seed=info["seed"],
                         test_loss=f"{info['test_loss']:.4f}")
@@ -610,12 +802,15 @@ def cmd_compare(args) -> int:
         rows = compare(task, named, seeds=list(range(args.seeds)), steps=args.steps,
                        hidden=args.hidden, lr=args.lr, optimizer=args.optimizer,
                        batch_size=args.batch_size, update_every=args.update_every,
-                       track_every=args.track_every or None, out_dir=out,
-                       progress=on_progress, alpha=args.alpha, activation=args.activation,
-                       init=args.init, clip=args.clip or None, dtype=DTYPES[args.dtype],
-                       device=args.device, cell=args.cell, layers=args.layers)
+                       track_every=args.track_alignment or None, eval_every=args.log_every,
+                       out_dir=out, progress=on_progress, alpha=args.alpha,
+                       activation=args.activation, init=args.init, clip=args.clip or None,
+                       dtype=DTYPES[args.dtype], device=args.device, cell=args.cell,
+                       layers=args.layers, loss=args.loss, overwrite=args.overwrite)
     finally:
         bar.close()
+        if "writer" in tb:
+            tb["writer"].close()
     net = args.cell if args.layers == 1 else f"{args.layers} x {args.cell}"
     print(f"{task.name}: {net}, {args.seeds} seed(s) x {args.steps} steps, H={args.hidden}, "
           f"{time.perf_counter() - t0:.0f} s; test_loss is per counted step")
@@ -694,6 +889,13 @@ def _os_error(e: OSError) -> str:
     return f"{e.strerror or type(e).__name__}: {name}"
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, _Parser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .outdir import OutputLocked
     from .sweep import RayMissing
@@ -701,12 +903,20 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # under the usage of the subcommand they were given to, with a suggestion
+        sub = _subparsers(parser).get(getattr(args, "command", None) or "", parser)
+        flag = next((a for a in extras if a.startswith("-")), extras[0])
+        sub.error(f"unrecognized argument{'s' if len(extras) > 1 else ''}: "
+                  f"{' '.join(extras)}{sub.suggest(flag) if flag.startswith('--') else ''}")
     args._argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     where = f"rnngrad {args.command}"
+    for old, new in getattr(args, "_deprecated", None) or []:
+        _note(args.command, f"{old} is deprecated; use {new} (same meaning)")
+    torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except KeyboardInterrupt:

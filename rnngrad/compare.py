@@ -28,8 +28,10 @@ batch start while the algorithm's updates inside the batch move them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -43,11 +45,15 @@ from .algorithms.base import Algorithm
 from .algorithms.bptt import bptt
 from .gradient import gradient
 from .metrics import METRICS, alignment
+from .outdir import OutputDir, atomic_write, claim
 from .readouts import loss_and_grad
-from .runs import DTYPES, make_model
-from .train import OPTIMIZERS, apply_update, make_optimizer, online_pass
+from .runs import DTYPES, check_device, make_model
+from .train import OPTIMIZERS, _check_applies, apply_update, loss_for, make_optimizer, online_pass
 
-__all__ = ["compare", "evaluate_loss", "state_bytes", "OPTIMIZERS"]
+__all__ = ["compare", "evaluate_loss", "state_bytes", "OPTIMIZERS", "OUTPUTS"]
+
+# what compare writes into its directory (compare.csv last: its presence marks a finished one)
+OUTPUTS = ("compare.csv", "curves.csv", "alignment.csv", "learning_curves.png", "alignment.png")
 
 # alignment is measured on the recurrent parameters (all but the readout's): every
 # algorithm here has the exact readout gradient, which would otherwise dominate the cosine
@@ -145,6 +151,8 @@ def compare(
     device: str | torch.device = "cpu",
     cell: str = "elman",
     layers: int = 1,
+    loss: str | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Train each algorithm from the same weights on the same data; tabulate and plot.
 
@@ -162,11 +170,18 @@ def compare(
         track_every: alignment with ``reference`` every so many steps (None: never).
         eval_every: test loss every so many steps (default: about 20 points per curve).
         out_dir: where to write ``compare.csv``, ``curves.csv``, ``alignment.csv``,
-            ``learning_curves.png``, ``alignment.png`` (None: write nothing).
+            ``learning_curves.png``, ``alignment.png`` (None: write nothing). A directory
+            holding an earlier comparison is refused before anything runs
+            (``rnngrad.outdir.RunExists``) unless ``overwrite``, which replaces it. The
+            directory is held from the start; ``curves.csv`` and ``alignment.csv`` grow
+            as the runs go (a killed comparison keeps them), ``compare.csv`` comes last.
         progress: called with a dict (algorithm, seed, step, steps, test_loss) at each
             evaluation; the library prints nothing.
         reference: the exact algorithm for alignment (default ``bptt()``).
         dtype, device: of the model and data.
+        loss: "mse", "cross_entropy" or "bce"; None: the one that follows the task's
+            readout (softmax: cross-entropy, sigmoid: BCE, identity: the task's own).
+        overwrite: replace an earlier comparison in ``out_dir``.
 
     Returns:
         One dict per algorithm with the keys of ``TABLE_FIELDS`` (plus final test accuracy
@@ -191,87 +206,133 @@ def compare(
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds is empty: give at least one")
+    check_device(device)
+    loss = loss_for(task, task.readout, loss)
+    # every algorithm must apply to the network: checked before anything runs or is written
+    probe = make_model({"cell": cell, "layers": layers, "hidden": hidden,
+                        "activation": activation, "alpha": alpha, "init": init,
+                        "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                        "seed": seeds[0]}, task)
+    for _, algo in named:
+        _check_applies(algo, probe, batch_size)
+    how = None
+    if out_dir is not None:
+        how = claim(out_dir, outputs=OUTPUTS, overwrite=overwrite, checkpoint=None,
+                    finished="compare.csv", resumable=False)
     reference = bptt() if reference is None else reference
     eval_every = eval_every or max(1, steps // 20)
     streaming = bool(getattr(task, "streaming", False))
-    loss = task.loss
     test = task.test_batch().to(device=device, dtype=dtype)
     # accuracy where the targets are class indices (cross-entropy tasks)
     classification = bool(getattr(task, "classification", False)) and loss == "cross_entropy"
+    # the task's own measure where it has one (neurogym's: the output at a trial's last step)
+    performance = getattr(task, "performance", None) if classification else None
 
     curves: list[dict] = []
     aligns: list[dict] = []
     times: dict[str, list[float]] = {n: [] for n, _ in named}
     mem: dict[str, int] = {}
     dtype_name = str(dtype).removeprefix("torch.")
-    for seed in seeds:
-        model0 = make_model({"cell": cell, "layers": layers, "hidden": hidden,
-                             "activation": activation,
-                             "alpha": alpha, "init": init, "dtype": dtype_name,
-                             "device": str(device), "seed": seed}, task)
-        recurrent = [n for n, _ in model0.named_parameters() if n not in READOUT]
-        for name, algo in named:
-            model = copy.deepcopy(model0)
-            opt = make_optimizer(optimizer, model.parameters(), lr)
-            data = torch.Generator().manual_seed(1_000_003 * seed + 17)
-            if hasattr(task, "reset"):
-                task.reset()
-            state = None
-            elapsed, processed = 0.0, 0
+    curve_fields = ["algorithm", "seed", "step", "test_loss"] + (
+        ["test_acc"] if classification else []) + (["test_perf"] if performance else [])
+    align_fields = ["algorithm", "seed", "step", *METRICS]
+    with contextlib.ExitStack() as stack:
+        logs: dict[str, _Log] = {}
+        if out_dir is not None:  # held from here; curves.csv and alignment.csv grow as it goes
+            held = stack.enter_context(
+                OutputDir(out_dir, replace=OUTPUTS if how == "overwrite" else ()))
+            logs = {"curves": _Log(held.path / "curves.csv", curve_fields),
+                    "alignment": _Log(held.path / "alignment.csv", align_fields)}
+        for seed in seeds:
+            model0 = make_model({"cell": cell, "layers": layers, "hidden": hidden,
+                                 "activation": activation,
+                                 "alpha": alpha, "init": init, "dtype": dtype_name,
+                                 "device": str(device), "seed": seed}, task)
+            recurrent = [n for n, _ in model0.named_parameters() if n not in READOUT]
+            for name, algo in named:
+                model = copy.deepcopy(model0)
+                opt = make_optimizer(optimizer, model.parameters(), lr)
+                data = torch.Generator().manual_seed(1_000_003 * seed + 17)
+                if hasattr(task, "reset"):
+                    task.reset()
+                state = None
+                elapsed, processed = 0.0, 0
 
-            def record(step: int, _name=name, _seed=seed, _model=model) -> None:
-                if classification:
-                    value, acc = evaluate_loss(_model, test, loss=loss, accuracy=True)
-                    extra = {"test_acc": acc}
-                else:
-                    value, extra = evaluate_loss(_model, test, loss=loss), {}
-                curves.append({"algorithm": _name, "seed": _seed, "step": step,
-                               "test_loss": value, **extra})
-                if progress is not None:
-                    progress({"algorithm": _name, "seed": _seed, "step": step, "steps": steps,
-                              "test_loss": value})
+                def record(step: int, _name=name, _seed=seed, _model=model) -> None:
+                    if classification:
+                        value, acc = evaluate_loss(_model, test, loss=loss, accuracy=True)
+                        extra = {"test_acc": acc}
+                        if performance is not None:
+                            with torch.no_grad():
+                                z = _model(test.inputs)[1] @ _model.W_out.T + _model.b_out
+                            extra["test_perf"] = performance(z, test)
+                    else:
+                        value, extra = evaluate_loss(_model, test, loss=loss), {}
+                    curves.append({"algorithm": _name, "seed": _seed, "step": step,
+                                   "test_loss": value, **extra})
+                    if logs:
+                        logs["curves"].write(curves[-1])
+                    if progress is not None:
+                        progress({"algorithm": _name, "seed": _seed, "step": step, "steps": steps,
+                                  "test_loss": value})
 
-            record(0)
-            for step in range(1, steps + 1):
-                batch = task.batch(batch_size, generator=data).to(device=device, dtype=dtype)
-                inputs, targets, mask = batch
-                if name not in mem:
-                    mem[name] = _peak_state_bytes(model, algo, batch, loss)
-                track = track_every is not None and step % track_every == 0
-                online_mode = streaming or update_every is not None
-                # the weights the batch starts from, for the reference (online updates move them)
-                snapshot = copy.deepcopy(model) if track and online_mode else model
-                h_start = state.h if (streaming and state is not None) else None
-                t0 = time.perf_counter()
-                if online_mode:
-                    if state is None or not streaming:
-                        state = algo.init(model, batch_size)
-                    state, _, used = online_pass(model, opt, algo, batch, state, loss,
-                                                 update_every, clip)
-                    used = used or None
-                    elapsed += time.perf_counter() - t0
-                else:
-                    _, used = gradient(model, inputs, targets, algorithm=algo, loss=loss,
-                                       mask=mask)
-                    elapsed += time.perf_counter() - t0
-                if track and used is not None:
-                    _, exact = gradient(snapshot, inputs, targets, algorithm=reference,
-                                        loss=loss, mask=mask, h0=h_start)
-                    a = alignment(used, exact, params=recurrent)["all"]
-                    aligns.append({"algorithm": name, "seed": seed, "step": step, **a})
-                if not online_mode:
-                    t1 = time.perf_counter()
-                    apply_update(model, opt, used, clip)
-                    elapsed += time.perf_counter() - t1
-                processed += inputs.shape[0]
-                if step % eval_every == 0 or step == steps:
-                    record(step)
-            times[name].append(1e3 * elapsed / processed)
+                record(0)
+                for step in range(1, steps + 1):
+                    batch = task.batch(batch_size, generator=data).to(device=device, dtype=dtype)
+                    inputs, targets, mask = batch
+                    if name not in mem:
+                        mem[name] = _peak_state_bytes(model, algo, batch, loss)
+                    track = track_every is not None and step % track_every == 0
+                    online_mode = streaming or update_every is not None
+                    # the weights the batch starts from, for the reference (online updates move them)
+                    snapshot = copy.deepcopy(model) if track and online_mode else model
+                    h_start = state.h if (streaming and state is not None) else None
+                    t0 = time.perf_counter()
+                    if online_mode:
+                        if state is None or not streaming:
+                            state = algo.init(model, batch_size)
+                        state, _, used = online_pass(model, opt, algo, batch, state, loss,
+                                                     update_every, clip)
+                        used = used or None
+                        elapsed += time.perf_counter() - t0
+                    else:
+                        _, used = gradient(model, inputs, targets, algorithm=algo, loss=loss,
+                                           mask=mask)
+                        elapsed += time.perf_counter() - t0
+                    if track and used is not None:
+                        _, exact = gradient(snapshot, inputs, targets, algorithm=reference,
+                                            loss=loss, mask=mask, h0=h_start)
+                        a = alignment(used, exact, params=recurrent)["all"]
+                        aligns.append({"algorithm": name, "seed": seed, "step": step, **a})
+                        if logs:
+                            logs["alignment"].write(aligns[-1])
+                    if not online_mode:
+                        t1 = time.perf_counter()
+                        apply_update(model, opt, used, clip)
+                        elapsed += time.perf_counter() - t1
+                    processed += inputs.shape[0]
+                    if step % eval_every == 0 or step == steps:
+                        record(step)
+                times[name].append(1e3 * elapsed / processed)
 
-    rows = _table(named, seeds, steps, curves, aligns, times, mem)
-    if out_dir is not None:
-        _write(Path(out_dir), rows, curves, aligns, task, reference, recurrent)
+        rows = _table(named, seeds, steps, curves, aligns, times, mem)
+        if out_dir is not None:
+            _write(held.path, rows, curves, aligns, task, reference, recurrent)
     return rows
+
+
+class _Log:
+    """A CSV file that grows as the comparison goes: the header now, each row appended and
+    flushed as it is recorded (a killed comparison keeps what it measured)."""
+
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.path, self.fields = path, fields
+        with open(path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
 
 def _mean(xs: list[float]) -> float:
@@ -301,6 +362,11 @@ def _table(named, seeds, steps, curves, aligns, times, mem) -> list[dict]:
         if accs:
             row["final_test_acc_mean"] = _mean(accs)
             row["final_test_acc_std"] = _std(accs)
+        perfs = [c["test_perf"] for c in curves
+                 if c["algorithm"] == name and c["step"] == steps and "test_perf" in c]
+        if perfs:
+            row["final_test_perf_mean"] = _mean(perfs)
+            row["final_test_perf_std"] = _std(perfs)
         row |= {
             "ms_per_time_step": _mean(times[name]),
             "state_kib": mem.get(name, 0) / 1024.0,
@@ -316,23 +382,8 @@ def _table(named, seeds, steps, curves, aligns, times, mem) -> list[dict]:
 def _write(out: Path, rows, curves, aligns, task, reference: Algorithm, recurrent) -> None:
     from .plots import plot_alignment, plot_learning_curves
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "compare.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    curve_fields = ["algorithm", "seed", "step", "test_loss"]
-    if curves and "test_acc" in curves[0]:
-        curve_fields.append("test_acc")
-    for fname, recs, fields in (("curves.csv", curves, curve_fields),
-                                ("alignment.csv", aligns,
-                                 ["algorithm", "seed", "step", *METRICS])):
-        with open(out / fname, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in recs:
-                w.writerow(r)
+    # curves.csv and alignment.csv are written as the runs go; compare.csv, last, marks
+    # a finished comparison
     names = [r["algorithm"] for r in rows]
     baselines = {label: getattr(task, attr) for attr, label in (
         ("loss_no_memory", "no memory"), ("loss_first_dependency", "t1 only"),
@@ -343,3 +394,9 @@ def _write(out: Path, rows, curves, aligns, task, reference: Algorithm, recurren
         plot_alignment(aligns, out / "alignment.png",
                        [n for n in names if any(a["algorithm"] == n for a in aligns)],
                        reference=reference.name, params=", ".join(recurrent))
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write(out / "compare.csv", buf.getvalue().encode())

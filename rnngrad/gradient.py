@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_h0, check_inputs, check_mask, check_params_finite, check_targets
-from .algorithms._network import is_rnn, trajectory
+from ._checks import check_inputs, check_mask, check_params_finite, check_targets
+from .algorithms._network import trajectory, unflatten_net_state
 from .algorithms.base import Algorithm, Grads, add_grads
 from .algorithms.bptt import bptt
 from .errors import NonFiniteError
@@ -51,10 +51,11 @@ def gradient(
             "cross_entropy", sigmoid -> "bce", identity -> "mse".
         mask: (T, B) or (T,) weights of the steps; None: every step counts.
             Many-to-one is a mask with only the last step set.
-        h0: the initial state (zeros if None): for ``RNN`` a (B, H) or (H,) tensor; for a
-            ``Network`` one state per layer, as ``model.init_state(B)`` gives (one layer's
-            state alone for a one-layer network; see ``Network.coerce_state``). When given,
-            ``grads["h0"]`` is its gradient, in the same form.
+        h0: the initial state (zeros if None): one state per layer, as
+            ``model.init_state(B)`` gives, or one layer's state alone for a one-layer
+            network, or its tensor (B, n) or (n,) when that state has one component (an
+            ``RNN``'s h0 is a (B, H) or (H,) tensor); see ``Network.coerce_state``. When
+            given, ``grads["h0"]`` is its gradient, in the same form.
         reward: a callable ``R(h)`` of the whole (T, B, H) trajectory of the last layer's
             outputs returning a scalar to be maximised; the returned loss is then ``L - R``.
             ``dR/dh_t`` comes from autograd on R alone; the recurrence is the algorithm's.
@@ -88,30 +89,26 @@ def gradient(
                         f"{type(reward).__name__}")
     mask = check_mask(model, mask, T, B)
     track_h0 = h0 is not None
-    if is_rnn(model):
-        if h0 is not None and not isinstance(h0, torch.Tensor):
-            from .model import _h0_tensor
-
-            h0 = _h0_tensor(h0)
-        spec = h0 is not None and h0.dim() == 1  # shared over the batch
-        h0 = check_h0(model, h0, B)
-    else:
-        h0, spec = model.coerce_state(h0, B)
+    h0, spec = model.coerce_state(h0, B)
     check_params_finite(model)
 
-    if algorithm.sequence is not None:
-        value, grads = algorithm.sequence(model, inputs, targets, mask, h0, loss, reward)
-        _check_result(algorithm, model, inputs, h0, value, grads)
-    else:
-        value, grads = _step_loop(algorithm, model, inputs, targets, mask, h0, loss, reward,
-                                  track_h0)
-        _check_result(algorithm, model, inputs, h0, value, grads)
+    # a sequence form may decline a model (None): the step loop then runs
+    out = None if algorithm.sequence is None else \
+        algorithm.sequence(model, inputs, targets, mask, h0, loss, reward)
+    if out is None:
+        out = _step_loop(algorithm, model, inputs, targets, mask, h0, loss, reward, track_h0)
+    value, grads = out
+    _check_result(algorithm, model, inputs, h0, value, grads)
 
     if track_h0:
-        if is_rnn(model):
-            grads["h0"] = grads["h0"].sum(0) if spec else grads["h0"]
-        else:
-            grads["h0"] = Network.pack_state_grad(grads["h0"], spec)
+        if "h0" not in grads:  # a sequence form that does not estimate it (uoro())
+            raise ValueError(f"{algorithm.name} does not estimate the gradient w.r.t. the "
+                             "initial state h0; call gradient without h0 (the state then "
+                             "starts at zero)")
+        d0 = grads["h0"]
+        if isinstance(d0, torch.Tensor):  # a one-component state's gradient as its tensor
+            d0 = unflatten_net_state(d0, h0)
+        grads["h0"] = Network.pack_state_grad(d0, spec)
     else:
         grads.pop("h0", None)
     if set_grad:

@@ -1,4 +1,4 @@
-"""``rnngrad.RNN``: one Elman layer and a readout, the seeds' network and the fastest path.
+"""``rnngrad.RNN``: one Elman layer and a readout, the classic Elman network and the fastest path.
 
     a_t = W_in x_t + W_rec h_{t-1} + b_rec
     h_t = (1 - alpha) h_{t-1} + alpha * phi(a_t)
@@ -9,8 +9,10 @@ The module only holds parameters and runs the forward pass; gradients come from
 through the time loop. ``torch.optim``, ``state_dict`` and ``.to()`` work as usual.
 
 It is the one-layer ``rnngrad.Network`` of an ``rnngrad.cells.Elman`` cell, with the
-cell's parameters registered under the seeds' flat names (``W_in``, not ``cells.0.W_in``);
-the algorithms take their hand-derived Elman paths on it.
+cell's parameters registered under flat names (``W_in``, not ``cells.0.W_in``).
+Every algorithm takes the one Network path on it; its speed comes from what the Elman
+cell declares (a hand-derived whole-sequence BPTT with the input projection of every
+step as one GEMM, its Jacobian and factored immediate term for RTRL), as any cell's does.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class RNN(Network):
 
     Parameters: ``W_in (H, D)``, ``W_rec (H, H)``, ``b_rec (H,)``, ``W_out (K, H)``, ``b_out (K,)``.
     """
+
+    # the algorithms show its state (state.h, and h0's gradient when h0 came as a tensor) as
+    # the (B, H) tensor h_t rather than the tuple (ElmanState(h_t),) of a Network
+    flat_state = True
 
     def __init__(
         self,

@@ -13,7 +13,8 @@ tuple of its layers' states. ``forward`` is a plain loop over ``step``: what
 ``torch.autograd`` differentiates there is the oracle every algorithm is checked against.
 
 ``rnngrad.RNN`` is the one-Elman-layer case, with its own flat parameter names
-(``W_in``, ``W_rec``, ``b_rec``, ``W_out``, ``b_out``) and fast paths.
+(``W_in``, ``W_rec``, ``b_rec``, ``W_out``, ``b_out``); the algorithms treat it as any
+other network.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .cells.base import Cell
+from .cells.base import Cell, is_builtin
 from .readouts import check_readout, readout
 
 __all__ = ["Network", "H0Spec"]
@@ -54,6 +55,18 @@ class Network(nn.Module):
             constant, as in Bellec et al. 2020's tasks: ``z_t = kappa z_{t-1} + W_out h^L_t
             + b_out`` from ``z_0 = 0`` (kappa = exp(-dt / tau_out)); 0 (the default) is the
             plain readout. Every algorithm on a Network takes it (``rnngrad.RNN`` does not).
+        verify: check a user's cell (``Cell`` subclasses outside rnngrad): when built, that
+            ``step`` and ``emit``/``output`` read every parameter through ``params`` (not
+            ``self``) and change nothing in place; once, the first time the network is used
+            (``layers()``, which every algorithm and ``forward`` call), what it declares by
+            hand (``linearize``, the Jacobian methods, ``forward_sequence``/
+            ``backward_sequence``, ``emit_vjp``) against the torch.func derivation of its
+            step on a random batch. False skips both (for benchmarks of a cell already
+            checked with ``rnngrad check --cell``, or a test of what happens past them).
+            rnngrad's own cells are never re-checked here.
+
+    Checked for every cell when built: one object per layer, no parameter shared between
+    layers, at least one parameter, the protocol's types and shapes.
 
     Parameters: each cell's as ``cells.{l}.{name}``, and ``W_out (K, H)``, ``b_out (K,)``
     with H the last cell's ``hidden_size``, drawn U(-1/sqrt(H), 1/sqrt(H)).
@@ -61,10 +74,16 @@ class Network(nn.Module):
 
     readout_decay: float = 0.0  # kappa (rnngrad.RNN keeps 0)
 
+    _pending_verify: bool = False  # a user's declarations still to check (see ``verify``)
+
     def __init__(self, cells: Cell | Sequence[Cell], output_size: int, *,
-                 readout: str = "identity", readout_decay: float = 0.0) -> None:
+                 readout: str = "identity", readout_decay: float = 0.0,
+                 verify: bool = True) -> None:
         super().__init__()
-        cells = _as_cells(cells)
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be a bool, got {verify!r}")
+        cells = _as_cells(cells, verify)
+        self._pending_verify = verify and any(not is_builtin(type(c)) for c in cells)
         if not isinstance(output_size, int) or isinstance(output_size, bool) or output_size < 1:
             raise ValueError(f"output_size must be a positive int, got {output_size!r}")
         if (not isinstance(readout_decay, (int, float)) or isinstance(readout_decay, bool)
@@ -90,8 +109,20 @@ class Network(nn.Module):
     # ---- structure --------------------------------------------------------------------
 
     def layers(self) -> list[tuple[str, Cell]]:
-        """``(prefix, cell)`` per layer; the cell's parameter ``n`` is ``prefix + n`` here."""
+        """``(prefix, cell)`` per layer; the cell's parameter ``n`` is ``prefix + n`` here.
+
+        The first call checks what a user's cell declares (see ``verify``)."""
+        if self._pending_verify:
+            self._verify_declarations()
         return [(f"cells.{i}.", c) for i, c in enumerate(self.cells)]
+
+    def _verify_declarations(self) -> None:
+        from .cells._derive import verify_declarations
+
+        for i, c in enumerate(self.cells):
+            if not is_builtin(type(c)):
+                verify_declarations(c, f"cells[{i}] ({type(c).__name__})")
+        self._pending_verify = False
 
     @property
     def num_layers(self) -> int:
@@ -128,7 +159,10 @@ class Network(nn.Module):
     # ---- state ------------------------------------------------------------------------
 
     def init_state(self, batch_size: int) -> tuple:
-        """Zeros: one state per layer."""
+        """Zeros: one state per layer, each component (batch_size, n_c)."""
+        from ._checks import check_batch_size
+
+        batch_size = check_batch_size(batch_size)
         return tuple(_real_state(cell.init_state(batch_size), i, cell)
                      for i, (_, cell) in enumerate(self.layers()))
 
@@ -267,7 +301,8 @@ class Network(nn.Module):
     # ---- from torch.nn ----------------------------------------------------------------
 
     @classmethod
-    def from_torch(cls, rnn: nn.Module, linear: nn.Linear, *, readout: str = "identity") -> Network:
+    def from_torch(cls, rnn: nn.Module, linear: nn.Linear, *, readout: str = "identity",
+                   share: bool = False) -> Network:
         """The same function as ``linear(rnn(x)[0])`` (then g), from a ``torch.nn.RNN``,
         ``GRU`` or ``LSTM`` of any ``num_layers`` and an ``nn.Linear``.
 
@@ -275,10 +310,28 @@ class Network(nn.Module):
         the module's dtype and device. Dropout between layers is not carried over: the
         network equals the module in eval mode. ``bias=False`` gives zero biases (which
         are then trainable here).
+
+        ``share=True``: the network's parameters are the module's own ``nn.Parameter``
+        objects, so ``rnngrad.gradient(net, ..., set_grad=True)`` by any algorithm writes
+        the module's ``.grad`` and ``torch.optim`` over ``rnn.parameters()`` and
+        ``linear.parameters()`` trains both. For ``torch.nn.RNN`` (one bias ``b_rec`` here,
+        two there) ``bias_hh`` is folded into ``bias_ih`` in place and frozen at zero: the
+        same function. A bias the module lacks is a zero here with ``requires_grad=False``.
         """
         from .cells.interop import from_torch
 
-        return from_torch(cls, rnn, linear, readout)
+        return from_torch(cls, rnn, linear, readout, share)
+
+    def to_torch(self) -> tuple[nn.Module, nn.Linear]:
+        """Back to PyTorch: ``(torch.nn.RNN | GRU | LSTM, nn.Linear)`` with copies of the
+        weights, ``num_layers`` the number of layers, such that ``linear(rnn(x)[0])`` is z_t
+        (to float64 round-off; apply the readout g on top). For networks of Elman (tanh or
+        relu, ``alpha = 1``), GRU or LSTM layers of one type and one width with the plain
+        readout, every network ``from_torch`` makes; anything else raises, naming why.
+        ``rnngrad.cells.interop.state_to_torch`` converts an initial state."""
+        from .cells.interop import to_torch
+
+        return to_torch(self)
 
 
 def _real_state(state, i: int, cell: Cell):
@@ -294,7 +347,7 @@ def _real_state(state, i: int, cell: Cell):
     return state
 
 
-def _as_cells(cells) -> list[Cell]:
+def _as_cells(cells, verify: bool = True) -> list[Cell]:
     if isinstance(cells, Cell):
         cells = [cells]
     elif isinstance(cells, nn.Module) and not isinstance(cells, nn.ModuleList):
@@ -307,9 +360,29 @@ def _as_cells(cells) -> list[Cell]:
                         f"{type(cells).__name__}") from None
     if not cells:
         raise ValueError("cells is empty: give at least one cell")
+    owner: dict[int, tuple[int, str]] = {}
     for i, c in enumerate(cells):
         if not isinstance(c, Cell):
             raise TypeError(f"cells[{i}] must be an rnngrad.cells.Cell, got {type(c).__name__}")
+        for j in range(i):
+            if cells[j] is c:
+                raise ValueError(f"cells[{i}] is the same {type(c).__name__} object as "
+                                 f"cells[{j}]: each layer needs its own cell (its own "
+                                 "parameters and state); build another, e.g. "
+                                 "copy.deepcopy(cell), or one cell per layer")
+        named = list(c.named_parameters())
+        if not named:
+            raise ValueError(f"cells[{i}] ({type(c).__name__}) has no parameters: rnngrad's "
+                             "algorithms compute the gradients of each cell's parameters and "
+                             "need at least one nn.Parameter per cell; put a fixed "
+                             "transformation inside a neighbouring cell's step")
+        for n, p in named:
+            j, m = owner.setdefault(id(p), (i, n))
+            if j != i:
+                raise ValueError(f"cells[{i}] ({type(c).__name__}) shares its parameter {n!r} "
+                                 f"with cells[{j}] ({m!r}): parameters tied across layers are "
+                                 "not supported (each gradient is keyed by one layer's name); "
+                                 "give each layer its own tensor")
         for attr in ("input_size", "hidden_size"):
             v = getattr(c, attr, None)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -340,6 +413,11 @@ def _as_cells(cells) -> list[Cell]:
                                 "write a complex parameter as its real and imaginary parts, as "
                                 "rnngrad.cells.LRU does (B_re, B_im)")
         check_contract(c, f"cells[{i}] ({type(c).__name__})")
+        if verify and not is_builtin(type(c)) and c._like().device.type != "meta":
+            from .cells._derive import verify_pure, verify_reads
+
+            verify_pure(c, f"cells[{i}] ({type(c).__name__})")
+            verify_reads(c, f"cells[{i}] ({type(c).__name__})")
     return cells
 
 

@@ -11,7 +11,7 @@ The loss is pinned so results compare across algorithms and papers::
 "cross_entropy" and "bce" read z as logits, so they pair with the readout that turns
 logits into the probabilities they score (softmax, resp. sigmoid) or with identity;
 any other pairing raises rather than computing something nobody asked for. "mse"
-goes through the readout, so with softmax it carries seed 002's dense softmax
+goes through the readout, so with softmax it carries the dense softmax
 Jacobian: ``dl/dz = J_g(z)^T (y - target)`` with ``J = diag(y) - y y^T``.
 
 A reward ``R(h_1..h_T)`` is any differentiable function of the trajectory; the loss is
@@ -95,7 +95,7 @@ def loss_and_grad(
         if readout_name == "identity":
             dz = r
         elif readout_name == "softmax":
-            # J^T r with J = diag(y) - y y^T (seed 002's dense Jacobian), without forming J
+            # J^T r with J = diag(y) - y y^T (the dense softmax Jacobian), without forming J
             dz = y * (r - (y * r).sum(-1, keepdim=True))
         else:  # sigmoid
             dz = r * y * (1.0 - y)

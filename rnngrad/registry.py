@@ -31,7 +31,7 @@ ALGORITHMS.update({
 })
 
 ALGORITHMS.update({
-    "rtrl": (rtrl, False, "exact real-time recurrent learning, structured influence (seed 001)"),
+    "rtrl": (rtrl, False, "exact real-time recurrent learning, structured influence (Williams & Zipser 1989)"),
     "rtrl_generic": (lambda: rtrl(generic=True), False,
                      "exact RTRL for any cell, Jacobians by torch.func (slow; an oracle)"),
     "tbptt": (tbptt, True, "truncated BPTT, streaming, one gradient every K steps"),

@@ -20,25 +20,69 @@ from typing import Any
 import torch
 from torch import nn
 
+from .readouts import LOSSES
 from .registry import get_algorithm
 from .train import OPTIMIZERS, TrainResult, _positive_int, train
 
-__all__ = ["DEFAULTS", "DTYPES", "check_config", "check_cell", "make_task", "make_model",
-           "run"]
+__all__ = ["DEFAULTS", "DTYPES", "check_config", "check_cell", "check_device", "make_task",
+           "make_model", "run", "log_every_for"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # One training run as a plain dict: what `rnngrad train` takes, what a sweep trial is.
+# The command line's defaults are these, the same for train, compare and sweep.
 DEFAULTS: dict[str, Any] = {
     # task
     "task": "digits", "seq_len": None, "stream": False,
+    "task_kwargs": None,  # a dict for the task's constructor (neurogym env_kwargs, file layout)
     # model
-    "cell": "elman", "layers": 1, "hidden": 64, "activation": "tanh", "alpha": 1.0,
+    "cell": "elman", "layers": 1, "hidden": 32, "activation": "tanh", "alpha": 1.0,
     "init": "uniform", "dtype": "float32", "device": "cpu",
-    # training
-    "algorithm": "bptt", "steps": 2000, "lr": 1e-2, "optimizer": "adam", "batch_size": 32,
-    "clip": 1.0, "update_every": None, "seed": 0, "log_every": 50, "track_alignment": None,
+    # training (loss None: the one that follows the readout; log_every None: steps // 20)
+    "algorithm": "bptt", "steps": 300, "lr": 1e-2, "optimizer": "adam", "batch_size": 16,
+    "clip": 1.0, "update_every": None, "seed": 0, "log_every": None, "track_alignment": None,
+    "loss": None,
 }
+
+
+def log_every_for(steps: int, log_every: int | None = None) -> int:
+    """``log_every``, or about 20 evaluations over ``steps`` when it is None."""
+    return log_every if log_every is not None else max(1, steps // 20)
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device ``name`` names, if a run can train on it here; a one-line
+    ValueError otherwise (not a device, "meta", CUDA without CUDA, an index past the
+    devices there are)."""
+    if not isinstance(name, (str, torch.device)) or not str(name):
+        raise ValueError(f"device must be a torch device name (cpu, cuda, cuda:1), got "
+                         f"{name!r}")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {str(name)!r} is not a torch device (e.g. cpu, cuda, "
+                         "cuda:1)") from None
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds shapes but no values: a run cannot train on it; "
+                         "use cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(name)!r} asked for CUDA, but torch "
+                             f"{torch.__version__} sees no CUDA device here; use cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {str(name)!r}: there are {n} CUDA device(s) here "
+                             f"(cuda:0 to cuda:{n - 1})")
+        return dev
+    if dev.type == "cpu":
+        return dev
+    try:
+        torch.zeros(1, device=dev) + 1
+    except Exception as e:  # backends report an absent device in many ways
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"device {str(name)!r} cannot be used here ({reason[:100]}); use cpu "
+                         "or cuda") from None
+    return dev
 
 
 def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,10 +94,10 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown configuration key(s) {', '.join(map(repr, unknown))}; "
                          f"known keys: {', '.join(DEFAULTS)}")
     cfg = {**DEFAULTS, **config}
-    for k in ("hidden", "layers", "steps", "batch_size", "log_every"):
+    for k in ("hidden", "layers", "steps", "batch_size"):
         if not _positive_int(cfg[k]):
             raise ValueError(f"{k} must be a positive int, got {cfg[k]!r}")
-    for k in ("seq_len", "update_every", "track_alignment"):
+    for k in ("seq_len", "update_every", "track_alignment", "log_every"):
         if cfg[k] is not None and not _positive_int(cfg[k]):
             raise ValueError(f"{k} must be a positive int or None, got {cfg[k]!r}")
     if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or cfg["seed"] < 0:
@@ -76,6 +120,14 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     for k in ("task", "cell", "activation", "init", "device", "algorithm"):
         if not isinstance(cfg[k], str) or not cfg[k]:
             raise ValueError(f"{k} must be a non-empty string, got {cfg[k]!r}")
+    if cfg["loss"] is not None and cfg["loss"] not in LOSSES:
+        raise ValueError(f"unknown loss {cfg['loss']!r}; known losses: {', '.join(LOSSES)}")
+    check_device(cfg["device"])
+    if cfg["task_kwargs"] is not None and not isinstance(cfg["task_kwargs"], Mapping):
+        raise ValueError(f"task_kwargs must be a dict or None, got {cfg['task_kwargs']!r}")
+    from .tasks import check_task_name
+
+    check_task_name(cfg["task"])
     check_cell(cfg["cell"])
     get_algorithm(cfg["algorithm"])  # an unknown name fails here, not in the middle of a sweep
     return cfg
@@ -91,11 +143,20 @@ def check_cell(name: str) -> str:
 
 
 def make_task(config: Mapping[str, Any]):
-    """The task a configuration names (``task``, ``seq_len``, ``stream``)."""
-    from .tasks import get_task
+    """The task a configuration names (``task``, ``seq_len``, ``stream``, ``task_kwargs``)."""
+    import inspect
 
-    kw: dict[str, Any] = {}
+    from .tasks import TASKS, get_task
+
+    kw: dict[str, Any] = dict(config.get("task_kwargs") or {})
     if config.get("seq_len") is not None:
+        cls = TASKS.get(config["task"])
+        if cls is not None and "seq_len" not in inspect.signature(cls).parameters:
+            fixed = getattr(cls, "seq_len", None)
+            length = f" (its sequences are {fixed} steps)" if isinstance(fixed, int) else ""
+            takes = [n for n, c in TASKS.items() if "seq_len" in inspect.signature(c).parameters]
+            raise ValueError(f"seq_len: task {config['task']!r} has no length to set{length}; "
+                             f"the tasks that take one: {', '.join(takes)}")
         kw["seq_len"] = config["seq_len"]
     if config.get("stream"):
         if config["task"] != "stream_add":
@@ -135,6 +196,7 @@ def run(
     out: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callback: Callable[[int, dict[str, float]], None] | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
@@ -144,6 +206,7 @@ def run(
     model (``make_model``), then ``train``s, recording ``config`` in ``config.json`` and
     the checkpoints. ``track_alignment=N`` logs the cosine, sign agreement and norm ratio
     of the gradient used against exact BPTT's on the recurrent parameters every N steps.
+    ``resume`` / ``overwrite``: what to do with an earlier run in ``out`` (see ``train``).
     """
     cfg = check_config(config)
     task = make_task(cfg)
@@ -151,6 +214,8 @@ def run(
     model = make_model(cfg, task)
     return train(model, task, algorithm=algorithm, steps=cfg["steps"], lr=cfg["lr"],
                  optimizer=cfg["optimizer"], batch_size=cfg["batch_size"], seed=cfg["seed"],
-                 update_every=cfg["update_every"], clip=cfg["clip"], log_every=cfg["log_every"],
-                 out=out, checkpoint_every=checkpoint_every, resume=resume, config=cfg,
+                 update_every=cfg["update_every"], clip=cfg["clip"],
+                 log_every=log_every_for(cfg["steps"], cfg["log_every"]), loss=cfg["loss"],
+                 out=out, checkpoint_every=checkpoint_every, resume=resume,
+                 overwrite=overwrite, config=cfg,
                  track_alignment=cfg["track_alignment"], callback=callback, on_event=on_event)

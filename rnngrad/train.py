@@ -13,9 +13,14 @@ training with ``Diverged`` before the update is applied or anything is saved, so
 last checkpoint and ``model.pt`` stay as they were.
 
 Writes, when ``out`` is given (a directory one run owns at a time: ``rnngrad.outdir``):
-``metrics.csv`` (one row per logged step), ``curve.png``, ``model.pt`` (final
-``state_dict``), ``config.json`` (what the run was), and ``checkpoint.pt`` every
-``checkpoint_every`` steps, every file written atomically. A checkpoint holds the
+``metrics.csv`` (one row per logged step, appended and flushed as it is logged, so a
+killed run keeps its log), ``curve.png``, ``model.pt`` (final ``state_dict``; its
+presence marks a finished run), ``config.json`` (what the run was), and
+``checkpoint.pt`` every ``checkpoint_every`` steps; every file but the growing log is
+written atomically. A directory holding an earlier run is never overwritten silently:
+``resume=True`` continues it, ``overwrite=True`` replaces it, anything else is
+``rnngrad.outdir.RunExists``; and every argument is checked (the algorithm applied to
+the model included) before the directory is created, so a refused run writes nothing. A checkpoint holds the
 configuration, the model, the optimizer, and every random generator and carried state
 the run uses (the data generator, the algorithm's generators, the stream and the
 algorithm state it carries): ``resume=True`` continues it to the bit-identical result
@@ -45,13 +50,13 @@ from .algorithms.base import Algorithm, add_grads, rng_state, set_rng_state
 from .algorithms.bptt import bptt
 from .gradient import gradient, write_grads
 from .metrics import alignment
-from .outdir import OutputDir, atomic_write, torch_bytes
-from .readouts import loss_and_grad
+from .outdir import TRAIN_OUTPUTS, OutputDir, atomic_write, claim, torch_bytes
+from .readouts import LOSSES, check_loss, loss_and_grad
 from .tasks.base import Batch, make_generator
 
 __all__ = ["train", "evaluate", "TrainResult", "OPTIMIZERS", "make_optimizer", "apply_update",
            "online_pass", "load_checkpoint", "Diverged", "NonFinite", "CheckpointError",
-           "ConfigMismatch", "CheckpointExists", "CHECKPOINT"]
+           "ConfigMismatch", "CheckpointExists", "CHECKPOINT", "loss_for"]
 
 OPTIMIZERS = ("adam", "sgd")
 CHECKPOINT = "checkpoint.pt"
@@ -106,23 +111,47 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+# the loss that pairs with each readout (the readout turns logits into what it scores)
+_LOSS_OF_READOUT = {"softmax": "cross_entropy", "sigmoid": "bce"}
+
+
+def loss_for(task, readout: str, loss: str | None = None) -> str:
+    """The loss a run trains ``task`` with: ``loss`` when given (checked against the
+    readout and the task's targets), else the one that follows the readout (softmax:
+    cross-entropy, sigmoid: binary cross-entropy, identity: the task's own)."""
+    task_loss = task.loss
+    if loss is None:
+        return _LOSS_OF_READOUT.get(readout, task_loss)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; known losses: {', '.join(LOSSES)}")
+    check_loss(loss, readout)
+    if (loss == "cross_entropy") != (task_loss == "cross_entropy"):
+        kind = "class indices" if task_loss == "cross_entropy" else "values, not class indices"
+        raise ValueError(f"loss {loss!r} does not fit task {task.name!r}: its targets are "
+                         f"{kind} (its own loss is {task_loss!r})")
+    return loss
+
+
 # ---- evaluation and updates -------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task, batch: Batch | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, task, batch: Batch | None = None, *,
+             loss: str | None = None) -> dict[str, float]:
     """Test loss, and accuracy (classification) or MSE (regression), through ``model(inputs)``.
 
     ``test_loss`` is the pinned loss (a sequence's counted steps summed, the mean over
     sequences); ``test_loss_per_step`` is the mean over counted steps. Accuracy is the
     fraction of counted steps whose argmax matches the class index; ``test_mse`` is the
-    mean over counted steps and outputs of ``(y - target)^2`` (not halved).
+    mean over counted steps and outputs of ``(y - target)^2`` (not halved). ``loss``:
+    as for ``loss_for`` (default: the one that follows the model's readout).
     """
     p = model.W_out
     batch = (task.test_batch() if batch is None else batch).to(device=p.device, dtype=p.dtype)
     T, B = batch.mask.shape
     y, h = model(batch.inputs)
     z = h @ model.W_out.T + model.b_out
-    loss, _ = loss_and_grad(z, batch.targets, batch.mask / B, loss=task.loss,
+    name = loss_for(task, model.readout, loss)
+    loss, _ = loss_and_grad(z, batch.targets, batch.mask / B, loss=name,
                             readout_name=model.readout)
     m = batch.mask > 0
     n = max(int(m.sum()), 1)
@@ -130,6 +159,8 @@ def evaluate(model: nn.Module, task, batch: Batch | None = None) -> dict[str, fl
     if task.classification:
         correct = (z.argmax(-1) == batch.targets) & m
         out["test_acc"] = float(correct.sum()) / n
+        if hasattr(task, "performance"):  # the task's own measure (neurogym's: last step)
+            out["test_perf"] = task.performance(z, batch)
     else:
         err = ((y - batch.targets) ** 2).mean(-1)
         out["test_mse"] = float((err * m).sum()) / n
@@ -257,6 +288,8 @@ def train(
     out: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    loss: str | None = None,
     config: Mapping[str, Any] | None = None,
     track_alignment: int | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
@@ -281,17 +314,25 @@ def train(
         log_every: evaluate on the test set and log every this many steps.
         out: directory for metrics.csv, curve.png, model.pt, config.json, checkpoint.pt;
             locked for the run (``rnngrad.outdir.OutputLocked`` if another run holds it).
+            A directory holding an earlier run is refused (``rnngrad.outdir.RunExists``,
+            nothing written) unless ``resume`` or ``overwrite``.
         checkpoint_every: write checkpoint.pt every this many steps and at the end
             (needs out).
         resume: continue from out/checkpoint.pt if it exists; ``ConfigMismatch`` if it
-            is from a different run, ``CheckpointError`` if it cannot be read. Without
-            it, a checkpoint in out is an error (``CheckpointExists``), never overwritten.
+            is from a different run, ``CheckpointError`` if it cannot be read. A finished
+            run with no checkpoint cannot be resumed (``RunExists``); an unfinished one
+            with no checkpoint starts afresh (``on_event("start")`` says "resumed": False).
+        overwrite: replace the earlier run in ``out`` (its files are removed first).
+        loss: "mse", "cross_entropy" or "bce"; None: the one that follows the model's
+            readout (softmax: cross-entropy, sigmoid: BCE, identity: the task's own).
         config: the caller's description of the run (JSON-serialisable, e.g. ``run``'s
             configuration), recorded with train's own and compared on resume.
         track_alignment: every this many steps, log ``rnngrad.metrics``' cosine, sign
             agreement and norm ratio of the gradient used against exact BPTT's on the same
             batch and weights (those the batch started from), over the recurrent
             parameters (all but W_out, b_out): keys "cosine", "sign_agreement", "norm_ratio".
+            A row is logged at every tracked step as well as every ``log_every`` steps,
+            so no measurement is dropped.
         callback: ``callback(step, row)`` after each logged step (progress bars).
         step_callback: ``step_callback(step, info)`` after each batch, with info holding
             "batch", "grads" and "algorithm"; a returned dict is merged into the next
@@ -339,9 +380,13 @@ def train(
             f"{task.output_size} but the model has {model.input_size} and {model.output_size}")
     if checkpoint_every is not None and out is None:
         raise ValueError("checkpoint_every needs an output directory (out)")
+    loss = loss_for(task, model.readout, loss)
+    _check_applies(algorithm, model, batch_size)
     record = _describe(model, task, algorithm, steps=steps, lr=lr, optimizer=optimizer,
                        batch_size=batch_size, seed=seed, update_every=update_every, clip=clip,
                        log_every=log_every)
+    if loss != task.loss:
+        record["loss"] = loss
     if config is not None:
         record["run"] = dict(config)
     try:
@@ -353,14 +398,26 @@ def train(
     loop = _Loop(model, task, algorithm, opt, steps=steps, batch_size=batch_size, seed=seed,
                  update_every=update_every, clip=clip, log_every=log_every,
                  checkpoint_every=checkpoint_every, record=record, callback=callback,
-                 step_callback=step_callback, on_event=on_event, track=track_alignment)
+                 step_callback=step_callback, on_event=on_event, track=track_alignment,
+                 loss=loss)
     if out is None:
         loop.start(None, resume=False)
         return loop.run()
-    with OutputDir(out) as d:
-        loop.start(d.path, resume=resume)
+    how = claim(out, outputs=TRAIN_OUTPUTS, resume=resume, overwrite=overwrite)
+    with OutputDir(out, replace=TRAIN_OUTPUTS if how == "overwrite" else ()) as d:
+        loop.start(d.path, resume=how == "resume")
         atomic_write(d.path / "config.json", config_json.encode())
         return loop.run()
+
+
+def _check_applies(algorithm: Algorithm, model: nn.Module, batch_size: int) -> None:
+    """Raise now, before anything is written, if ``algorithm`` does not apply to ``model``
+    (``kf_rtrl()`` on a GRU): its ``init`` checks that, on a throw-away state, with every
+    random generator left as it was."""
+    saved = rng_state(algorithm)
+    with torch.random.fork_rng(devices=[]):
+        algorithm.init(model, batch_size)
+    set_rng_state(algorithm, saved)
 
 
 class _Loop:
@@ -368,13 +425,15 @@ class _Loop:
 
     def __init__(self, model, task, algorithm, opt, *, steps, batch_size, seed, update_every,
                  clip, log_every, checkpoint_every, record, callback, step_callback,
-                 on_event, track) -> None:
+                 on_event, track, loss) -> None:
         self.model, self.task, self.algorithm, self.opt = model, task, algorithm, opt
         self.steps, self.batch_size, self.update_every = steps, batch_size, update_every
         self.clip, self.log_every, self.checkpoint_every = clip, log_every, checkpoint_every
         self.record = record
         self.callback, self.step_callback, self.on_event = callback, step_callback, on_event
         self.track = track
+        self.loss = loss
+        self.csv_fields: list[str] | None = None
         # alignment on the recurrent part: every algorithm has the exact readout gradient
         self.recurrent = [n for n, _ in model.named_parameters() if n not in ("W_out", "b_out")]
         self.data = make_generator(seed)
@@ -424,6 +483,9 @@ class _Loop:
             self.history = ck["history"]
             self.pending = ck["pending"]
             self.step = self.checkpoint_step = ck["step"]
+            # the log may hold rows past the checkpoint (logged before the run was cut
+            # off): keep exactly the checkpoint's, then append from there
+            self._rewrite_log()
         if self.on_event is not None:
             self.on_event("start", {"step": self.step, "resumed": found,
                                     "checkpoint": str(path) if path is not None else None})
@@ -444,7 +506,7 @@ class _Loop:
         tracked = self.track is not None and step % self.track == 0
         if self.update_every is None:
             loss, grads = gradient(model, batch.inputs, batch.targets, algorithm=algorithm,
-                                   loss=task.loss, mask=batch.mask)
+                                   loss=self.loss, mask=batch.mask)
             value = _check_loss(loss)
             if tracked:
                 self._align(model, batch, grads, None)
@@ -457,7 +519,7 @@ class _Loop:
             before = (copy.deepcopy(model), getattr(state, "h", None) if self.streaming
                       else None) if tracked else None
             self.stream_state, loss, grads = online_pass(
-                model, self.opt, algorithm, batch, state, task.loss, self.update_every,
+                model, self.opt, algorithm, batch, state, self.loss, self.update_every,
                 self.clip, check=True)
             value = _check_loss(loss)
             if tracked and grads:
@@ -474,7 +536,7 @@ class _Loop:
     def _align(self, model, batch: Batch, grads, h0) -> None:
         with torch.no_grad():
             _, exact = gradient(model, batch.inputs, batch.targets, algorithm=bptt(),
-                                loss=self.task.loss, mask=batch.mask, h0=h0)
+                                loss=self.loss, mask=batch.mask, h0=h0)
             self.pending["extra"].update(alignment(grads, exact, params=self.recurrent)["all"])
 
     def run(self) -> TrainResult:
@@ -487,14 +549,16 @@ class _Loop:
                 raise self._diverged(step, e) from None
             self.step = step
             done_since_t0 += 1
-            if step % self.log_every == 0 or step == self.steps:
+            tracked = self.track is not None and step % self.track == 0
+            if step % self.log_every == 0 or step == self.steps or tracked:
                 elapsed = time.perf_counter() - t0
                 n = max(self.pending["steps"], 1)
                 row = {"step": step, "train_loss": self.pending["train_loss"] / n,
-                       **evaluate(self.model, self.task),
+                       **evaluate(self.model, self.task, loss=self.loss),
                        "steps_per_s": done_since_t0 / max(elapsed, 1e-9),
                        **self.pending["extra"]}
                 self.history.append(row)
+                self._log(row)
                 self.pending = {"train_loss": 0.0, "steps": 0, "extra": {}}
                 if self.callback is not None:
                     self.callback(step, row)
@@ -503,9 +567,10 @@ class _Loop:
                                                       or step == self.steps):
                 self._save_checkpoint()
 
-        final = evaluate(self.model, self.task)
+        final = evaluate(self.model, self.task, loss=self.loss)
         if self.out is not None:
-            atomic_write(self.out / "metrics.csv", _metrics_csv(self.history))
+            if self.csv_fields is None:  # nothing logged since a resume at the last step
+                self._rewrite_log()
             atomic_write(self.out / "model.pt", torch_bytes(self.model.state_dict()))
             from .plots import plot_curve
 
@@ -514,11 +579,30 @@ class _Loop:
             atomic_write(self.out / "curve.png", buf.getvalue())
         return TrainResult(self.model, self.history, final)
 
+    # -- the log, growing as the run goes
+    def _rewrite_log(self) -> None:
+        """metrics.csv from ``history``, whole (atomically)."""
+        if self.out is None:
+            return
+        self.csv_fields = _fields(self.history, self.track)
+        atomic_write(self.out / "metrics.csv", _metrics_csv(self.history, self.csv_fields))
+
+    def _log(self, row: dict[str, float]) -> None:
+        """Append ``row`` to metrics.csv and flush it; a row with a new column (a
+        step_callback's) rewrites the file with the wider header."""
+        if self.out is None:
+            return
+        if self.csv_fields is None or not set(row) <= set(self.csv_fields):
+            self._rewrite_log()
+            return
+        with open(self.out / "metrics.csv", "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.csv_fields).writerow(row)
+            f.flush()
+
     def _diverged(self, step: int, e: Exception) -> Diverged:
         kept = "nothing was saved"
         if self.out is not None:
-            # the rows so far are worth keeping; the weights are not
-            atomic_write(self.out / "metrics.csv", _metrics_csv(self.history))
+            # the rows so far are in the log already; the weights are not worth keeping
             if self.checkpoint_step is not None:
                 kept = (f"the checkpoint of step {self.checkpoint_step} is kept in "
                         f"{self.out / CHECKPOINT}")
@@ -559,7 +643,22 @@ def online_pass(model, opt, algorithm: Algorithm, batch: Batch, state, loss: str
             _check_loss(value)
         apply_update(model, opt, pending, clip, check=check)
 
-    for t in range(T):
+    chunked = update_every is not None and algorithm.online
+    if chunked:
+        # chunks of update_every steps with the weights fixed: rnngrad.run (the trace rules
+        # in closed form, the traces carried across; any other algorithm steps through)
+        from .algorithms._chunk import run
+
+        for s in range(0, T, update_every):
+            e = min(s + update_every, T)
+            state, out, g = run(algorithm, model, state, batch.inputs[s:e], batch.targets[s:e],
+                                mask=batch.mask[s:e], loss=loss)
+            value = value + out.loss
+            pending = add_grads(pending, g)
+            if e < T and pending is not None:
+                update(pending)
+                total, pending = add_grads(total, pending), None
+    for t in range(0 if chunked else T):
         state, out, g = algorithm.step(model, state, batch.inputs[t], batch.targets[t],
                                        mask_t=batch.mask[t], loss=loss)
         value = value + out.loss
@@ -579,10 +678,21 @@ def online_pass(model, opt, algorithm: Algorithm, batch: Batch, state, loss: str
     return state, value, total if total is not None else {}
 
 
-def _metrics_csv(history: list[dict[str, float]]) -> bytes:
+def _fields(history: list[dict[str, float]], track: int | None) -> list[str]:
+    """metrics.csv's columns: every key of the rows, in order of appearance; the alignment
+    columns from the start when alignment is tracked (not every row carries them)."""
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
+    if track is not None:
+        from .metrics import METRICS
+
+        keys.extend(k for k in METRICS if k not in keys)
+    return keys
+
+
+def _metrics_csv(history: list[dict[str, float]], keys: list[str] | None = None) -> bytes:
+    keys = _fields(history, None) if keys is None else keys
     f = io.StringIO(newline="")
     w = csv.DictWriter(f, fieldnames=keys)
     w.writeheader()

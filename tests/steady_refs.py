@@ -1,7 +1,7 @@
 """Shared references for the tests of rnngrad/steady/ (float64, autograd).
 
 Oracles (DESIGN.md): autograd through the converged unrolled iteration; the dense
-solve of seed 000's ``(D^-1 - W^T) u = dR/dx``; ordinary backprop through the
+solve of Almeida and Pineda's ``(D^-1 - W^T) u = dR/dx``; ordinary backprop through the
 layers of a feedforward net (strictly lower-triangular W). All in float64 to
 relative error <= RTOL = 1e-10 unless a test states otherwise.
 """

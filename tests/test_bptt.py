@@ -101,7 +101,7 @@ def test_masks(kind):
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 @pytest.mark.parametrize("shape", ["batch", "shared"])
 def test_h0_gradient(alpha, shape):
-    """Seed 004: the gradient with respect to the initial state."""
+    """The gradient with respect to the initial state."""
     model, x, y = make_problem(5, 3, 2, 4, 2, alpha=alpha)
     h0 = torch.randn(3, 4, dtype=DT) if shape == "batch" else torch.randn(4, dtype=DT)
     g = check(model, x, y, loss="mse", h0=h0)
@@ -110,7 +110,7 @@ def test_h0_gradient(alpha, shape):
 
 @pytest.mark.parametrize("with_targets", [True, False])
 def test_reward(with_targets):
-    """Seed 000's trajectory learning: maximise R(h_1..h_T); the loss returned is L - R."""
+    """Trajectory learning: maximise R(h_1..h_T); the loss returned is L - R."""
     model, x, y = make_problem(6, 2, 3, 4, 2, alpha=0.9)
     target = torch.randn(6, 2, 4, dtype=DT)
 
@@ -230,3 +230,59 @@ def test_reused_algorithm_object_gives_fresh_results():
     _, g4 = rnngrad.gradient(model, x[:3], y[:3], algorithm=algo)  # other shapes
     check(model, x[:3], y[:3], loss="mse", algorithm=algo)
     assert g4["u"].shape == (3, 3, 4)
+
+
+def test_reused_algorithm_object_on_an_elman_stack():
+    """Each Elman layer of a stack keeps its own buffer in the algorithm's workspace: two
+    calls with one bptt() object give what a fresh object gives, and the first call's
+    gradients (and sensitivities, one per layer) are not overwritten by the second."""
+    from net_reference import net_grads
+
+    torch.manual_seed(5)
+    net = rnngrad.Network([rnngrad.cells.Elman(2, 4, dtype=DT), rnngrad.cells.Elman(4, 3, dtype=DT)],
+                          2)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(6, 3, 2, generator=g, dtype=DT), torch.randn(6, 3, 2, generator=g, dtype=DT)
+    algo = rnngrad.bptt(sensitivities=True)
+    _, g1 = rnngrad.gradient(net, x, y, algorithm=algo)
+    kept = {k: v.clone() if isinstance(v, torch.Tensor) else tuple(u.clone() for u in v)
+            for k, v in g1.items()}
+    _, g2 = rnngrad.gradient(net, 2 * x, y, algorithm=algo)
+    for k, v in kept.items():
+        for a, b in zip(v if isinstance(v, tuple) else (v,),
+                        g1[k] if isinstance(g1[k], tuple) else (g1[k],)):
+            assert torch.equal(a, b), k
+    _, g3 = rnngrad.gradient(net, 2 * x, y, algorithm=rnngrad.bptt(sensitivities=True))
+    for k in g3:
+        for a, b in zip(g2[k] if isinstance(g2[k], tuple) else (g2[k],),
+                        g3[k] if isinstance(g3[k], tuple) else (g3[k],)):
+            assert torch.equal(a, b), k
+    _, ref = net_grads(net, x, y)
+    assert max_rel_err({k: g1[k] for k in ref}, ref) <= TOL
+
+
+@pytest.mark.parametrize("alpha, reruns", [(1.0, 0), (0.5, 1)])
+def test_online_bptt_builds_its_cache_from_the_steps(monkeypatch, alpha, reruns):
+    """The step path keeps the states it made; at flush a vanilla tanh Elman layer rebuilds
+    its backward pass's cache from them (no second forward pass), a leaky one (phi' needs
+    a_t) reruns the forward once. Both give the sequence path's gradient."""
+    import rnngrad.cells.elman as elman
+
+    calls = []
+    real = elman.unroll
+
+    def spy(model, inputs, h0, **kw):
+        calls.append(inputs.shape[0])
+        return real(model, inputs, h0, **kw)
+
+    model, x, y = make_problem(7, 3, 2, 4, 2, alpha=alpha)
+    _, want = rnngrad.gradient(model, x, y)
+    monkeypatch.setattr(elman, "unroll", spy)
+    algo = rnngrad.bptt()
+    state = algo.init(model, 3)
+    for t in range(7):
+        state, _, g = algo.step(model, state, x[t], y[t])
+        assert g is None
+    state, got = algo.flush(model, state)
+    assert len(calls) == reruns
+    assert max_rel_err(got, want) <= TOL

@@ -13,8 +13,8 @@ import rnngrad
 from rnngrad.check import CheckConfig, make_problem, reference_gradient, relative_error
 
 TOL = 1e-10
-# the submodule (``rnngrad.algorithms.bptt`` the attribute is the factory function)
-bptt_module = importlib.import_module("rnngrad.algorithms.bptt")
+# the module whose ``unroll`` every forward pass of an Elman layer runs (rnngrad.RNN included)
+elman_module = importlib.import_module("rnngrad.cells.elman")
 CONFIGS = (
     CheckConfig(T=7, B=3, D=2, H=4, K=3, activation="tanh", h0=True),
     CheckConfig(T=7, B=2, D=3, H=3, K=2, activation="relu", alpha=0.5, readout="softmax",
@@ -80,13 +80,13 @@ def test_sequence_path_recomputes_segments_of_at_most_c(monkeypatch, T, c):
     """Every forward pass the checkpointed sequence path runs covers at most c steps, so it
     never holds more than c hidden states at once (plus ceil(T/c) checkpoints)."""
     lengths = []
-    real_unroll = bptt_module.unroll
+    real_unroll = elman_module.unroll
 
     def spy(model, inputs, h0, **kw):
         lengths.append(inputs.shape[0])
         return real_unroll(model, inputs, h0, **kw)
 
-    monkeypatch.setattr(bptt_module, "unroll", spy)
+    monkeypatch.setattr(elman_module, "unroll", spy)
     config = CheckConfig(T=T, B=2, D=2, H=3, K=2)
     model, x, y, *_ = make_problem(config, seed=24)
     _, g = rnngrad.gradient(model, x, y, algorithm=rnngrad.bptt(checkpoint=c))

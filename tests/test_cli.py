@@ -160,9 +160,10 @@ def test_resume_messages_and_refusals(tmp_path, capsys):
     out = ["--out", str(tmp_path), "--checkpoint-every", "2"]
     assert main([*TINY, *out]) == 0
     capsys.readouterr()
-    assert main([*TINY, *out]) == 2  # a fresh run would overwrite the checkpoint
-    assert "holds the checkpoint of an earlier run: resume it" in _one_line(
-        capsys.readouterr().err)
+    assert main([*TINY, *out]) == 2  # a fresh run would overwrite the finished one
+    assert (f"{tmp_path} holds a finished run (config.json, metrics.csv, model.pt, "
+            "checkpoint.pt, ...): continue it with --resume, replace it with --overwrite, or "
+            "give another output directory") in _one_line(capsys.readouterr().err)
     assert main([*TINY, *out, "--resume", "--seed", "1"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "is from a different run (seed 0 there, 1 here)" in line
@@ -324,3 +325,199 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(tmp_path):
     assert main(tokens[1:]) == 0
     assert torch.isfinite(torch.load(out / "model.pt")["W_rec"]).all()
     assert os.path.exists(out / "metrics.csv")
+
+
+# ---- the command line a person expects --------------------------------------------------
+
+@pytest.mark.parametrize("command, typo, suggestion", [
+    ("train", "--hid", "--hidden"),           # an abbreviation is not accepted
+    ("train", "--hiden", "--hidden"),
+    ("compare", "--algoritms", "--algorithms"),
+    ("compare", "--track-alignmnt", "--track-alignment"),
+    ("check", "--zzz", None),
+])
+def test_a_mistyped_flag_shows_the_subcommands_usage_and_the_nearest_flag(
+        command, typo, suggestion, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, typo, "3"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: rnngrad {command} ")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"rnngrad {command}: error: unrecognized argument")
+    if suggestion:
+        assert last.endswith(f"did you mean {suggestion}?")
+
+
+def test_train_compare_and_sweep_share_flag_names_and_defaults():
+    from rnngrad.cli import build_parser
+    from rnngrad.runs import DEFAULTS
+
+    subs = {a.dest: a for a in build_parser()._actions if a.dest == "command"}["command"].choices
+    parsed = {c: vars(subs[c].parse_args([])) for c in ("train", "compare", "sweep")}
+    for key in ("steps", "batch_size", "optimizer", "clip", "log_every", "activation",
+                "layers", "dtype", "device", "loss", "threads", "seq_len", "task"):
+        values = {c: p[key] for c, p in parsed.items()}
+        assert len(set(map(str, values.values()))) == 1, (key, values)
+    assert parsed["train"]["lr"] == parsed["compare"]["lr"] == DEFAULTS["lr"]
+    assert parsed["sweep"]["lr"] == [DEFAULTS["lr"]]
+    assert parsed["train"]["hidden"] == parsed["compare"]["hidden"] == DEFAULTS["hidden"]
+    assert parsed["sweep"]["hidden"] == [DEFAULTS["hidden"]]  # sweep's flags take lists
+    assert parsed["train"]["cell"] == parsed["compare"]["cell"] == "elman"
+    assert parsed["sweep"]["cell"] == ["elman"]
+    assert (parsed["train"]["steps"], parsed["train"]["batch_size"]) == (
+        DEFAULTS["steps"], DEFAULTS["batch_size"])
+
+
+def test_old_spellings_work_and_are_announced_as_deprecated(tmp_path, capsys):
+    assert main(["compare", "--task", "adding", "--seq-len", "4", "--algorithms", "bptt,eprop",
+                 "--seeds", "1", "--steps", "4", "--hidden", "3", "--track-every", "2",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == ("rnngrad compare: --track-every is deprecated; use "
+                           "--track-alignment (same meaning)")
+    with open(tmp_path / "alignment.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f) if r["algorithm"] == "eprop"] == ["2", "4"]
+    from rnngrad.cli import build_parser
+
+    args = build_parser().parse_args(["sweep", "--cells", "gru,lstm"])
+    assert args.cell == ["gru", "lstm"] and args._deprecated == [("--cells", "--cell")]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--device", "meta"], "--device 'meta' holds shapes but no values"),
+    (["--device", "nope"], "--device 'nope' is not a torch device"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+     "--device 'cuda"),
+    (["--task", "digits", "--seq-len", "5"],
+     "seq_len: task 'digits' has no length to set (its sequences are 8 steps); the tasks that "
+     "take one: adding, sine, stream_add"),
+    (["--task", "digits", "--loss", "mse"], "loss 'mse' does not fit task 'digits'"),
+    (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+])
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_unusable_settings_are_one_line_before_anything_is_written(
+        tmp_path, monkeypatch, capsys, flags, says, command):
+    if command == "compare" and "--resume" in flags:
+        return  # compare has no --resume
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "--steps", "2", "--no-progress", *flags]) == 2
+    assert says in _one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_device_before_anything_is_written_on_every_command(tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--device", "meta"]) == 2
+    assert "--device 'meta' holds shapes but no values" in _one_line(capsys.readouterr().err)
+    assert main(["sweep", "--device", "meta", "--no-progress"]) == 2
+    assert "--device 'meta'" in _one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_sets_torch_threads(monkeypatch):
+    import rnngrad.cli as cli
+
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    monkeypatch.setattr(cli, "cmd_check", lambda args: 0)
+    build = cli.build_parser
+
+    def parser():
+        p = build()
+        for a in p._actions:
+            if a.dest == "command":
+                a.choices["check"].set_defaults(func=cli.cmd_check)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert main(["check", "--threads", "2"]) == 0
+    assert main(["check"]) == 0
+    assert asked == [2, cli.DEFAULT_THREADS]
+    with pytest.raises(SystemExit):
+        main(["check", "--threads", "0"])
+
+
+def test_train_refuses_a_finished_run_and_overwrite_replaces_it(tmp_path, capsys):
+    out = ["--out", str(tmp_path)]
+    assert main([*TINY, *out]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert main([*TINY, *out, "--seed", "1"]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"rnngrad train: error: {tmp_path} holds a finished run (config.json, metrics.csv, "
+        "model.pt, curve.png): replace it with --overwrite, or give another output directory")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert main([*TINY, *out, "--seed", "1", "--overwrite"]) == 0
+    assert '"seed": 1' in (tmp_path / "config.json").read_text()
+
+
+def test_compare_refuses_a_finished_comparison_and_overwrite_replaces_it(tmp_path, capsys):
+    args = ["compare", "--task", "adding", "--seq-len", "4", "--algorithms", "bptt",
+            "--seeds", "1", "--steps", "2", "--hidden", "3", "--track-alignment", "0",
+            "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    before = (tmp_path / "compare.csv").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--steps", "3"]) == 2
+    assert "holds a finished run (compare.csv, curves.csv, alignment.csv, " \
+           "learning_curves.png): replace it with --overwrite" in _one_line(
+               capsys.readouterr().err)
+    assert (tmp_path / "compare.csv").read_bytes() == before
+    assert main([*args, "--steps", "3", "--overwrite"]) == 0
+    assert (tmp_path / "compare.csv").read_bytes() != before
+
+
+def test_steady_refuses_a_finished_run(tmp_path, capsys):
+    args = ["train", "--model", "steady", "--hidden", "8", "--steps", "2", "--log-every", "1",
+            "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "holds a finished run" in _one_line(capsys.readouterr().err)
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_tensorboard_missing_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.chdir(tmp_path)
+    assert main([*TINY, "--tensorboard", "tb"]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        "rnngrad train: error: --tensorboard needs the tensorboard package, which is not "
+        "installed: pip install tensorboard")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_tensorboard_missing_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--steps", "2", "--no-progress", "--tensorboard", "tb"]) == 2
+    assert "--tensorboard needs the tensorboard package" in _one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_tensorboard_logs_each_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["compare", "--task", "adding", "--seq-len", "4", "--algorithms", "bptt,eprop",
+                 "--seeds", "1", "--steps", "4", "--hidden", "3", "--log-every", "2",
+                 "--out", str(tmp_path / "cmp"), "--tensorboard", str(tmp_path / "tb"),
+                 "--no-progress"]) == 0
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eprop/seed0/test_loss")] == [0, 2, 4]
+
+
+def test_tensorboard_logs_as_training_goes(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main([*TINY, "--out", str(tmp_path / "run"), "--tensorboard",
+                 str(tmp_path / "tb")]) == 0
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test_loss")] == [2, 4]

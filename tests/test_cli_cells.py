@@ -41,13 +41,15 @@ def test_compare_gru_over_online_rules(tmp_path, capsys):
     assert (out / "compare.csv").exists() and (out / "learning_curves.png").exists()
 
 
-def test_cell_flags_that_do_not_apply(capsys):
+def test_cell_flags_that_do_not_apply(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/adding-ALGORITHM, is under it
     assert main(["train", *TINY, "--cell", "gru", "--activation", "relu"]) == 2
     assert "--activation relu apply to --cell elman only" in capsys.readouterr().err
     assert main(["train", *TINY, "--cell", "nope"]) == 2
     assert "unknown cell 'nope'" in capsys.readouterr().err
     assert main(["train", *TINY, "--cell", "gru", "--algorithm", "kf_rtrl"]) == 2
     assert "kf_rtrl() is defined for one Elman layer" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # a refused command writes nothing
 
 
 def test_check_a_users_cell(tmp_path, monkeypatch, capsys):
@@ -56,7 +58,8 @@ def test_check_a_users_cell(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["check", "--cell", "mycells:Adaptive"]) == 0
     text = capsys.readouterr().out
-    assert "mycells:Adaptive" in text and "all 46 checks passed" in text
+    # 50: rtrl() has a sequence form (diagonal cells), so its step path is checked too
+    assert "mycells:Adaptive" in text and "all 50 checks passed" in text
     assert main(["check", "--cell", "mycells:BrokenElman"]) == 1
     assert "FAILED" in capsys.readouterr().err
     assert main(["check", "--cell", "mycells:Missing"]) == 2

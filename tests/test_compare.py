@@ -44,3 +44,20 @@ def test_compare_bad_arguments():
         compare("adding", ["nope"])
     with pytest.raises(ValueError, match="distinct"):
         compare("adding", ["bptt", "bptt"])
+
+
+def test_the_curves_grow_as_the_comparison_goes(tmp_path):
+    seen = []
+
+    def progress(info):
+        with open(tmp_path / "curves.csv") as f:
+            seen.append(len(list(csv.DictReader(f))))
+        assert not (tmp_path / "compare.csv").exists()  # written last
+
+    compare("adding", ["bptt", "eprop"], seeds=[0], steps=4, hidden=3, batch_size=2,
+            eval_every=2, track_every=2, out_dir=tmp_path, progress=progress)
+    assert seen == [1, 2, 3, 4, 5, 6]  # steps 0, 2, 4 of each algorithm, as they came
+    with open(tmp_path / "alignment.csv") as f:
+        assert [(r["algorithm"], r["step"]) for r in csv.DictReader(f)] == [
+            ("bptt", "2"), ("bptt", "4"), ("eprop", "2"), ("eprop", "4")]
+    assert (tmp_path / "compare.csv").exists()

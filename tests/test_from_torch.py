@@ -204,3 +204,236 @@ def test_state_from_torch_errors():
         state_from_torch(gru, torch.zeros(1, B, H))
     with pytest.raises(ValueError, match=r"h0 has shape \(2, 4, 5\) but c0 has \(2, 3, 5\)"):
         state_from_torch(lstm, (torch.zeros(2, B, H), torch.zeros(2, 3, H)))
+
+
+# ---- back to PyTorch: Network.to_torch ------------------------------------------------------
+
+NATIVE = {
+    "rnn-tanh": lambda d: Elman(d, H, dtype=DT),
+    "rnn-relu": lambda d: Elman(d, H, activation="relu", dtype=DT),
+    "gru": lambda d: GRU(d, H, dtype=DT),
+    "lstm": lambda d: LSTM(d, H, dtype=DT),
+}
+
+
+def net_state(kind: str, L: int, g: torch.Generator):
+    mk = LSTMState if kind == "lstm" else GRUState if kind == "gru" else ElmanState
+    n = 2 if kind == "lstm" else 1
+    return tuple(mk(*(torch.randn(B, H, generator=g, dtype=DT) for _ in range(n)))
+                 for _ in range(L))
+
+
+@pytest.mark.parametrize("kind", list(NATIVE))
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("readout", ["identity", "softmax"])
+def test_to_torch_is_the_same_function(kind, L, readout):
+    """A network built in rnngrad, its random weights, with h0: linear(rnn(x, hx)[0])
+    equals its z_t (and g of it its y_t) to 1e-12 in float64."""
+    from rnngrad.cells.interop import state_to_torch
+
+    g = torch.Generator().manual_seed(L)
+    torch.manual_seed(L)
+    net = Network([NATIVE[kind](D if i == 0 else H) for i in range(L)], K, readout=readout)
+    with torch.no_grad():  # away from PyTorch's init, biases included
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * 0.6)
+    rnn, lin = net.to_torch()
+    assert type(rnn) is {"gru": nn.GRU, "lstm": nn.LSTM}.get(kind, nn.RNN)
+    assert rnn.num_layers == L and rnn.weight_ih_l0.dtype == DT
+    if kind == "rnn-relu":
+        assert rnn.nonlinearity == "relu"
+    x = torch.randn(T, B, D, generator=g, dtype=DT)
+    h0 = net_state(kind, L, g)
+    with torch.no_grad():
+        ref = readout_fn(readout)(lin(rnn(x, state_to_torch(h0))[0]))
+        y, _ = net(x, h0=h0)
+    assert float((y - ref).abs().max()) <= 1e-12
+    # and it shares nothing with the network
+    assert all(p.data_ptr() != q.data_ptr() for p in rnn.parameters() for q in net.parameters())
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_from_torch_then_to_torch_gives_the_modules_weights(kind):
+    rnn, lin = MODULES[kind](num_layers=2), nn.Linear(H, K, dtype=DT)
+    back, lin2 = Network.from_torch(rnn, lin).to_torch()
+    x = torch.randn(T, B, D, dtype=DT)
+    with torch.no_grad():
+        assert float((lin2(back(x)[0]) - lin(rnn(x)[0])).abs().max()) <= 1e-12
+    if not kind.startswith("rnn"):  # nn.RNN: b_rec goes to bias_ih, bias_hh = 0
+        for (n, p), (m, q) in zip(rnn.named_parameters(), back.named_parameters()):
+            assert n == m and torch.equal(p, q)
+
+
+def test_rnngrad_rnn_to_torch():
+    model = rnngrad.RNN(D, H, K, activation="relu", dtype=DT)
+    rnn, lin = model.to_torch()
+    assert type(rnn) is nn.RNN and rnn.nonlinearity == "relu" and rnn.num_layers == 1
+    x, h0 = torch.randn(T, B, D, dtype=DT), torch.randn(B, H, dtype=DT)
+    with torch.no_grad():
+        assert float((model(x, h0)[0] - lin(rnn(x, h0[None])[0])).abs().max()) <= 1e-12
+    with pytest.raises(ValueError, match=r"to_torch: cells\[0\] is a leaky Elman cell \(alpha="
+                                         r"0\.5\); torch\.nn\.RNN has no leak"):
+        rnngrad.RNN(D, H, K, alpha=0.5).to_torch()
+
+
+def _refused():
+    from rnngrad.cells import ALIF, LIF, LRU
+
+    class MyGRU(GRU):
+        pass
+
+    return [
+        (lambda: Network(Elman(D, H, alpha=0.3), K), ValueError,
+         r"cells\[0\] is a leaky Elman cell \(alpha=0\.3\)"),
+        (lambda: Network(Elman(D, H, activation="sigmoid"), K), ValueError,
+         r"cells\[0\] is an Elman cell with activation 'sigmoid'; torch\.nn\.RNN has tanh "
+         r"and relu only"),
+        (lambda: Network([Elman(D, H), Elman(H, H, activation="relu")], K), ValueError,
+         r"cells\[1\] has activation 'relu' but cells\[0\] has 'tanh'"),
+        (lambda: Network([GRU(D, H), LSTM(H, H)], K), TypeError,
+         r"the network mixes cell types \(GRU, LSTM\)"),
+        (lambda: Network([LSTM(D, H), LSTM(H, H + 1)], K), ValueError,
+         r"cells\[1\] has hidden_size 6 but cells\[0\] has 5"),
+        (lambda: Network(LIF(D, H), K), TypeError, r"cells\[0\] is a LIF, which torch\.nn has no "
+                                                   r"module for"),
+        (lambda: Network([GRU(D, H), ALIF(H, H)], K), TypeError, r"cells\[1\] is a ALIF"),
+        (lambda: Network(LRU(D, H), K), TypeError, r"cells\[0\] is a LRU"),
+        (lambda: Network(MyGRU(D, H), K), TypeError, r"cells\[0\] is a MyGRU"),
+        (lambda: Network(GRU(D, H), K, readout_decay=0.5), ValueError,
+         r"the network has a leaky readout \(readout_decay=0\.5\)"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(10))
+def test_to_torch_refuses_what_torch_cannot_express(i):
+    make, err, match = _refused()[i]
+    with pytest.raises(err, match="to_torch: " + match if not match.startswith("to_torch")
+                       else match):
+        make().to_torch()
+
+
+def test_state_to_torch_errors():
+    from rnngrad.cells.interop import state_to_torch
+
+    with pytest.raises(TypeError, match="state must be a network state"):
+        state_to_torch(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="got ElmanState, LSTMState"):
+        state_to_torch((ElmanState(torch.zeros(2, 3)), LSTMState(torch.zeros(2, 3),
+                                                                 torch.zeros(2, 3))))
+
+
+# ---- share=True: the module's own tensors, trained by any algorithm --------------------------
+
+def torch_loss(rnn, lin, x, y):
+    """rnngrad's pinned mse, L = (1/B) sum_{t,b} 0.5 ||z - y||^2, through the module."""
+    return 0.5 * ((lin(rnn(x)[0]) - y) ** 2).sum() / x.shape[1]
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+@pytest.mark.parametrize("algo", ["bptt", "rtrl", "tbptt"])
+def test_shared_gradients_land_in_the_modules_grad(kind, algo):
+    """gradient(..., set_grad=True) on a shared network writes the module's .grad, equal
+    to autograd through the module itself (exact algorithms, float64, 1e-10)."""
+    torch.manual_seed(0)
+    rnn, lin = MODULES[kind](num_layers=2), nn.Linear(H, K, dtype=DT)
+    x, y = torch.randn(T, B, D, dtype=DT), torch.randn(T, B, K, dtype=DT)
+    with torch.no_grad():
+        before = lin(rnn(x)[0])
+    net = Network.from_torch(rnn, lin, share=True)
+    with torch.no_grad():
+        assert float((net(x)[0] - before).abs().max()) <= 1e-12  # the fold keeps the function
+    a = {"bptt": rnngrad.bptt(), "rtrl": rnngrad.rtrl(), "tbptt": rnngrad.tbptt(T)}[algo]
+    loss, grads = rnngrad.gradient(net, x, y, algorithm=a, set_grad=True)
+    mine = {n: p.grad for n, p in [*rnn.named_parameters(), *lin.named_parameters()]}
+    for p in [*rnn.parameters(), *lin.parameters()]:
+        p.grad = None
+    ref_loss = torch_loss(rnn, lin, x, y)
+    ref_loss.backward()
+    assert float(abs(loss - ref_loss.detach())) <= 1e-12
+    for n, p in [*rnn.named_parameters(), *lin.named_parameters()]:
+        if not p.requires_grad:  # nn.RNN's bias_hh, folded into bias_ih
+            assert n.startswith("bias_hh") and mine[n] is None and not p.any()
+            continue
+        assert mine[n] is not None, n
+        scale = float(p.grad.abs().max())
+        assert float((mine[n] - p.grad).abs().max()) <= 1e-10 * max(scale, 1.0), n
+
+
+def test_shared_parameters_are_the_modules_objects():
+    lstm, lin = nn.LSTM(D, H, num_layers=2, dtype=DT), nn.Linear(H, K, dtype=DT)
+    net = Network.from_torch(lstm, lin, share=True)
+    for layer in range(2):
+        c = net.cells[layer]
+        for mine, theirs in (("W_ih", "weight_ih"), ("W_hh", "weight_hh"), ("b_ih", "bias_ih"),
+                             ("b_hh", "bias_hh")):
+            assert getattr(c, mine) is getattr(lstm, f"{theirs}_l{layer}")
+    assert net.W_out is lin.weight and net.b_out is lin.bias
+    ids = {id(p) for p in [*lstm.parameters(), *lin.parameters()]}
+    assert {id(p) for p in net.parameters()} == ids
+
+
+@pytest.mark.parametrize("algo", ["eprop", "snap1", "uoro", "rtrl"])
+def test_a_torch_optimizer_step_over_the_module_equals_the_step_by_hand(algo):
+    """An ordinary PyTorch loop: rnngrad's gradient into the module's .grad, then the
+    module's own optimizer. The result equals p - lr * g computed by hand, and the
+    network, sharing the tensors, moved with the module."""
+    torch.manual_seed(1)
+    lstm, lin = nn.LSTM(D, H, num_layers=2, dtype=DT), nn.Linear(H, K, dtype=DT)
+    net = Network.from_torch(lstm, lin, share=True)
+    params = [*lstm.parameters(), *lin.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.0)
+    x, y = torch.randn(T, B, D, dtype=DT), torch.randn(T, B, K, dtype=DT)
+    a = {"eprop": rnngrad.eprop(), "snap1": rnngrad.snap1(), "uoro": rnngrad.uoro(seed=3),
+         "rtrl": rnngrad.rtrl()}[algo]
+    names = dict(net.named_parameters())
+    before = {n: p.detach().clone() for n, p in names.items()}
+    opt.zero_grad()
+    _, grads = rnngrad.gradient(net, x, y, algorithm=a, set_grad=True)
+    opt.step()
+    for n, p in names.items():
+        assert torch.allclose(p.detach(), before[n] - 0.1 * grads[n], rtol=0, atol=1e-15), n
+    with torch.no_grad():
+        assert float((net(x)[0] - lin(lstm(x)[0])).abs().max()) <= 1e-12
+
+
+def test_shared_without_biases_keeps_zeros_frozen():
+    rnn, lin = nn.GRU(D, H, bias=False, dtype=DT), nn.Linear(H, K, bias=False, dtype=DT)
+    net = Network.from_torch(rnn, lin, share=True)
+    frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+    assert sorted(frozen) == ["b_out", "cells.0.b_hh", "cells.0.b_ih"]
+    opt = torch.optim.SGD([*rnn.parameters(), *lin.parameters()], lr=0.5)
+    x, y = torch.randn(T, B, D, dtype=DT), torch.randn(T, B, K, dtype=DT)
+    rnngrad.gradient(net, x, y, set_grad=True)
+    opt.step()
+    assert all(not p.any() for n, p in net.named_parameters() if n in frozen)
+    with torch.no_grad():
+        assert float((net(x)[0] - lin(rnn(x)[0])).abs().max()) <= 1e-12
+    with pytest.raises(TypeError, match="share must be a bool, got 1"):
+        Network.from_torch(rnn, lin, share=1)
+
+
+def test_online_steps_on_a_shared_module():
+    """The online API in a PyTorch loop: rtrl() emits its gradient at every step,
+    rnngrad.write_grads puts it in the module's .grad, the module's optimizer steps; the
+    network moves with the module and stays the same function."""
+    torch.manual_seed(2)
+    gru, lin = nn.GRU(D, H, dtype=DT), nn.Linear(H, K, dtype=DT)
+    net = Network.from_torch(gru, lin, share=True)
+    opt = torch.optim.SGD([*gru.parameters(), *lin.parameters()], lr=0.05)
+    algo = rnngrad.rtrl()
+    state = algo.init(net, B)
+    x, y = torch.randn(T, B, D, dtype=DT), torch.randn(T, B, K, dtype=DT)
+    w0 = gru.weight_hh_l0.detach().clone()
+    emitted = 0
+    for t in range(T):
+        state, _, g = algo.step(net, state, x[t], y[t])
+        if g is not None:
+            opt.zero_grad()
+            rnngrad.write_grads(net, g)
+            assert torch.equal(gru.weight_hh_l0.grad, g["cells.0.W_hh"])
+            assert torch.equal(lin.weight.grad, g["W_out"])
+            opt.step()
+            emitted += 1
+    assert emitted == T and not torch.equal(gru.weight_hh_l0, w0)
+    with torch.no_grad():
+        assert float((net(x)[0] - lin(gru(x)[0])).abs().max()) <= 1e-12

@@ -37,3 +37,22 @@ def test_h0_and_bad_eps_raise():
 
 def test_fresh_noise_across_sequences_but_reproducible():
     check_fresh_noise_but_reproducible(rnngrad.kf_rtrl)
+
+
+def test_takes_one_elman_layer_and_names_the_supported_networks():
+    """kf_rtrl() checks the cell type: Network(Elman) runs (equal to rnngrad.RNN, see
+    test_uoro), any other cell or a leaky readout is refused naming what it takes."""
+    import torch
+
+    from rnngrad.cells import GRU, Elman
+
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    y = torch.randn(4, 2, 2, dtype=torch.float64)
+    net = rnngrad.Network(Elman(3, 4, dtype=torch.float64), 2)
+    _, g = rnngrad.gradient(net, x, y, algorithm=rnngrad.kf_rtrl())
+    assert set(g) == {n for n, _ in net.named_parameters()}
+    for bad, what in ((rnngrad.Network(GRU(3, 4, dtype=torch.float64), 2), "cells GRU"),
+                      (rnngrad.Network(Elman(3, 4, dtype=torch.float64), 2,
+                                       readout_decay=0.5), "leaky readout")):
+        with pytest.raises(ValueError, match=rf"one Elman layer.*Network\(Elman.*{what}"):
+            rnngrad.gradient(bad, x, y, algorithm=rnngrad.kf_rtrl())

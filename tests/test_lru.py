@@ -249,7 +249,7 @@ def test_bad_arguments():
         LRU(3, 4, r_min=0.9, r_max=0.5)
     with pytest.raises(ValueError, match="state_size must be a positive int, got 0"):
         LRU(3, 4, state_size=0)
-    with pytest.raises(ValueError, match="max_phase must be > 0"):
+    with pytest.raises(ValueError, match="max_phase must be a finite number > 0"):
         LRU(3, 4, max_phase=0.0)
 
 

@@ -263,11 +263,70 @@ def test_rows_that_move_other_units_are_refused_by_the_trace_rules():
     rnngrad.gradient(net, x, y, algorithm=rnngrad.uoro())
 
 
-def test_sensitivities_need_an_rnn():
+def _per_step_bias_reference(layers, W_out, b_out, x, y, h0):
+    """Loss and u^l_t = dL/da^l_t by autograd: a zero per-step bias e^l_t (T, B, H_l) added to
+    each Elman layer's pre-activation, the gradient taken with respect to it."""
+    T, B, _ = x.shape
+    es = [torch.zeros(T, B, c.hidden_size, dtype=x.dtype, requires_grad=True) for c in layers]
+    hs = list(h0)
+    outs = []
+    for t in range(T):
+        inp = x[t]
+        for l, c in enumerate(layers):
+            a = inp @ c.W_in.T + hs[l] @ c.W_rec.T + c.b_rec + es[l][t]
+            f = {"tanh": torch.tanh, "softplus": torch.nn.functional.softplus}[c.activation](a)
+            hs[l] = torch.lerp(hs[l], f, c.alpha)
+            inp = hs[l]
+        outs.append(inp @ W_out.T + b_out)
+    loss = 0.5 * ((torch.stack(outs) - y) ** 2).sum() / B
+    return torch.autograd.grad(loss, es)
+
+
+@pytest.mark.parametrize("kind", ["elman", "elman_leaky", "stack_elman"])
+def test_sensitivities_on_elman_networks(kind):
+    """bptt(sensitivities=True) on a Network of Elman layers: u^l_t = dL/da^l_t, by autograd
+    through a zero per-step bias (float64, 1e-10); one tensor for one layer, a tuple per layer
+    for a stack; the same from the whole-sequence path, the step path and checkpointing."""
+    torch.manual_seed(3)
+    f64 = {"dtype": torch.float64}
+    layers = {"elman": [Elman(D, 5, **f64)],
+              "elman_leaky": [Elman(D, 4, alpha=0.4, activation="softplus", **f64)],
+              "stack_elman": [Elman(D, 4, **f64), Elman(4, 3, alpha=0.6, **f64)]}[kind]
+    net = rnngrad.Network(layers, K)
+    x, y, _ = data()
+    h0 = [0.3 * torch.randn(x.shape[1], c.hidden_size, **f64) for c in layers]
+    ref = _per_step_bias_reference(layers, net.W_out, net.b_out, x, y, h0)
+    state0 = tuple(type(c.init_state(1))(h) for c, h in zip(layers, h0))
+    for algo in (rnngrad.bptt(sensitivities=True), rnngrad.bptt(checkpoint=2, sensitivities=True)):
+        for a in (algo, algo._replace(sequence=None)):
+            _, g = rnngrad.gradient(net, x, y, algorithm=a, h0=state0)
+            u = g["u"] if len(layers) > 1 else (g["u"],)
+            assert isinstance(g["u"], tuple) == (len(layers) > 1)
+            for got, want in zip(u, ref):
+                assert got.shape == want.shape
+                assert float((got - want).norm() / want.norm()) <= TOL
+
+
+def test_sensitivities_equal_on_rnn_and_network():
+    model = rnngrad.RNN(D, 4, K, alpha=0.7, dtype=torch.float64)
+    net = rnngrad.Network(Elman(D, 4, alpha=0.7, dtype=torch.float64), K)
+    net.load_state_dict({("cells.0." + k if k not in ("W_out", "b_out") else k): v
+                         for k, v in model.state_dict().items()})
+    x, y, _ = data()
+    algo = rnngrad.bptt(sensitivities=True)
+    assert torch.equal(rnngrad.gradient(model, x, y, algorithm=algo)[1]["u"],
+                       rnngrad.gradient(net, x, y, algorithm=algo)[1]["u"])
+
+
+def test_sensitivities_need_cells_that_give_them():
     net = make_net("mgu")
     x, y, _ = data()
-    with pytest.raises(ValueError, match="sensitivities=True.*needs an rnngrad.RNN"):
-        rnngrad.gradient(net, x, y, algorithm=rnngrad.bptt(sensitivities=True))
+    for algo in (rnngrad.bptt(sensitivities=True), rnngrad.bptt(checkpoint=3, sensitivities=True)):
+        with pytest.raises(ValueError, match=r"bptt\(sensitivities=True\) returns u_t.*MGU "
+                                             r"\(layer 0\) do not give them"):
+            rnngrad.gradient(net, x, y, algorithm=algo)
+        with pytest.raises(ValueError, match=r"MGU \(layer 0\) do not give them"):
+            algo.init(net, 2)
 
 
 # --- UORO: unbiased on any network --------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from online_refs import make_data, make_model
 
 import rnngrad
+from rnngrad.algorithms._signs import BLOCK, draw
 from rnngrad.algorithms.eprop import random_feedback
 from rnngrad.cells import get_activation
 from rnngrad.readouts import loss_and_grad
@@ -44,9 +45,14 @@ class Ref:
             self.fb = random_feedback(model, 3 if name == "eprop_random" else 2)
         seed = {"uoro": 4, "kf_rtrl": 5}.get(name)
         self.gen = None if seed is None else torch.Generator().manual_seed(seed)
+        self.block, self.pos = None, 0
 
     def signs(self, shape):
-        return torch.randint(0, 2, shape, generator=self.gen).double() * 2 - 1
+        # the rules draw a block of BLOCK steps' signs in one call and take a row a step
+        if self.block is None or self.pos == BLOCK:
+            self.block, self.pos = draw(self.gen, BLOCK, shape, torch.zeros((), dtype=torch.float64)), 0
+        self.pos += 1
+        return self.block[self.pos - 1]
 
     @torch.no_grad()
     def step(self, x, y, mask, dh):

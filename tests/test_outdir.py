@@ -102,3 +102,83 @@ def test_temporary_names_never_collide(tmp_path, monkeypatch):
         atomic_write(tmp_path / "x", data)
     assert len(set(seen)) == 3 and all(n.startswith(".x.") for n in seen)
     assert (tmp_path / "x").read_bytes() == b"c"
+
+
+# ---- claim: an earlier run is never overwritten silently ---------------------------------
+
+def test_claim_on_nothing_or_foreign_files_is_new_and_creates_nothing(tmp_path):
+    from rnngrad.outdir import claim
+
+    assert claim(tmp_path / "a" / "b") == "new"
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert claim(tmp_path) == "new"
+
+
+@pytest.mark.parametrize("files, resume, overwrite, answer", [
+    (["config.json", "metrics.csv", "model.pt", "checkpoint.pt"], True, False, "resume"),
+    (["config.json", "metrics.csv", "model.pt"], False, True, "overwrite"),
+    (["config.json", "metrics.csv"], True, False, "overwrite"),  # killed, no checkpoint
+    (["config.json", "metrics.csv", "checkpoint.pt"], True, False, "resume"),
+])
+def test_claim_answers(tmp_path, files, resume, overwrite, answer):
+    from rnngrad.outdir import claim
+
+    for name in files:
+        (tmp_path / name).write_text("x")
+    assert claim(tmp_path, resume=resume, overwrite=overwrite) == answer
+
+
+@pytest.mark.parametrize("files, resume, says", [
+    (["config.json", "metrics.csv", "model.pt", "checkpoint.pt"], False,
+     "holds a finished run (config.json, metrics.csv, model.pt, checkpoint.pt): continue it "
+     "with --resume, replace it with --overwrite, or give another output directory"),
+    (["config.json", "metrics.csv"], False,
+     "holds an unfinished run (config.json, metrics.csv): replace it with --overwrite, or give "
+     "another output directory"),
+    (["model.pt", "metrics.csv"], True,
+     "holds a finished run (metrics.csv, model.pt) and no checkpoint to resume from: replace "
+     "it with --overwrite, or give another output directory"),
+])
+def test_claim_refuses_naming_the_run_and_the_ways_forward(tmp_path, files, resume, says):
+    from rnngrad.outdir import RunExists, claim
+
+    for name in files:
+        (tmp_path / name).write_text("x")
+    with pytest.raises(RunExists) as info:
+        claim(tmp_path, resume=resume)
+    assert str(info.value) == f"{tmp_path} {says}"
+    assert info.value.found == [n for n in ("config.json", "metrics.csv", "model.pt",
+                                            "checkpoint.pt") if n in files]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # untouched
+
+
+def test_claim_for_a_command_without_resume_and_bad_requests(tmp_path):
+    from rnngrad.outdir import RunExists, claim
+
+    (tmp_path / "sweep.csv").write_text("x")
+    (tmp_path / "trials").mkdir()
+    with pytest.raises(RunExists, match="holds an earlier run \\(sweep.csv, trials\\): "
+                                        "replace it with --overwrite"):
+        claim(tmp_path, outputs=("sweep.csv", "trials"), checkpoint=None, finished=None,
+              resumable=False)
+    assert claim(tmp_path, outputs=("sweep.csv", "trials"), checkpoint=None, finished=None,
+                 resume=True) == "resume"
+    with pytest.raises(ValueError, match="exclude each other"):
+        claim(tmp_path, resume=True, overwrite=True)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError):
+        claim(f)
+
+
+def test_output_dir_replace_removes_only_the_named_outputs(tmp_path):
+    (tmp_path / "metrics.csv").write_text("old")
+    (tmp_path / "trials").mkdir()
+    (tmp_path / "trials" / "a.csv").write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    with OutputDir(tmp_path, replace=("metrics.csv", "trials", "model.pt")):
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME, "notes.txt"]
+    with pytest.raises(ValueError, match="replace names files in the directory"):
+        with OutputDir(tmp_path, replace=("../x",)):
+            pass

@@ -1,5 +1,5 @@
 """Recurrent backprop (rnngrad/steady/adjoint.py) against its oracles: autograd through
-the converged unrolled iteration, the dense solve of seed 000's ``(D^-1 - W^T) u = dR/dx``,
+the converged unrolled iteration, the dense solve of Almeida and Pineda's ``(D^-1 - W^T) u = dR/dx``,
 ordinary backprop for the feedforward special case; float64, relative error <= 1e-10.
 """
 

@@ -1,4 +1,4 @@
-"""Seed 000's Lagrangian (rnngrad/steady/lagrangian.py): stationary at the steady state and
+"""The Lagrangian (rnngrad/steady/lagrangian.py): stationary at the steady state and
 its adjoint, where L = R and dL/dW = u x^T = dR/dW; float64."""
 
 from __future__ import annotations

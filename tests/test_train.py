@@ -11,6 +11,7 @@ import torch
 
 import rnngrad
 from rnngrad.cli import main
+from rnngrad.outdir import RunExists
 from rnngrad.registry import ALGORITHMS
 from rnngrad.runs import run
 from rnngrad.tasks import get_task
@@ -262,13 +263,110 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
         assert "\n" not in str(info.value)
 
 
-def test_a_fresh_run_never_overwrites_a_checkpoint(tmp_path):
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("checkpoint_every", [2, None])
+def test_a_fresh_run_never_overwrites_a_finished_one(tmp_path, checkpoint_every):
     config = {**SEQUENCES, "algorithm": "bptt", "steps": 4}
-    run(config, out=tmp_path, checkpoint_every=2)
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(CheckpointExists, match="resume it"):
-        run(config, out=tmp_path, checkpoint_every=2)
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    run(config, out=tmp_path, checkpoint_every=checkpoint_every)
+    before = _files(tmp_path)
+    with pytest.raises(RunExists, match="holds a finished run") as info:
+        run(config, out=tmp_path, checkpoint_every=checkpoint_every)
+    assert "replace it with --overwrite, or give another output directory" in str(info.value)
+    assert ("continue it with --resume" in str(info.value)) == (checkpoint_every is not None)
+    assert _files(tmp_path) == before  # every byte of every file
+    if checkpoint_every is None:  # a finished run with no checkpoint: nothing to resume
+        with pytest.raises(RunExists, match="and no checkpoint to resume from"):
+            run(config, out=tmp_path, resume=True)
+        assert _files(tmp_path) == before
+    # CheckpointExists stays the name of the old refusal, for callers that catch it
+    assert issubclass(CheckpointExists, ValueError)
+
+
+def test_overwrite_replaces_the_earlier_run_and_keeps_other_files(tmp_path):
+    run({**SEQUENCES, "algorithm": "bptt", "steps": 4, "log_every": 1}, out=tmp_path,
+        checkpoint_every=2)
+    (tmp_path / "notes.txt").write_text("mine")
+    run({**SEQUENCES, "algorithm": "eprop", "steps": 2, "log_every": 2}, out=tmp_path,
+        overwrite=True)
+    assert not (tmp_path / "checkpoint.pt").exists()  # the earlier run's, removed
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "config.json").read_text())["run"]["algorithm"] == "eprop"
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["2"]
+    with pytest.raises(ValueError, match="exclude each other"):
+        run(SEQUENCES, out=tmp_path, resume=True, overwrite=True)
+
+
+def test_a_refused_run_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"kf_rtrl\(\) is defined for one Elman layer"):
+        run({**SEQUENCES, "cell": "gru", "algorithm": "kf_rtrl"}, out=out)
+    with pytest.raises(ValueError, match="seq_len: task 'digits' has no length to set"):
+        run({"task": "digits", "seq_len": 5}, out=out)
+    with pytest.raises(ValueError, match="device 'meta' holds shapes but no values"):
+        run({**SEQUENCES, "device": "meta"}, out=out)
+    assert not out.exists()
+
+
+def test_the_log_grows_as_training_goes(tmp_path):
+    seen = []
+
+    def callback(step, row):
+        with open(tmp_path / "metrics.csv") as f:
+            seen.append([int(r["step"]) for r in csv.DictReader(f)])
+
+    run({**SEQUENCES, "steps": 3, "log_every": 1}, out=tmp_path, callback=callback)
+    assert seen == [[1], [1, 2], [1, 2, 3]]
+
+
+def test_a_killed_run_keeps_its_log_and_resume_appends_without_duplicates(tmp_path):
+    config = {**SEQUENCES, "algorithm": "rtrl", "steps": 6, "log_every": 1}
+
+    def kill_at_5(step, row):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config, out=tmp_path, checkpoint_every=3, callback=kill_at_5)
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3", "4", "5"]
+    run(config, out=tmp_path, checkpoint_every=3, resume=True)  # from the checkpoint of step 3
+    whole = tmp_path / "whole"
+    run(config, out=whole)
+    with open(tmp_path / "metrics.csv") as f, open(whole / "metrics.csv") as g:
+        resumed, uninterrupted = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [r["step"] for r in resumed] == ["1", "2", "3", "4", "5", "6"]
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        assert {k: v for k, v in a.items() if k != "steps_per_s"} == {
+            k: v for k, v in b.items() if k != "steps_per_s"}
+
+
+def test_alignment_is_logged_every_n_steps_whatever_log_every(tmp_path):
+    result = run({**SEQUENCES, "algorithm": "eprop", "steps": 6, "log_every": 6,
+                  "track_alignment": 2}, out=tmp_path)
+    assert [(r["step"], "cosine" in r) for r in result.history] == [
+        (2, True), (4, True), (6, True)]
+    with open(tmp_path / "metrics.csv") as f:
+        assert all(-1 <= float(r["cosine"]) <= 1 for r in csv.DictReader(f))
+
+
+def test_the_loss_follows_the_readout():
+    from rnngrad.train import loss_for
+
+    digits, adding, stream = get_task("digits"), get_task("adding"), get_task("stream_add")
+    assert loss_for(digits, "softmax") == "cross_entropy"
+    assert loss_for(stream, "sigmoid") == "bce"
+    assert loss_for(adding, "identity") == "mse"
+    assert loss_for(stream, "sigmoid", "mse") == "mse"  # through the sigmoid
+    with pytest.raises(ValueError, match="its targets are class indices"):
+        loss_for(digits, "softmax", "mse")
+    with pytest.raises(ValueError, match="pairs with readout 'identity' or 'sigmoid'"):
+        loss_for(digits, "softmax", "bce")
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        loss_for(adding, "identity", "l1")
 
 
 def _cli(*args: str) -> list[str]:

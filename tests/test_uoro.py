@@ -2,15 +2,23 @@
 influence (exact, by autograd) at the rate 1/sqrt(n)."""
 
 import pytest
+import torch
 from online_refs import (
     check_fresh_noise_but_reproducible,
     check_h0_and_eps_raise,
     check_unbiased_gradient,
     check_unbiased_influence,
+    make_model,
     run_steps,
 )
+from test_network_algorithms import D, K, data, make_net
 
 import rnngrad
+from rnngrad.algorithms import _signs
+from rnngrad.algorithms import _uoro_sequence as _seq
+from rnngrad.algorithms._network import trajectory
+from rnngrad.algorithms.base import add_grads
+from rnngrad.cells import Elman
 
 
 def uoro_samples(model, x1, n, seed):
@@ -36,3 +44,128 @@ def test_h0_and_bad_eps_raise():
 
 def test_fresh_noise_across_sequences_but_reproducible():
     check_fresh_noise_but_reproducible(rnngrad.uoro)
+
+
+# --- the whole-sequence form against the online steps -------------------------------------
+
+SEQ_KINDS = ["elman", "elman_leaky", "gru", "lstm", "lru", "elstm", "mgu", "alif", "stack2"]
+
+
+def _online_sum(algo, net, x, y, mask, dh=None, loss="mse"):
+    state = algo.init(net, x.shape[1])
+    total = None
+    for t in range(x.shape[0]):
+        state, _, g = algo.step(net, state, x[t], y[t], mask_t=mask[t], loss=loss,
+                                dh_t=None if dh is None else dh[t])
+        total = add_grads(total, g)
+    state, g = algo.flush(net, state)
+    return add_grads(total, g)
+
+
+def _rel(a, b):
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-300)).item() for k in b)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "rnn_leaky", *SEQ_KINDS])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_sequence_equals_online_steps(kind, chunk, monkeypatch):
+    """rnngrad.gradient (the sequence form where it applies: theta~ as a weighted sum of
+    rank-one terms, chunks of 3 steps forcing the carried theta~) equals the sum of what
+    init / step / flush emit with the same seed, to 1e-10 in float64; twice in a row (the
+    generator continues the same way on both paths)."""
+    if chunk is not None:
+        monkeypatch.setattr(_seq, "CHUNK", chunk)
+    if kind.startswith("rnn"):
+        net = make_model(D=D, H=5, K=K, alpha=0.5 if kind == "rnn_leaky" else 1.0)
+    else:
+        net = make_net(kind)
+    x, y, mask = data(T=8)
+    seq, onl = rnngrad.uoro(seed=3), rnngrad.uoro(seed=3)
+    for _ in range(2):
+        _, g = rnngrad.gradient(net, x, y, mask=mask, algorithm=seq)
+        ref = _online_sum(onl, net, x, y, mask)
+        assert set(g) == set(ref)
+        assert _rel(g, ref) <= 1e-10, kind
+
+
+def test_sequence_equals_online_with_a_reward_and_cross_entropy():
+    net = make_net("gru", readout="softmax")
+    x, y, mask = data(T=6, loss="cross_entropy")
+
+    def reward(h):
+        return (h[-1] ** 2).sum() * 0.3
+
+    _, g = rnngrad.gradient(net, x, y, mask=mask, loss="cross_entropy", reward=reward,
+                            algorithm=rnngrad.uoro(seed=1))
+    dh = torch.zeros(6, 3, net.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        hs = trajectory(net, x, net.init_state(3))
+    dh[-1] = -2 * 0.3 * hs[-1]  # -dR/dh_T
+    ref = _online_sum(rnngrad.uoro(seed=1), net, x, y, mask, dh=dh, loss="cross_entropy")
+    assert _rel(g, ref) <= 1e-10
+
+
+def test_sequence_refuses_h0():
+    net = make_net("gru")
+    x, y, _ = data(T=4)
+    h0 = net.init_state(3)
+    h0 = (type(h0[0])(torch.ones_like(h0[0][0])),)
+    with pytest.raises(ValueError, match="initial state"):
+        rnngrad.gradient(net, x, y, h0=h0, algorithm=rnngrad.uoro())
+
+
+def test_signs_are_drawn_a_block_at_a_time_and_buffers_are_reused():
+    """One generator call per BLOCK steps; theta~ and the block keep their storage."""
+    net = make_model(D=D, H=5, K=K)
+    x, y, _ = data(T=_signs.BLOCK + 3)
+    algo = rnngrad.uoro(seed=2)
+    state = algo.init(net, 3)
+    state, _, _ = algo.step(net, state, x[0], y[0])
+    ptrs = (state.theta_tilde.data_ptr(), state.signs.data_ptr())
+    gen = algo.rng["cpu"]
+    before = gen.get_state()
+    for t in range(1, _signs.BLOCK):
+        state, _, _ = algo.step(net, state, x[t], y[t])
+    assert torch.equal(gen.get_state(), before)  # still the first block
+    state, _, _ = algo.step(net, state, x[_signs.BLOCK], y[_signs.BLOCK])
+    assert not torch.equal(gen.get_state(), before)  # a new block, in one call
+    assert (state.theta_tilde.data_ptr(), state.signs.data_ptr()) == ptrs
+
+
+def test_network_elman_takes_the_fused_step_and_equals_rnn():
+    """rnngrad.RNN and Network(Elman) with the same weights emit the same numbers online."""
+    rnn = make_model(D=D, H=5, K=K)
+    net = rnngrad.Network(Elman(D, 5, dtype=torch.float64), K)
+    net.load_state_dict({("cells.0." + k if k in ("W_in", "W_rec", "b_rec") else k): v
+                         for k, v in rnn.state_dict().items()})
+    x, y, mask = data(T=5)
+    for factory in (rnngrad.uoro, rnngrad.kf_rtrl):
+        a = _online_sum(factory(seed=4), rnn, x, y, mask)
+        b = _online_sum(factory(seed=4), net, x, y, mask)
+        for k, v in a.items():
+            name = "cells.0." + k if k in ("W_in", "W_rec", "b_rec") else k
+            torch.testing.assert_close(b[name], v, rtol=1e-13, atol=1e-15)
+
+
+def test_network_step_updates_theta_in_place():
+    """On a one-layer network with a factored immediate term (GRU) the online step adds
+    m_t into theta~ in place: theta~ and the sign block keep their storage."""
+    net = make_net("gru")
+    x, y, _ = data(T=4)
+    algo = rnngrad.uoro(seed=2)
+    state = algo.init(net, 3)
+    ptrs = (state.theta_tilde.data_ptr(), state.signs.data_ptr())
+    for t in range(4):
+        state, _, _ = algo.step(net, state, x[t], y[t])
+    assert (state.theta_tilde.data_ptr(), state.signs.data_ptr()) == ptrs
+
+
+def test_gradient_with_h0_raises_on_both_paths():
+    """A given h0, zero or not, is refused (UORO does not estimate dL/dh0), by the sequence
+    form as by the online init."""
+    net = make_model(D=D, H=5, K=K)
+    x, y, _ = data(T=4)
+    for h0 in (torch.zeros(3, 5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64)):
+        for algo in (rnngrad.uoro(), rnngrad.uoro()._replace(sequence=None)):
+            with pytest.raises(ValueError, match="initial state h0"):
+                rnngrad.gradient(net, x, y, h0=h0, algorithm=algo)

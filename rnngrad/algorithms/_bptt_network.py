@@ -28,36 +28,68 @@ from torch import Tensor
 
 from ..readouts import loss_and_grad, reward_grad
 from . import _leaky_readout as _leak
-from ._network import bind, net_step, stack_backward, stack_forward
+from ._network import (
+    Workspace,
+    as_state,
+    bind,
+    net_step,
+    pack_sensitivities,
+    shown,
+    stack_backward,
+    stack_forward,
+    state_grad_form,
+    unshown,
+)
 from .base import Grads, StepOutput, add_grads, output_grads, readout_step
 
 __all__ = ["NetBPTTState", "init", "step", "flush", "sequence", "truncated_sequence"]
 
 
 class NetBPTTState(NamedTuple):
-    h: tuple  # the network's state s_t, one state per layer
-    h_start: tuple  # the state before the pending steps
+    h: tuple  # the network's state s_t, one state per layer (as ``shown``: RNN's (B, H) h_t)
+    h_start: tuple  # the state before the pending steps (as ``shown``)
     track_h0: bool  # emit grads["h0"] (dL/d h_start) at the next flush
     xs: list  # pending x_t, each (B, D)
     dz: list  # pending dl/dz_t (weighted by mask / B), each (B, K)
     dh: list  # pending extra dl/dh^L_t (a reward's), each (B, H) or None
-    ckpt: list  # the state at the start of every segment of c steps (h_start first)
+    ckpt: list  # the state at the start of every segment of c steps (h_start first; shown)
     dW_out: Tensor  # (K, H) sum_t dz_t^T h^L_t so far
     db_out: Tensor  # (K,)
     leak: _leak.Leak | None = None  # the leaky readout's filters (readout_decay > 0)
+    steps: list | None = None  # pending per step: per layer (state_t, output_t); None: not kept
+    h0_tensor: bool = False  # h0 came as a tensor: grads["h0"] goes back as one
+    sensitivities: bool = False  # emit grads["u"] at the next flush
 
 
-def init(model, batch_size: int, h0: tuple | None) -> NetBPTTState:
+def init(model, batch_size: int, h0, *, keep: bool = False,
+         sensitivities: bool = False) -> NetBPTTState:
+    """``keep``: store each step's states, so that ``flush`` builds the cells' caches from
+    them (``sequence_cache``) instead of rerunning the forward pass, where every cell can
+    (``caches_from_states``); otherwise nothing more than the checkpoint is kept."""
+    h0, as_tensor = as_state(model, h0, batch_size)
     track = h0 is not None
     if h0 is None:
         h0 = model.init_state(batch_size)
+    keep = keep and all(getattr(c, "caches_from_states", False) for _, c in model.layers())
+    h0 = shown(model, h0)
     return NetBPTTState(h0, h0, track, [], [], [], [h0], torch.zeros_like(model.W_out.detach()),
-                        torch.zeros_like(model.b_out.detach()), _leak.init(model, batch_size))
+                        torch.zeros_like(model.b_out.detach()), _leak.init(model, batch_size),
+                        [] if keep else None, as_tensor, sensitivities)
 
 
 def step(model, c: int | None, state: NetBPTTState, x_t, target_t, mask_t, loss, dh_t):
     with torch.no_grad():
-        new, h = net_step(bind(model), state.h, x_t)
+        net = bind(model)
+        if state.steps is None:
+            new, h = net_step(net, unshown(state.h), x_t)
+        else:  # keep each layer's state and output for flush
+            layers, x = [], x_t
+            for cell, p, s in zip(net.cells, net.params, unshown(state.h)):
+                s = cell.step(p, s, x)
+                x = cell.emit(p, s, x)
+                layers.append((s, x))
+            new, h = tuple(s for s, _ in layers), x
+            state.steps.append(layers)
         leak, hf, n_b = state.leak, h, 1.0
         if leak is None:
             z, value, dz = readout_step(model, h, target_t, mask_t, loss)
@@ -72,23 +104,48 @@ def step(model, c: int | None, state: NetBPTTState, x_t, target_t, mask_t, loss,
         state.dz.append(dz)
         state.dh.append(dh_t)
         if c is not None and len(state.xs) % c == 0:
-            state.ckpt.append(new)
-    return state._replace(h=new, dW_out=dW_out, db_out=db_out, leak=leak), \
+            state.ckpt.append(shown(model, new))
+    return state._replace(h=shown(model, new), dW_out=dW_out, db_out=db_out, leak=leak), \
         StepOutput(h, z, value), None
 
 
-def _segments(net, c: int, n: int, inputs_of, hbar_of, ckpt: list) -> tuple[Grads, tuple]:
+def _segments(net, c: int, n: int, inputs_of, hbar_of, ckpt: list,
+              us: list | None = None) -> tuple[Grads, tuple]:
     """The adjoint pass over n steps, segment by segment from the last, each rerun forward
-    from its checkpoint."""
+    from its checkpoint. ``us``: receives each layer's u_t over the n steps."""
     total: Grads | None = None
     carry = None
+    parts: list = []
     for i in range((n - 1) // c, -1, -1):
         s, e = i * c, min(i * c + c, n)
         x = inputs_of(s, e)
         _, _, caches, ins = stack_forward(net, x, ckpt[i], cache=True)
-        g, carry = stack_backward(net, ins, ckpt[i], caches, hbar_of(s, e), carry)
+        seg = [] if us is not None else None
+        g, carry = stack_backward(net, ins, ckpt[i], caches, hbar_of(s, e), carry,
+                                  sensitivities=seg)
+        if seg is not None:
+            parts.append(seg)
         total = add_grads(total, g)
+    if us is not None:  # segments came last first
+        us.extend(torch.cat([seg[l] for seg in parts[::-1]]) for l in range(net.L))
     return total, carry
+
+
+def _kept_caches(net, state: NetBPTTState, xs: Tensor):
+    """The cells' caches and layer inputs from the states the steps kept; None unless
+    every cell builds its cache from them."""
+    if state.steps is None:
+        return None
+    caches, ins, x = [], [], xs
+    for l, (cell, p) in enumerate(zip(net.cells, net.params)):
+        cache = cell.sequence_cache(p, x, unshown(state.h_start)[l],
+                                    [st[l][0] for st in state.steps])
+        if cache is None:
+            return None
+        caches.append(cache)
+        ins.append(x)
+        x = torch.stack([st[l][1] for st in state.steps])
+    return caches, ins
 
 
 def flush(model, c: int | None, state: NetBPTTState):
@@ -111,13 +168,24 @@ def flush(model, c: int | None, state: NetBPTTState):
                     hbar[j] += dh
             return hbar
 
-        grads, d0 = _segments(net, c or n, n, inputs_of, hbar_of, state.ckpt)
+        us = [] if state.sensitivities else None
+        kept = _kept_caches(net, state, inputs_of(0, n)) if c is None else None
+        if kept is not None:
+            caches, ins = kept
+            grads, d0 = stack_backward(net, ins, unshown(state.h_start), caches, hbar_of(0, n),
+                                       None, sensitivities=us)
+        else:
+            ckpt = [unshown(s) for s in state.ckpt]
+            grads, d0 = _segments(net, c or n, n, inputs_of, hbar_of, ckpt, us)
         grads["W_out"], grads["b_out"] = state.dW_out, state.db_out
         if state.track_h0:
-            grads["h0"] = d0
-    h = state.h
-    fresh = init(model, h[0][0].shape[0], h)._replace(track_h0=False, leak=_leak.cut(state.leak))
-    return fresh, grads
+            grads["h0"] = state_grad_form(d0, state.h0_tensor)
+        if us is not None:
+            grads["u"] = pack_sensitivities(us)
+    h = unshown(state.h)
+    fresh = init(model, h[0][0].shape[0], h, keep=state.steps is not None,
+                 sensitivities=state.sensitivities)
+    return fresh._replace(track_h0=False, leak=_leak.cut(state.leak)), grads
 
 
 def _readout(model, hs: Tensor, targets, mask, loss, z0=None):
@@ -134,23 +202,35 @@ def _readout(model, hs: Tensor, targets, mask, loss, z0=None):
     return (*loss_and_grad(z, targets, mask / B, loss=loss, readout_name=model.readout), None)
 
 
-def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward):
-    """Whole-sequence BPTT (``c`` None) or checkpointed BPTT over a network."""
+def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward, *,
+             sensitivities: bool = False, workspace: Workspace | None = None):
+    """Whole-sequence BPTT (``c`` None) or checkpointed BPTT over a network.
+    ``workspace``: buffers the algorithm object keeps between calls (whole-sequence BPTT)."""
     T, B, _ = inputs.shape
+    h0, as_tensor = as_state(model, h0, B)
+    us = [] if sensitivities else None
     with torch.no_grad():
         net = bind(model)
         W_out = model.W_out.detach()
         if c is None:
-            hs, _, caches, ins = stack_forward(net, inputs, h0, cache=True)
+            hs, _, caches, ins = stack_forward(net, inputs, h0, cache=True, workspace=workspace)
             value, dz, _ = _readout(model, hs, targets, mask, loss)
             dz = _leak.backward_filter(dz, _leak.decay(model))  # dzbar, the leaky readout's filter
-            hbar = dz @ W_out
+            H, K = hs.shape[2], dz.shape[2]
+            dz2 = dz.view(T * B, K)
+            if workspace is not None:  # dL/dh^L_t, which the top cell may overwrite with u_t
+                hbar = torch.mm(dz2, W_out, out=workspace.buffer("hbar", (T * B, H), hs))
+            else:
+                hbar = dz2 @ W_out
+            hbar = hbar.view(T, B, H)
             if reward is not None:
                 R, dR = reward_grad(reward, hs)
-                value, hbar = value - R, hbar - dR
-            grads, d0 = stack_backward(net, ins, h0, caches, hbar, None)
-            H = hs.shape[2]
-            grads.update(output_grads(dz.view(T * B, -1), hs.reshape(T * B, H)))
+                value = value - R
+                hbar.sub_(dR)
+            grads, d0 = stack_backward(net, ins, h0, caches, hbar, None, sensitivities=us)
+            grads.update(output_grads(dz2, hs.reshape(T * B, H)))
+            if us is not None and workspace is not None:  # u may live in a kept buffer
+                us = [u.clone() for u in us]
         else:
             value = inputs.new_zeros(())
             dz_all = inputs.new_zeros(T, B, model.output_size)
@@ -182,11 +262,13 @@ def sequence(model, c: int | None, inputs, targets, mask, h0, loss, reward):
 
             def hbar_of(s, e):
                 hbar = dz_all[s:e] @ W_out
-                return hbar if dR is None else hbar - dR[s:e]
+                return hbar if dR is None else hbar.sub_(dR[s:e])
 
-            grads, d0 = _segments(net, c, T, lambda s, e: inputs[s:e], hbar_of, ckpt)
+            grads, d0 = _segments(net, c, T, lambda s, e: inputs[s:e], hbar_of, ckpt, us)
             grads["W_out"], grads["b_out"] = dW_out, db_out
-        grads["h0"] = d0
+        grads["h0"] = state_grad_form(d0, as_tensor)
+        if us is not None:
+            grads["u"] = pack_sensitivities(us)
     return value, grads
 
 
@@ -194,6 +276,7 @@ def truncated_sequence(model, k: int, inputs, targets, mask, h0, loss, reward):
     """TBPTT(k) over a network: BPTT on each chunk of k steps, the state carried forward
     and cut (``d_state = 0`` at each chunk's end); ``grads["h0"]`` from the first chunk."""
     T, B, _ = inputs.shape
+    h0, as_tensor = as_state(model, h0, B)
     with torch.no_grad():
         net = bind(model)
         W_out = model.W_out.detach()
@@ -219,7 +302,7 @@ def truncated_sequence(model, k: int, inputs, targets, mask, h0, loss, reward):
             n, H = hs.shape[0], hs.shape[2]
             g.update(output_grads(dz.reshape(n * B, -1), hs.reshape(n * B, H)))
             if s == 0:
-                g["h0"] = d0
+                g["h0"] = state_grad_form(d0, as_tensor)
             total = add_grads(total, g)
             h = tuple(type(st)(*(x.clone() for x in st)) for st in h_next)  # no view of the chunk
         return value, total

@@ -10,6 +10,7 @@ occupy the contiguous columns ``[offset_l, offset_{l+1})`` of any flattened infl
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple
 
 import torch
@@ -21,7 +22,9 @@ from ..network import Network
 __all__ = ["Bound", "bind", "is_rnn", "stack_forward", "stack_backward", "net_step",
            "output_into_state", "state_from_output_grad", "split_flat", "zero_state",
            "flatten_net_state", "unflatten_net_state", "trajectory", "check_network",
-           "emit_vjp", "output_influence", "check_real", "unit_mix"]
+           "emit_vjp", "output_influence", "check_real", "unit_mix", "Workspace",
+           "check_sensitivities", "pack_sensitivities", "as_state", "state_grad_form",
+           "shown", "unshown"]
 
 
 class Bound(NamedTuple):
@@ -39,10 +42,41 @@ class Bound(NamedTuple):
 
 
 def is_rnn(model) -> bool:
-    """True for ``rnngrad.RNN``: the algorithms take their hand-derived Elman paths."""
+    """True for ``rnngrad.RNN``. bptt, tbptt and rtrl no longer ask; it remains for the
+    RNN paths of e-prop, SnAp-1, UORO and KF-RTRL until they go too."""
     from ..model import RNN
 
     return isinstance(model, RNN)
+
+
+def as_state(model, h0, batch_size: int) -> tuple[tuple | None, bool]:
+    """h0 as the network's state (one state per layer) and whether it came as a tensor
+    (a one-layer network whose state has one component may take it so; its gradient is
+    then given back as a tensor too, ``state_grad_form``)."""
+    if isinstance(h0, Tensor):
+        return model.coerce_state(h0, batch_size)[0], True
+    return h0, False
+
+
+def shown(model, s: tuple):
+    """The network state ``s`` as an algorithm's ``state.h`` shows it: the (B, H) tensor
+    for a model that declares ``flat_state`` (``rnngrad.RNN``: one Elman layer, whose
+    state is h alone), else the tuple of per-layer states."""
+    return s[0].h if getattr(model, "flat_state", False) else s
+
+
+def unshown(h) -> tuple:
+    """The inverse of ``shown``: a tensor is one Elman layer's h."""
+    if isinstance(h, Tensor):
+        from ..cells.elman import ElmanState
+
+        return (ElmanState(h),)
+    return h
+
+
+def state_grad_form(d0: tuple, as_tensor: bool):
+    """``dL/d state_0`` in the form h0 came in: the state, or its one tensor."""
+    return d0[0][0] if as_tensor else d0
 
 
 def check_network(model, who: str) -> None:
@@ -61,20 +95,34 @@ def check_real(model) -> None:
                             "rnngrad.cells.LRU does (B_re, B_im)")
 
 
+def _own_params(cell) -> dict[str, Tensor]:
+    """The cell's parameters by its own names, as ``named_parameters`` gives them (the
+    common case, a cell without submodules or shared tensors, read off directly)."""
+    if not cell._modules:
+        own = {n: t for n, t in cell._parameters.items() if t is not None}
+        if len({id(t) for t in own.values()}) == len(own):
+            return own
+    return dict(cell.named_parameters())
+
+
 def bind(model) -> Bound:
-    check_real(model)
-    named = dict(model.named_parameters())
+    """The layers' cells and their parameters, detached, for one call of an algorithm. A
+    layer's parameters are its cell's own tensors, which are the network's (``RNN``'s
+    ``layers`` keeps its cell on the flat-named ones)."""
     cells, prefixes, params, names, offsets = [], [], [], [], []
     off = 0
     for prefix, cell in model.layers():
-        own = [n for n, _ in cell.named_parameters()]
+        own = _own_params(cell)
+        p = {n: t.detach() for n, t in own.items()}
         cells.append(cell)
         prefixes.append(prefix)
-        params.append({n: named[prefix + n].detach() for n in own})
+        params.append(p)
         names.append([prefix + n for n in own])
         offsets.append(off)
-        off += sum(named[prefix + n].numel() for n in own)
+        off += sum(t.numel() for t in p.values())
     offsets.append(off)
+    if any(t.is_complex() for p in params for t in p.values()) or model.W_out.is_complex():
+        check_real(model)  # raises, naming the parameter
     return Bound(cells, prefixes, params, names, offsets)
 
 
@@ -88,46 +136,108 @@ def net_step(net: Bound, state: tuple, x: Tensor) -> tuple[tuple, Tensor]:
     return tuple(new), x
 
 
-def stack_forward(net: Bound, inputs: Tensor, state0: tuple, *, cache: bool):
+class Workspace:
+    """Buffers an algorithm object keeps between its calls, one dict per thread and per
+    layer, for the cells that declare ``uses_workspace`` (their ``forward_sequence`` then
+    takes ``workspace=``). Re-allocating a (T, B, H) buffer each call costs page faults
+    (about a tenth of BPTT's time at T = 200, B = 64, H = 256); a buffer is valid until
+    the algorithm's next call in the same thread, and nothing returned to the caller
+    points into it."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def layers(self, n: int) -> list[dict]:
+        got = getattr(self._local, "layers", None)
+        if got is None or len(got) < n:
+            got = [{} for _ in range(n)]
+            self._local.layers = got
+        return got[:n]
+
+    def buffer(self, name: str, shape: tuple, like: Tensor) -> Tensor:
+        """The algorithm's own buffer ``name`` of ``shape``, like's dtype and device."""
+        bufs = getattr(self._local, "buffers", None)
+        if bufs is None:
+            bufs = self._local.buffers = {}
+        buf = bufs.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = bufs[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+
+def stack_forward(net: Bound, inputs: Tensor, state0: tuple, *, cache: bool,
+                  workspace: Workspace | None = None):
     """Every layer over the whole segment, bottom to top (layer l's outputs are layer
-    l + 1's inputs). Returns ``(h^L (T, B, H), state_T, caches, layer_inputs)``."""
+    l + 1's inputs). Returns ``(h^L (T, B, H), state_T, caches, layer_inputs)``.
+    ``workspace``: buffers kept between calls, for the cells that declare
+    ``uses_workspace`` (with ``cache``: the outputs may then live in those buffers)."""
     x = inputs
     caches, ins, finals = [], [], []
-    for cell, p, s0 in zip(net.cells, net.params, state0):
+    spaces = workspace.layers(net.L) if workspace is not None and cache else [None] * net.L
+    for cell, p, s0, ws in zip(net.cells, net.params, state0, spaces):
         ins.append(x)
-        x, sT, c = cell.forward_sequence(p, x, s0, cache=cache)
+        if ws is not None and getattr(cell, "uses_workspace", False):
+            x, sT, c = cell.forward_sequence(p, x, s0, cache=cache, workspace=ws)
+        else:
+            x, sT, c = cell.forward_sequence(p, x, s0, cache=cache)
         caches.append(c)
         finals.append(sT)
     return x, tuple(finals), caches, ins
 
 
 def stack_backward(net: Bound, ins: list, state0: tuple, caches: list, hbar: Tensor,
-                   d_state: tuple | None) -> tuple[dict[str, Tensor], tuple]:
+                   d_state: tuple | None, *, sensitivities: list | None = None
+                   ) -> tuple[dict[str, Tensor], tuple]:
     """The adjoint pass over a segment, top layer first: each layer's ``dL/d inputs`` is
     the layer below's ``dL/d outputs``. ``hbar`` (T, B, H) is ``dL/dh^L_t`` from the
-    readout (and reward); ``d_state`` the adjoint of ``state_T`` from later steps.
-    Returns the recurrent parameters' gradients (network names) and ``dL/d state_0``."""
+    readout (and reward), given up to this call (a cell that declares
+    ``backward_overwrites`` writes over it); ``d_state`` the adjoint of ``state_T`` from
+    later steps. Returns the recurrent parameters' gradients (network names) and
+    ``dL/d state_0``. ``sensitivities``: a list that receives each layer's u_t (T, B, H_l),
+    bottom layer first (the cells must declare ``gives_sensitivities``)."""
     grads: dict[str, Tensor] = {}
     d0: list[Any] = [None] * net.L
+    us: list[Any] = [None] * net.L
     d = hbar
     for l in range(net.L - 1, -1, -1):
         cell = net.cells[l]
+        kw = {"overwrite": True} if getattr(cell, "backward_overwrites", False) else {}
+        if sensitivities is not None:
+            kw["sensitivities"] = True
         g, d_in, ds0 = cell.backward_sequence(
             net.params[l], ins[l], state0[l], caches[l], d,
-            None if d_state is None else d_state[l], input_grad=l > 0)
+            None if d_state is None else d_state[l], input_grad=l > 0, **kw)
+        if sensitivities is not None:
+            us[l] = g.pop("u")
         grads.update({net.prefixes[l] + n: v for n, v in g.items()})
         d0[l] = ds0
         d = d_in
+    if sensitivities is not None:
+        sensitivities.extend(us)
     return grads, tuple(d0)
+
+
+def check_sensitivities(model, who: str) -> None:
+    """A clear error unless every layer's cell gives u_t (``gives_sensitivities``)."""
+    bad = [f"{type(c).__name__} (layer {i})" for i, (_, c) in enumerate(model.layers())
+           if not getattr(c, "gives_sensitivities", False)]
+    if bad:
+        raise ValueError(f"{who} returns u_t = dL/da_t, the per-step sensitivities of the "
+                         "Elman cell's pre-activation (dL/db_rec(t)); the cells "
+                         f"{', '.join(bad)} do not give them (a cell declares "
+                         "gives_sensitivities and returns grads['u'] from backward_sequence)")
+
+
+def pack_sensitivities(us: list) -> Any:
+    """u per layer -> grads["u"]: the tensor for one layer, a tuple for a stack."""
+    return us[0] if len(us) == 1 else tuple(us)
 
 
 def trajectory(model, inputs: Tensor, h0) -> Tensor:
     """h^L_1..h^L_T (T, B, H) without a graph (for a reward's dR/dh)."""
     with torch.no_grad():
-        if is_rnn(model):
-            from ..cells.elman import unroll
-
-            return unroll(model, inputs, h0, need_deriv=False)[0]
+        if isinstance(h0, Tensor):  # one layer's one-component state given as a tensor
+            h0 = model.coerce_state(h0, inputs.shape[1])[0]
         return stack_forward(bind(model), inputs, h0, cache=False)[0]
 
 
@@ -220,15 +330,15 @@ def state_from_output_grad(cell: Cell, state, g: Tensor):
     return unflatten_state(output_into_state(cell, state, g), state)
 
 
-def split_flat(flat: Tensor, net: Bound, model) -> dict[str, Tensor]:
-    """A flat (N,) gradient of the recurrent parameters -> network name -> tensor."""
-    named = dict(model.named_parameters())
+def split_flat(flat: Tensor, net: Bound, model=None) -> dict[str, Tensor]:
+    """A flat (N,) gradient of the recurrent parameters -> network name -> tensor (views
+    of ``flat``, in the bound parameters' order and shapes; ``model`` is not needed)."""
     out = {}
     off = 0
-    for names in net.names:
-        for n in names:
-            k = named[n].numel()
-            out[n] = flat[off:off + k].reshape(named[n].shape)
+    for names, params in zip(net.names, net.params):
+        for n, p in zip(names, params.values()):
+            k = p.numel()
+            out[n] = flat[off:off + k].view(p.shape)
             off += k
     return out
 

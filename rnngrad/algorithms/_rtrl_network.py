@@ -1,4 +1,4 @@
-"""Exact RTRL for any ``rnngrad.Network`` (seed 001), layer by layer within each step.
+"""Exact RTRL for any ``rnngrad.Network`` (Williams & Zipser 1989), layer by layer within each step.
 
 For layer l with state s^l (flattened, S_l), output ``h^l_t = emit_l(theta_l, s^l_t,
 h^{l-1}_t)`` (``h^0 = x``; for most cells ``emit`` is ``output(s^l_t)``) and the recurrent
@@ -44,12 +44,16 @@ from ..cells._derive import declares, dense_jacobians, verify_diagonal, verify_e
 from ..cells.base import Immediate
 from . import _leaky_readout as _leak
 from ._network import (
+    as_state,
     bind,
     emit_vjp,
     output_influence,
+    shown,
     split_flat,
+    state_grad_form,
     unflatten_net_state,
     unit_mix,
+    unshown,
 )
 from .base import Grads, StepOutput, immediate_signal, output_grads
 
@@ -57,13 +61,16 @@ __all__ = ["NetRTRLState", "init", "step", "add_immediate"]
 
 
 class NetRTRLState(NamedTuple):
-    h: tuple  # the network's state s_t, one state per layer
+    h: tuple  # the network's state s_t, one state per layer (as ``shown``: RNN's (B, H) h_t)
     M: list  # per layer l: (B, S_l, N_{<=l}) influence d s^l_t / d theta_{1..l}
     G: list | None  # per layer l: (B, S_l, S) d s^l_t / d s_0; None unless h0 is tracked
     leak: _leak.Influence | None = None  # the leaky readout's filtered influence (kappa > 0)
+    h0_tensor: bool = False  # h0 came as a tensor: grads["h0"] goes back as one
+    spare: list | None = None  # per layer: the buffer J^l_t M^l_{t-1} is written into (M's shape)
 
 
-def init(model, batch_size: int, h0: tuple | None, generic: bool = False) -> NetRTRLState:
+def init(model, batch_size: int, h0, generic: bool = False) -> NetRTRLState:
+    h0, as_tensor = as_state(model, h0, batch_size)
     net = bind(model)
     for cell in net.cells:
         if cell.diagonal and not generic:
@@ -87,7 +94,7 @@ def init(model, batch_size: int, h0: tuple | None, generic: bool = False) -> Net
             off += S
     leak = _leak.influence_init(model, batch_size, net.offsets[-1],
                                 sum(widths) if track else None)
-    return NetRTRLState(h, M, G, leak)
+    return NetRTRLState(shown(model, h), M, G, leak, as_tensor, [torch.empty_like(m) for m in M])
 
 
 def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor],
@@ -109,12 +116,24 @@ def add_immediate(M: Tensor, imm: dict[str, Immediate], params: dict[str, Tensor
                              "(param_blocks) with its immediate term declared, or the dense "
                              "path, rtrl(generic=True)")
         P = n // (G * U)
+        d = imm[name]
+        if C == 1 and G == 1 and M.stride(2) == 1:
+            # one component, one row per unit (Elman): unit i's row of p is the stretch
+            # M[:, i, off + i P : off + (i + 1) P], a strided (B, U, P) view
+            block = M.as_strided((B, U, P), (M.stride(0), M.stride(1) + P, 1),
+                                 M.storage_offset() + off)
+            if d.inp is None:
+                block.add_(d.D.view(B, U, P))
+            else:
+                block.addcmul_(d.D.view(B, U, 1), d.rows())  # the mask applied (LIF)
+            off += n
+            continue
         block = M[:, :, off:off + n].view(B, C, U, G, U, P).diagonal(dim1=2, dim2=4)
-        d = imm[name]  # block: (B, C, G, P, U)
+        # block: (B, C, G, P, U)
         if d.inp is None:
             block.add_(d.D.permute(0, 1, 2, 4, 3))
-        else:
-            block.add_(d.D.unsqueeze(3) * d.inp.permute(0, 2, 1).unsqueeze(1).unsqueeze(1))
+        else:  # no (B, C, G, P, U) temporary: the product is added where it lands
+            block.addcmul_(d.D.unsqueeze(3), d.rows().permute(0, 2, 1).unsqueeze(1).unsqueeze(1))
         off += n
 
 
@@ -128,14 +147,20 @@ def through_units(local: Tensor, M: Tensor) -> Tensor:
     return unit_mix(local, M.view(B, C, U, -1), (B, U, 1)).view(M.shape)
 
 
+def _spare(state: NetRTRLState, Ms: list) -> list | None:
+    """The old influences' buffers, for the next step to write into."""
+    return None if state.spare is None else list(state.M)
+
+
 def step(model, generic: bool, state: NetRTRLState, x_t, target_t, mask_t, loss, dh_t):
     with torch.no_grad():
         net = bind(model)
         x = x_t
         states, Ms, Gs, ins = [], [], [], []
         Mh = Gh = None  # d h^{l-1}_t / d theta_{<l} (B, H, N_{<l}) and d h^{l-1}_t / d s_0
+        h_prev = unshown(state.h)
         for l, (cell, p) in enumerate(zip(net.cells, net.params)):
-            s = state.h[l]
+            s = h_prev[l]
             diagonal = not generic and cell.diagonal
             lower = ("input_jacobian",) if l > 0 else ()
             if diagonal:  # verified in init: J_t acts unit by unit
@@ -150,7 +175,10 @@ def step(model, generic: bool, state: NetRTRLState, x_t, target_t, mask_t, loss,
                     lin = cell.linearize(p, s, x, need=("jacobian", "immediate") + lower)
                     new, J, Jx, imm, Mbar = lin.state, lin.jacobian, lin.input_jacobian, \
                         lin.immediate, None
-                M = torch.bmm(J, state.M[l])  # J^l_t M^l_{t-1}
+                # J^l_t M^l_{t-1}, into the buffer the step before last used (the state
+                # given to a step is not used again: see algorithms.base)
+                out = state.spare[l] if state.spare is not None else None
+                M = torch.bmm(J, state.M[l], out=out)
             if l > 0:  # the same step, through the layer below's output: Jx^l_t dh^{l-1}_t/dtheta
                 M[:, :, :net.offsets[l]].baddbmm_(Jx, Mh)
             a, b = net.offsets[l], net.offsets[l + 1]
@@ -185,9 +213,11 @@ def step(model, generic: bool, state: NetRTRLState, x_t, target_t, mask_t, loss,
             grads = split_flat(flat, net, model)
             grads.update(ro)
             if d0 is not None:
-                grads["h0"] = unflatten_net_state(d0, tuple(states))
-            new_state = NetRTRLState(tuple(states), Ms, Gs if state.G is not None else None,
-                                     leak)
+                grads["h0"] = state_grad_form(unflatten_net_state(d0, tuple(states)),
+                                              state.h0_tensor)
+            new_state = NetRTRLState(shown(model, tuple(states)), Ms,
+                                     Gs if state.G is not None else None, leak, state.h0_tensor,
+                                     _spare(state, Ms))
             return new_state, StepOutput(h, z, value), grads
         z, value, dz, q = immediate_signal(model, h, target_t, mask_t, loss, dh_t)
         # q through the top layer's emit: its state, its input (the layer below's output)
@@ -206,6 +236,9 @@ def step(model, generic: bool, state: NetRTRLState, x_t, target_t, mask_t, loss,
             d0 = torch.bmm(qs.unsqueeze(1), Gs[-1]).squeeze(1)  # (B, S_total)
             if dx is not None and net.L > 1:
                 d0 += torch.bmm(dx.unsqueeze(1), Gh).squeeze(1)
-            grads["h0"] = unflatten_net_state(d0, tuple(states))
-        new_state = NetRTRLState(tuple(states), Ms, Gs if state.G is not None else None)
+            grads["h0"] = state_grad_form(unflatten_net_state(d0, tuple(states)),
+                                          state.h0_tensor)
+        new_state = NetRTRLState(shown(model, tuple(states)), Ms,
+                                 Gs if state.G is not None else None, None, state.h0_tensor,
+                                 _spare(state, Ms))
     return new_state, StepOutput(h, z, value), grads

@@ -94,7 +94,8 @@ def check_owned(model, who: str) -> None:
 
 def init(model, batch_size: int, h0: tuple | None, feedback: Tensor | None,
          modes: tuple | None = None) -> NetTraceState:
-    _leak.check_traces(model, "rtrl(layers='spatial')" if modes else "the per-unit trace rules")
+    _leak.check_traces(model, "rtrl(layers='spatial')" if modes and len(modes) > 1
+                       else "the per-unit trace rules")
     h = model.init_state(batch_size) if h0 is None else h0
     traces, cs = [], []
     for l, ((_, cell), s) in enumerate(zip(model.layers(), h)):
@@ -191,7 +192,7 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                     if d.inp is None:
                         M = M.add_(d.D)
                     else:
-                        M = M.addcmul_(d.D.unsqueeze(-1), d.inp.unsqueeze(1).unsqueeze(1))
+                        M = M.addcmul_(d.D.unsqueeze(-1), d.rows().unsqueeze(1).unsqueeze(1))
                     tr[name] = M
                 c = None if state.c is None else torch.matmul(J, state.c[l])
             traces.append(tr)

@@ -27,8 +27,8 @@ from torch.func import vjp, vmap
 
 from ..cells._derive import jvp
 from . import _leaky_readout as _leak
+from . import _signs
 from ._network import bind, flatten_net_state, output_into_state, split_flat, unflatten_net_state
-from ._online import random_signs
 from .base import StepOutput, output_grads, readout_step
 
 __all__ = ["NetUOROState", "init", "step"]
@@ -39,6 +39,8 @@ class NetUOROState(NamedTuple):
     h_tilde: Tensor  # (B, S) h~_t over the flattened state
     theta_tilde: Tensor  # (B, N) theta~_t over the flattened recurrent parameters
     leak: _leak.Leak | None = None  # a leaky readout (kappa > 0); h~ then also covers r = hf
+    signs: Tensor | None = None  # (BLOCK, B, S) a block of signs nu, drawn in one call
+    sign_pos: int = _signs.BLOCK  # the next step's row of ``signs``
 
 
 def init(model, batch_size: int) -> NetUOROState:
@@ -51,7 +53,8 @@ def init(model, batch_size: int) -> NetUOROState:
     if leak is not None:
         S += leak.hf.shape[1]
     return NetUOROState(h, torch.zeros(batch_size, S, **kw),
-                        torch.zeros(batch_size, net.offsets[-1], **kw), leak)
+                        torch.zeros(batch_size, net.offsets[-1], **kw), leak,
+                        torch.empty(_signs.BLOCK, batch_size, S, **kw))
 
 
 def _flat_step(net, like):
@@ -92,22 +95,36 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
             s = torch.cat([s, state.leak.hf], 1)
         B, S = s.shape
         s_new, Jh = jvp(lambda v: F(params, v, x_t), (s,), (state.h_tilde,))
-        nu = random_signs((B, S), gen, s)
+        signs, pos, nu = _signs.take(gen, state.signs, state.sign_pos, s)
 
-        def per_example(s1, x1, nu1):
-            def f1(p):
-                return F(p, s1.unsqueeze(0), x1.unsqueeze(0)).squeeze(0)
-
-            _, fn = vjp(f1, params)
-            (gp,) = fn(nu1)
-            return torch.cat([g.reshape(-1) for layer in gp for g in layer.values()])
-
-        Mnu = vmap(per_example)(s, x_t, nu)  # (B, N): Mbar_t^T nu per example
         th = state.theta_tilde
         rho0 = ((th.norm(dim=1) + eps) / (Jh.norm(dim=1) + eps)).sqrt_()
-        rho1 = ((Mnu.norm(dim=1) + eps) / (nu.norm(dim=1) + eps)).sqrt_()
+        factors = None if state.leak is not None or net.L > 1 else _factors(net, state.h[0],
+                                                                            x_t, nu)
+        if factors is not None:
+            # a factored immediate term: m_t is f inp^T per parameter, added in place into
+            # theta~'s rows of that parameter (no (B, N) tensor per step)
+            norm2 = sum((f * f).sum(1) * (i * i).sum(1) for _, f, i in factors)
+            rho1 = ((norm2.sqrt() + eps) / (nu.norm(dim=1) + eps)).sqrt_()
+            th.div_(rho0.unsqueeze(1))
+            inv1 = rho1.reciprocal().unsqueeze(1)
+            for off, f, i in factors:
+                R, P = f.shape[1], i.shape[1]
+                th[:, off:off + R * P].view(B, R, P).baddbmm_((f * inv1).unsqueeze(2),
+                                                              i.unsqueeze(1))
+        else:
+            def per_example(s1, x1, nu1):
+                def f1(p):
+                    return F(p, s1.unsqueeze(0), x1.unsqueeze(0)).squeeze(0)
+
+                _, fn = vjp(f1, params)
+                (gp,) = fn(nu1)
+                return torch.cat([g.reshape(-1) for layer in gp for g in layer.values()])
+
+            Mnu = vmap(per_example)(s, x_t, nu)  # (B, N): Mbar_t^T nu per example
+            rho1 = ((Mnu.norm(dim=1) + eps) / (nu.norm(dim=1) + eps)).sqrt_()
+            th = th.div_(rho0.unsqueeze(1)).addcdiv_(Mnu, rho1.unsqueeze(1))  # in place
         h_tilde = torch.addcmul(rho1.unsqueeze(1) * nu, rho0.unsqueeze(1), Jh)
-        th = th / rho0.unsqueeze(1) + Mnu / rho1.unsqueeze(1)
         new_state = unflatten_net_state(s_new, state.h)
         emits = any(c.emits for c in net.cells)
         h = _top_output(net, state.h)(params, s_new, x_t) if emits else \
@@ -127,7 +144,8 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
                     for n, v in layer.items():
                         grads[prefix + n] = grads[prefix + n] + v
                 grads.update(ro)
-            return NetUOROState(new_state, h_tilde, th, leak), StepOutput(h, z, value), grads
+            return (NetUOROState(new_state, h_tilde, th, leak, signs, pos),
+                    StepOutput(h, z, value), grads)
         z, value, dz = readout_step(model, h, target_t, mask_t, loss)
         q = None if dz is None else dz @ model.W_out.detach()
         if dh_t is not None:
@@ -155,4 +173,33 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
                 grads["b_out"] = torch.zeros_like(model.b_out.detach())
             else:
                 grads.update(output_grads(dz, h))
-    return NetUOROState(new_state, h_tilde, th), StepOutput(h, z, value), grads
+    return NetUOROState(new_state, h_tilde, th, None, signs, pos), StepOutput(h, z, value), grads
+
+
+def _factors(net, state, x_t, nu):
+    """``[(offset in theta~, f (B, R), inp (B, P))]``: the step's ``m_t = Mbar_t^T nu`` of a
+    one-layer network as one rank-one term per parameter, from the cell's declared
+    immediate term (``f[g, i] = sum_c nu[c, i] D[c, g, i]``); None where it is dense or
+    per unit (then the per-example vjp)."""
+    cell, params = net.cells[0], net.params[0]
+    U = cell.n_units
+    if any(int(c.shape[-1]) != U for c in state):
+        return None
+    lin = cell.linearize(params, state, x_t, need=("immediate",))
+    imm = lin.immediate
+    B, C = nu.shape[0], len(state)
+    nu3 = nu.view(B, C, U)
+    out, off = [], 0
+    for name, p in params.items():
+        im = imm.get(name) if imm is not None else None
+        if im is None:  # a parameter the step does not use (only emit does)
+            off += p.numel()
+            continue
+        if im.inp is None or im.inp.dim() != 3 or im.inp.shape[1] != 1 or im.D.dim() != 4 \
+                or im.D.shape[1] != C or im.D.shape[3] != U \
+                or im.D.shape[2] * U * im.inp.shape[2] != p.numel():
+            return None
+        f = torch.einsum("bcu,bcgu->bgu", nu3, im.D).reshape(B, -1)
+        out.append((off, f, im.inp.squeeze(1)))
+        off += p.numel()
+    return out

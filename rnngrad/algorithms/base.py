@@ -76,8 +76,8 @@ class _AlgorithmFields(NamedTuple):
     online:   True if it emits during the sequence with memory constant in T.
     cost:     time and memory per step, in words.
     sequence: optional whole-sequence fast path, ``sequence(model, inputs, targets,
-              mask, h0, loss, dh) -> (loss, grads)`` with validated (T, B) mask and
-              ``dh`` (T, B, H) or None.
+              mask, h0, loss, reward) -> (loss, grads)`` with validated (T, B) mask, or
+              None where it has no sequence form for this model (the step loop then runs).
     rng:      the algorithm's random generators, a dict device name -> torch.Generator
               (filled on first use, seeded once per factory call and continued across
               ``init`` calls); None for a deterministic algorithm. ``rng_state`` and
@@ -259,7 +259,10 @@ def _batch_of(state, who: str) -> int:
     return h.shape[0]
 
 
-def _check_state(name: str, init, model, state) -> int:
+def _check_state(name: str, init, model, state, _unused=None) -> int:
+    """The state against this algorithm and model: its type and owner, then (unless the
+    records say it is what this algorithm returned for this model) its shapes, dtype and
+    device. (The fifth argument, once a dict of trusted states, is ignored.)"""
     global _SHAPES
     who = name
     owners = _STATE_OWNERS.get(type(state))
@@ -414,7 +417,9 @@ def _checked(name: str, init, step, flush):
         if h0 is not None:
             from ._network import is_rnn
 
-            if is_rnn(model):
+            if is_rnn(model):  # the RNN paths of e-prop, SnAp-1, UORO, KF-RTRL take a tensor
+                if isinstance(h0, tuple):  # the network's state, as rnngrad.gradient gives it
+                    h0 = model.coerce_state(h0, B)[0][0].h
                 if not isinstance(h0, Tensor):
                     from .._checks import _type_name
 

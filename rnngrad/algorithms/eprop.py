@@ -1,7 +1,7 @@
 """e-prop (Bellec et al. 2020, "A solution to the learning dilemma for recurrent networks
 of spiking neurons", Nat. Commun. 11:3625), for the rate cells of DESIGN.md.
 
-The classical factorization (seed 003) writes the gradient as
+The classical factorization (Bellec et al. 2020) writes the gradient as
 ``dL/dtheta = sum_t dL/dh_t . dh_t/dtheta``; e-prop replaces the total ``dL/dh_t`` by
 the immediate learning signal and keeps, of the influence ``dh_t/dtheta``, only the
 path through each unit's own state (the leak), not through ``W_rec``::
@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _sequence as _seq
 from . import _traces_network as _net
 from ._network import check_network, is_rnn
 from ._online import (
@@ -91,7 +92,8 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
                          f"got {feedback!r}")
     check_seed(seed)
 
-    def init(model, batch_size: int, *, h0: Tensor | None = None) -> EpropState:
+    def check(model) -> Tensor | None:
+        """Refuse a model the rule is not defined for; the feedback matrix (None: W_out)."""
         if not is_rnn(model):
             check_network(model, f"{name}()")
             if cells is not None:
@@ -103,8 +105,12 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
                         f"layers; got cells {', '.join(other)}. eprop() and snap1() take any "
                         "cell")
             _net.check_owned(model, f"{name}()")
-            fb = random_feedback(model, seed) if feedback == "random" else None
-            return _net.init(model, batch_size, h0, fb)
+        return random_feedback(model, seed) if feedback == "random" else None
+
+    def init(model, batch_size: int, *, h0: Tensor | None = None) -> EpropState:
+        if not is_rnn(model):
+            fb = check(model)
+            return _net.init(model, batch_size, h0, fb, ("eligibility",) * model.num_layers)
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         h = (torch.zeros(batch_size, H, dtype=p.dtype, device=p.device) if h0 is None
@@ -146,6 +152,12 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
     def flush(model, state: EpropState):
         return state, None
 
+    def sequence(model, inputs, targets, mask, h0, loss, reward):
+        # the adjoint of the traces' recursion (_sequence): the same sum, at BPTT's cost
+        fb = check(model)
+        return _seq.sequence(model, ("eligibility",) * model.num_layers, fb, inputs, targets,
+                             mask, h0, loss, reward)
+
     mem = "O(B H (H + D + 1)) for alpha < 1, O(B (H + D)) for alpha = 1"
     return Algorithm(
         name=f"{name}(feedback={feedback!r}, seed={seed})" if feedback == "random"
@@ -155,7 +167,9 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
         flush=flush,
         exact=False,
         online=True,
-        cost=f"time O(B H (H + D + K)) per step; memory {mem}{cost_note}",
+        cost=f"time O(B H (H + D + K)) per step; memory {mem}{cost_note}; per sequence "
+             "(rnngrad.gradient): BPTT's shape, no trace formed",
+        sequence=sequence,
     )
 
 

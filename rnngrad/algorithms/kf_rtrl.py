@@ -20,9 +20,12 @@ balance the norms of the two factors, which minimises the variance (Mujika et al
 Lemma 1). ``W_rec A`` for the whole batch is one (H, H) x (H, B H) GEMM (A is stored
 (H, B, H) for that); ``W_out`` and ``b_out`` get their exact gradient.
 
-On ``rnngrad.RNN`` the GEMM writes into a spare (H, B, H) buffer (two alternate, as
-``rtrl()``'s influence), J_t, the scalings and ``D_t`` are applied in place, u is updated
-in place and ``A_t^T q_t`` is one batched GEMV: no step allocates anything of A's size.
+It takes one Elman layer: ``rnngrad.RNN`` or ``rnngrad.Network(Elman(...))`` with a plain
+readout (the cell type is checked; any other network gets an error naming these). The
+GEMM writes into a spare (H, B, H) buffer (two alternate, as ``rtrl()``'s influence), J_t,
+the scalings and ``D_t`` are applied in place, u is updated in place and ``A_t^T q_t`` is
+one batched GEMV: no step allocates anything of A's size. The signs are drawn a block of
+32 steps per generator call into a buffer of the state (``_signs``).
 
 Approximate (unbiased, lower variance than UORO). Online. Cost per step:
 time O(B H^3 + B H (D + K)), memory O(B H (H + D)), constant in T.
@@ -35,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._network import is_rnn
+from . import _signs
 from ._online import (
     Work,
     check_seed,
@@ -43,7 +46,6 @@ from ._online import (
     forward,
     generator_for,
     learning_signal,
-    random_signs,
     workspace,
 )
 from .base import Algorithm, StepOutput
@@ -57,6 +59,39 @@ class KFState(NamedTuple):
     A: Tensor  # (H, B, H) A_t[k, b, i]: example b's factor over (unit k, row i)
     A_spare: Tensor | None = None  # (H, B, H) the buffer the next step writes A_{t+1} into
     work: Work | None = None  # buffers reused by every step
+    signs: Tensor | None = None  # (BLOCK, 2, B) a block of the signs c1, c2, drawn in one call
+    sign_pos: int = _signs.BLOCK  # the next step's row of ``signs``
+
+
+class ElmanView:
+    """A network of one Elman layer under the flat names ``rnngrad.RNN`` has (what the
+    Elman-form rules read); ``names`` maps them to the network's parameter names."""
+
+    def __init__(self, model) -> None:
+        ((prefix, cell),) = model.layers()
+        self.W_in, self.W_rec, self.b_rec = cell.W_in, cell.W_rec, cell.b_rec
+        self.activation, self.alpha = cell.activation, cell.alpha
+        self.hidden_size, self.input_size = cell.hidden_size, cell.input_size
+        self.W_out, self.b_out, self.readout = model.W_out, model.b_out, model.readout
+        self.names = {n: prefix + n for n in ("W_in", "W_rec", "b_rec")}
+
+
+def elman_view(model, who: str) -> ElmanView:
+    """The model as one Elman layer, or a clear error naming the networks ``who`` takes."""
+    from ..cells.elman import Elman
+
+    layers = list(getattr(model, "layers", list)())
+    if (len(layers) == 1 and isinstance(layers[0][1], Elman)
+            and not getattr(model, "readout_decay", 0.0)):
+        return ElmanView(model)
+    cells = ", ".join(type(c).__name__ for _, c in layers)
+    extra = " and a leaky readout" if getattr(model, "readout_decay", 0.0) else ""
+    raise ValueError(
+        f"{who} is defined for one Elman layer phi(W_in x + W_rec h + b) (the Kronecker "
+        "factorisation of its immediate term): rnngrad.RNN or rnngrad.Network(Elman(...)) "
+        f"with a plain readout; got {type(model).__name__}"
+        f"{f' with cells {cells}' if cells else ''}{extra}. uoro() is the unbiased estimate "
+        "for any cell")
 
 
 def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
@@ -79,28 +114,25 @@ def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         if h0 is not None:
             raise ValueError("kf_rtrl() does not estimate the gradient w.r.t. the initial "
                              "state h0; call init without h0 (the state then starts at zero)")
-        if not is_rnn(model):
-            cells = ", ".join(type(c).__name__ for _, c in getattr(model, "layers", list)())
-            raise ValueError(
-                "kf_rtrl() is defined for one Elman layer phi(W_in x + W_rec h + b) (the "
-                "Kronecker factorisation of its immediate term): rnngrad.RNN; got "
-                f"{type(model).__name__}{f' with cells {cells}' if cells else ''}. uoro() "
-                "is the unbiased estimate for any cell")
+        model = elman_view(model, "kf_rtrl()")
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}
         A = torch.zeros(H, batch_size, H, **kw)
         return KFState(torch.zeros(batch_size, H, **kw), torch.zeros(batch_size, H + D + 1, **kw),
-                       A, torch.empty_like(A), workspace(model, batch_size))
+                       A, torch.empty_like(A), workspace(model, batch_size),
+                       torch.empty(_signs.BLOCK, 2, batch_size, **kw))
 
     def step(model, state: KFState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
+        model = elman_view(model, "kf_rtrl()")
         alpha = model.alpha
         with torch.no_grad():
             f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
             d = f.dphi if alpha == 1.0 else f.dphi * alpha  # alpha phi'(a_t)
             B, H = f.h.shape
-            c = random_signs((2, B), generator_for(gens, f.h.device, seed), f.h)
+            signs, pos, c = _signs.take(generator_for(gens, f.h.device, seed), state.signs,
+                                        state.sign_pos, f.h)
             A = state.A
             # W_rec A for the whole batch: one (H, H) x (H, B H) GEMM into the spare buffer
             JA = torch.mm(model.W_rec, A.view(H, B * H), out=state.A_spare.view(H, B * H))
@@ -121,7 +153,9 @@ def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
                 r = torch.bmm(q.unsqueeze(1), A_new.transpose(0, 1)).squeeze(1)  # (B, H)
                 G = r.T @ u
             grads = emit(model, f, G)
-        new = state._replace(h=f.h, u=u, A=A_new, A_spare=A)
+            if grads is not None:
+                grads = {model.names.get(k, k): v for k, v in grads.items()}
+        new = state._replace(h=f.h, u=u, A=A_new, A_spare=A, signs=signs, sign_pos=pos)
         return new, StepOutput(f.h, f.z, f.loss), grads
 
     def flush(model, state: KFState):

@@ -1,4 +1,4 @@
-"""Real-time recurrent learning (seed 001; Williams & Zipser 1989).
+"""Real-time recurrent learning (Williams & Zipser 1989).
 
 The influence matrix ``M_t = dh_t/dW`` of the recurrent parameters, stacked as
 ``W = [W_in | W_rec | b_rec]`` of shape (H, P), ``P = D + H + 1``, with the input
@@ -6,14 +6,14 @@ of step t ``pre_t = [x_t; h_{t-1}; 1]`` (P,)::
 
     a_t = W pre_t,   h_t = (1 - alpha) h_{t-1} + alpha phi(a_t)
 
-    Mbar_t[k, i, j] = delta_ki pre_t[j]                         immediate term, seed 001
+    Mbar_t[k, i, j] = delta_ki pre_t[j]                         immediate term
     J_t             = (1 - alpha) I + alpha diag(phi'(a_t)) W_rec   dh_t/dh_{t-1}
     M_t             = (1 - alpha) M_{t-1} + alpha phi'(a_t) * (W_rec @ M_{t-1} + Mbar_t)
 
-    q_t    = dl_t/dh_t = W_out^T dl_t/dz_t (+ dh_t, e.g. -dR/dh_t)   seed 001's q
+    q_t    = dl_t/dh_t = W_out^T dl_t/dz_t (+ dh_t, e.g. -dR/dh_t)   Williams & Zipser's q
     dL/dW  = sum_t q_t^T M_t,  dL/dW_out = sum_t dl_t/dz_t h_t^T,  dL/db_out = sum_t dl_t/dz_t
 
-For alpha = 1 this is seed 001's ``M_t = J_t M_{t-1} + Mbar_t`` with ``J_t = D_t W_rec``.
+For alpha = 1 this is Williams & Zipser's ``M_t = J_t M_{t-1} + Mbar_t`` with ``J_t = D_t W_rec``.
 ``Mbar_t`` is only a diagonal add (the sensitivity lemma: ``da_k/dW_ij = delta_ki pre_j``);
 the whole batch's ``W_rec @ M`` is one batched GEMM in which ``alpha phi'(a_t)`` is
 folded into the left factor (``(alpha phi'(a_t) * W_rec) @ M``, (B, H, H) x (B, H, H P)),
@@ -22,49 +22,33 @@ and the leak ``(1 - alpha) M_{t-1}`` is the GEMM's accumulate term (``baddbmm``)
 With an initial state h0 the sensitivity ``G_t = dh_t/dh_0`` (B, H, H) is carried too,
 ``G_t = J_t G_{t-1}``, ``G_0 = I``, and ``grads["h0"] = q_t^T G_t`` per example.
 
-Layout: ``M`` is (B, H, H, P): ``M[b, k, i, j] = dh_t[b, k] / dW[i, j]``.
+Every model is an ``rnngrad.Network`` (``rnngrad.RNN`` is one Elman layer under flat
+names) and runs this recursion layer by layer (``_rtrl_network``), from what each cell
+declares: the Elman cell's ``linearize`` gives ``J_t`` and the factored immediate term,
+so ``J_t M_{t-1}`` is one batched GEMM and ``Mbar_t`` a diagonal add per parameter.
+The influence is stored as (B, S, N): ``M[b, k, n] = dh_t[b, k] / dtheta_n`` over the N
+recurrent parameters flattened in ``named_parameters()`` order (W_in, W_rec, b_rec).
 
 Exact, online: emits the gradient of step t's loss at step t. Time O(B H^2 (D + H + 1) H)
 per step (O(H^4) per example), memory O(B H^2 (D + H + 1)) (O(H^3) per example),
 both constant in T.
 
-For any other ``rnngrad.Network`` (GRU, LSTM, stacks, a user's cell) the same recursion
-runs layer by layer (``_rtrl_network``), with the immediate term structured where the
-cell declares it. ``rtrl(generic=True)`` takes every Jacobian from ``torch.func``
-(``vmap(jacrev)``), the influence stored flat as (B, S, N) over the N recurrent
-parameters: the fallback for cells without declared structure, and a second oracle.
+``rtrl(generic=True)`` takes every Jacobian from ``torch.func`` (``vmap(jacrev)``):
+the fallback for cells without declared structure, and a second oracle.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import torch
 from torch import Tensor
 
 from ..cells._derive import declares, verify_diagonal, verify_emit_only
-from ..cells.activations import get_activation
-from ..cells.elman import cell_step
 from . import _rtrl_network as _net
+from . import _sequence as _seq
 from . import _traces_network as _traces
-from ._network import check_network, check_real, is_rnn
-from .base import Algorithm, Grads, StepOutput, immediate_signal, output_grads
+from ._network import check_network, check_real
+from .base import Algorithm
 
-__all__ = ["rtrl", "RTRLState"]
-
-
-class RTRLState(NamedTuple):
-    h: Tensor  # (B, H) h_t
-    M: Tensor  # (B, H, H, P) influence dh_t/d[W_in | W_rec | b_rec]
-    M_spare: Tensor  # (B, H, H, P) the buffer the next step writes M_{t+1} into
-    G: Tensor | None  # (B, H, H) dh_t/dh_0, or None when h0 is not tracked
-    G_spare: Tensor | None  # (B, H, H) its spare buffer
-
-
-def _check_x(model, x_t: Tensor, h: Tensor) -> None:
-    B, D = h.shape[0], model.input_size
-    if x_t.dim() != 2 or tuple(x_t.shape) != (B, D):
-        raise ValueError(f"x_t has shape {tuple(x_t.shape)} but the state expects ({B}, {D})")
+__all__ = ["rtrl"]
 
 
 LAYER_MODES = ("exact", "spatial")
@@ -110,90 +94,34 @@ def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorith
                          "et al. 2023)")
     spatial = layers == "spatial"
 
-    def init(model, batch_size: int, *, h0: Tensor | None = None) -> RTRLState:
+    def init(model, batch_size: int, *, h0=None):
         check_network(model, "rtrl()")
         check_real(model)
         model.init_state(1)  # real states only: a clear error before any probe
         if spatial:
             return _spatial_init(model, batch_size, h0, generic)
-        if not generic and not is_rnn(model) and model.num_layers == 1 \
+        if not generic and model.num_layers == 1 \
                 and model.layers()[0][1].diagonal and model.readout_decay == 0.0:
             verify_diagonal(model.layers()[0][1], "rtrl()")
-            return _traces.init(model, batch_size, h0, None)
-        if generic or not is_rnn(model):
-            if is_rnn(model):
-                from ..cells.elman import ElmanState
+            return _traces.init(model, batch_size, h0, None, ("local",))
+        return _net.init(model, batch_size, h0, generic)
 
-                h0 = None if h0 is None else (ElmanState(h0),)
-            return _net.init(model, batch_size, h0, generic)
-        p = model.W_rec
-        H, D = model.hidden_size, model.input_size
-        P = D + H + 1
-        kw = {"dtype": p.dtype, "device": p.device}
-        if h0 is None:
-            h, G, G_spare = torch.zeros(batch_size, H, **kw), None, None
-        else:
-            if tuple(h0.shape) != (batch_size, H):
-                raise ValueError(f"h0 has shape {tuple(h0.shape)} but expected ({batch_size}, {H})")
-            h = h0
-            G = torch.eye(H, **kw).expand(batch_size, H, H).contiguous()
-            G_spare = torch.empty_like(G)
-        M = torch.zeros(batch_size, H, H, P, **kw)
-        return RTRLState(h, M, torch.empty_like(M), G, G_spare)
-
-    def step(model, state: RTRLState, x_t: Tensor, target_t: Tensor | None = None, *,
+    def step(model, state, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
         if isinstance(state, _traces.NetTraceState):  # one diagonal layer, or spatial
             return _traces.step(model, "local", state, x_t, target_t, mask_t, loss, dh_t)
-        if isinstance(state, _net.NetRTRLState):
-            new, out, grads = _net.step(model, generic, state, x_t, target_t, mask_t, loss,
-                                        dh_t)
-            if is_rnn(model) and "h0" in grads:
-                grads["h0"] = grads["h0"][0].h
-            return new, out, grads
-        _check_x(model, x_t, state.h)
-        with torch.no_grad():
-            h_prev, M, M_new = state.h, state.M, state.M_spare
-            B, H, _, P = M.shape
-            D = P - H - 1
-            alpha = model.alpha
-            act = get_activation(model.activation)
-            h, a, fa = cell_step(model.W_in, model.W_rec, model.b_rec, h_prev, x_t,
-                                 activation=act, alpha=alpha)
-            s = act.deriv(a, fa) * alpha  # (B, H) alpha phi'(a_t)
-            sW = s.unsqueeze(2) * model.W_rec  # (B, H, H) alpha diag(phi'(a_t)) W_rec
-            Mv, Nv = M.view(B, H, H * P), M_new.view(B, H, H * P)
-            if alpha != 1.0:  # M_t = (1 - alpha) M_{t-1} + sW @ M_{t-1}
-                torch.baddbmm(Mv, sW, Mv, beta=1.0 - alpha, out=Nv)
-            else:
-                torch.bmm(sW, Mv, out=Nv)
-            # + alpha phi'(a_t)_k Mbar_t[k, i, j] = alpha phi'(a_t)_k delta_ki pre_t[j]
-            pre = torch.cat([x_t, h_prev, torch.ones_like(h_prev[:, :1])], dim=1)  # (B, P)
-            M_new.diagonal(dim1=1, dim2=2).add_(pre.unsqueeze(2) * s.unsqueeze(1))  # (B, P, H)
+        return _net.step(model, generic, state, x_t, target_t, mask_t, loss, dh_t)
 
-            G = None
-            if state.G is not None:
-                G = state.G_spare
-                if alpha != 1.0:
-                    torch.baddbmm(state.G, sW, state.G, beta=1.0 - alpha, out=G)
-                else:
-                    torch.bmm(sW, state.G, out=G)
-
-            z, value, dz, q = immediate_signal(model, h, target_t, mask_t, loss, dh_t)
-            gW = (q.view(1, B * H) @ M_new.view(B * H, H * P)).view(H, P)  # sum_b q^T M
-            grads: Grads = {
-                "W_in": gW[:, :D].contiguous(),
-                "W_rec": gW[:, D:D + H].contiguous(),
-                "b_rec": gW[:, D + H].contiguous(),
-            }
-            grads.update(output_grads(dz, h))
-            if G is not None:
-                grads["h0"] = torch.bmm(q.unsqueeze(1), G).squeeze(1)  # (B, H)
-        new = RTRLState(h, M_new, M, G, state.G)
-        return new, StepOutput(h, z, value), grads
-
-    def flush(model, state: RTRLState):
+    def flush(model, state):
         return state, None
+
+    def sequence(model, inputs, targets, mask, h0, loss, reward):
+        # per-unit traces (one diagonal layer) or spatial: the adjoint of their recursion
+        # (_sequence), at BPTT's cost; any other model: the step loop
+        modes = _sequence_modes(model, generic, spatial)
+        if modes is None:
+            return None  # rnngrad.gradient then runs the steps
+        return _seq.sequence(model, modes, None, inputs, targets, mask, h0, loss, reward)
 
     args = [a for a, on in (("generic=True", generic), ("layers='spatial'", spatial)) if on]
     return Algorithm(
@@ -207,13 +135,30 @@ def rtrl(*, generic: bool = False, layers: str = "exact", **removed) -> Algorith
              "constant in T; S state size, N recurrent parameters. One diagonal layer "
              "(LRU, eLSTM): O(B C N) time and memory; layers='spatial': that per diagonal "
              "layer, O(B S_l^2 N_l) per other layer",
+        # rtrl(generic=True) keeps the dense influence everywhere but in spatial mode
+        sequence=None if generic and not spatial else sequence,
     )
+
+
+def _sequence_modes(model, generic: bool, spatial: bool) -> tuple | None:
+    """The per-layer trace modes rtrl() runs ``_traces_network`` with on this model (one
+    diagonal layer, or spatial), after the same checks as init; None: the dense influence."""
+    check_network(model, "rtrl()")
+    check_real(model)
+    model.init_state(1)
+    if spatial:
+        return _spatial_init(model, 1, None, generic).modes
+    if not generic and model.num_layers == 1 \
+            and model.layers()[0][1].diagonal and model.readout_decay == 0.0:
+        verify_diagonal(model.layers()[0][1], "rtrl()")
+        return ("local",)
+    return None
 
 
 def _spatial_init(model, batch_size: int, h0, generic: bool):
     """rtrl(layers="spatial"): the trace engine with each layer exact on its own."""
     check_network(model, "rtrl(layers='spatial')")
-    if is_rnn(model) or model.num_layers < 2:
+    if model.num_layers < 2:
         raise ValueError(
             "rtrl(layers='spatial') passes the error down a stack of layers and needs at least "
             f"two; got a network of {model.num_layers} layer "

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _sequence as _seq
 from . import _traces_network as _net
 from ._network import check_network, is_rnn
 from ._online import (
@@ -73,7 +74,7 @@ def snap1() -> Algorithm:
         if not is_rnn(model):
             check_network(model, "snap1()")
             _net.check_owned(model, "snap1()")
-            return _net.init(model, batch_size, h0, None)
+            return _net.init(model, batch_size, h0, None, ("local",) * model.num_layers)
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}
@@ -111,6 +112,14 @@ def snap1() -> Algorithm:
     def flush(model, state: SnapState):
         return state, None
 
+    def sequence(model, inputs, targets, mask, h0, loss, reward):
+        # the adjoint of the traces' recursion (_sequence): the same sum, at BPTT's cost
+        if not is_rnn(model):
+            check_network(model, "snap1()")
+            _net.check_owned(model, "snap1()")
+        return _seq.sequence(model, ("local",) * model.num_layers, None, inputs, targets, mask,
+                             h0, loss, reward)
+
     return Algorithm(
         name="snap1()",
         init=init,
@@ -118,5 +127,7 @@ def snap1() -> Algorithm:
         flush=flush,
         exact=False,
         online=True,
-        cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1))",
+        cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1)); per sequence "
+             "(rnngrad.gradient): BPTT's shape, no trace formed",
+        sequence=sequence,
     )

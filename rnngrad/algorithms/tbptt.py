@@ -1,9 +1,9 @@
-"""Truncated backpropagation through time, streaming (Williams & Peng 1990; seeds 000, 002).
+"""Truncated backpropagation through time, streaming (Williams & Peng 1990; Werbos 1990).
 
 The sequence is cut into chunks ``C_1 = [1..k], C_2 = [k+1..2k], ...``. The hidden
 state is carried across chunks (the forward pass is the true one) but is a constant
-for the gradient at each boundary, so each chunk runs BPTT (``bptt.backward``) on
-its own, from ``u_{end+1} = 0``::
+for the gradient at each boundary, so each chunk runs BPTT (each cell's
+``backward_sequence``; for Elman, below) on its own, from ``u_{end+1} = 0``::
 
     hbar_t  = W_out^T dl/dz_t (+ dh_t)
     delta_t = hbar_t + W_rec^T u_{t+1} + (1 - alpha) delta_{t+1}    for t in the chunk
@@ -25,22 +25,19 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
-from ..cells.elman import unroll
-from ..readouts import loss_and_grad, reward_grad
 from . import _bptt_network as _net
-from ._network import is_rnn
-from .base import Algorithm, Grads, add_grads, output_grads
-from .bptt import BPTTState, backward, bptt
+from ._bptt_network import NetBPTTState
+from .base import Algorithm
+from .bptt import bptt
 
 __all__ = ["tbptt", "TBPTTState"]
 
 
 class TBPTTState(NamedTuple):
-    h: Tensor  # (B, H) h_t (for a Network: its state, one per layer)
-    chunk: BPTTState  # the pending chunk (fewer than k steps), as BPTT stores it
+    h: tuple  # the network's state s_t, one state per layer (RNN: its (B, H) h_t)
+    chunk: NetBPTTState  # the pending chunk (fewer than k steps), as BPTT stores it
 
 
 def tbptt(k: int) -> Algorithm:
@@ -74,44 +71,7 @@ def tbptt(k: int) -> Algorithm:
         return TBPTTState(chunk.h, chunk), grads
 
     def sequence(model, inputs, targets, mask, h0, loss, reward):
-        if not is_rnn(model):
-            return _net.truncated_sequence(model, k, inputs, targets, mask, h0, loss, reward)
-        T, B, _ = inputs.shape
-        H, K = model.hidden_size, model.output_size
-        with torch.no_grad():
-            value = inputs.new_zeros(())
-            dh = None
-            if reward is not None:  # R needs the whole trajectory: dR/dh_t for every t
-                hs_all, _ = unroll(model, inputs, h0, need_deriv=False)
-                R, dR = reward_grad(reward, hs_all)
-                value = value - R
-                dh = -dR
-            total: Grads | None = None
-            h = h0
-            for s in range(0, T, k):
-                e = min(s + k, T)
-                x = inputs[s:e]
-                n = e - s
-                hs, dphi = unroll(model, x, h)
-                h2 = hs.view(n * B, H)
-                if targets is not None:
-                    z = torch.addmm(model.b_out, h2, model.W_out.T).view(n, B, K)
-                    v, dz = loss_and_grad(z, targets[s:e], mask[s:e] / B, loss=loss,
-                                          readout_name=model.readout)
-                    value = value + v
-                else:
-                    dz = hs.new_zeros(n, B, K)
-                dz2 = dz.view(n * B, K)
-                hbar = (dz2 @ model.W_out).view(n, B, H)
-                if dh is not None:
-                    hbar = hbar + dh[s:e]
-                grads, _, dh0 = backward(model, x, h, hs, dphi, hbar)
-                grads.update(output_grads(dz2, h2))
-                if s == 0:
-                    grads["h0"] = dh0
-                total = add_grads(total, grads)
-                h = hs[-1].clone()  # a view would keep the chunk alive
-        return value, total
+        return _net.truncated_sequence(model, k, inputs, targets, mask, h0, loss, reward)
 
     return Algorithm(
         name=f"tbptt(k={k})",

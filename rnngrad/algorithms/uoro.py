@@ -22,10 +22,22 @@ on the current nu (``||Mbar^T nu|| = ||alpha phi'|| ||pre||`` for signs), so the
 it unbiased. The noise is independent across the batch; ``W_out`` and ``b_out`` get
 their exact gradient.
 
-On ``rnngrad.RNN`` theta~ is updated in place (the scaling by 1/rho0, then the outer
+On one Elman layer (``rnngrad.RNN``, ``Network(Elman(...))``, a cell-type check) the
+online step is fused: theta~ is updated in place (the scaling by 1/rho0, then the outer
 product by ``baddbmm_``), its norm for the next step's rho0 is taken right after (and
 kept in the state, so theta~ is not read for it again), and the gradient is one GEMV
-over the batch; above 8 MiB block by block of rows, each while in cache.
+over the batch; above 8 MiB block by block of rows, each while in cache. The signs are
+drawn a block of 32 steps per generator call (``_signs``) into a buffer of the state.
+
+Over a whole sequence with fixed weights (``rnngrad.gradient``, the ``sequence`` slot)
+theta~ is never formed (``_uoro_sequence``): it stays a weighted sum of the steps'
+rank-one terms, its norm comes from per-example Gram matrices over time and the gradient
+is one GEMM per parameter over the stacked (T B) rows, as in BPTT; the sequential part is
+``J_t h~`` (one GEMM a step on Elman) and O(B T) scalars a step. It applies to one layer
+whose cell declares a factored immediate term (every built-in cell but ALIF/LIF, whose
+recurrent input is masked per unit) and a plain readout, and draws the same signs as the
+online steps, so the two give the same gradient to round-off; other networks run the
+online steps.
 
 Approximate (unbiased, high variance). Online. Cost per step: time O(B H (H + D + K)),
 memory O(B H (H + D + 1)) (theta~ per example), constant in T.
@@ -39,8 +51,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _signs
 from . import _uoro_network as _net
-from ._network import check_network, is_rnn
+from . import _uoro_sequence as _seq
+from ._network import check_network
 from ._online import (
     Work,
     check_seed,
@@ -48,11 +62,11 @@ from ._online import (
     forward,
     generator_for,
     learning_signal,
-    random_signs,
     row_blocks,
     workspace,
 )
 from .base import Algorithm, StepOutput
+from .kf_rtrl import ElmanView
 
 __all__ = ["uoro", "UOROState"]
 
@@ -63,6 +77,8 @@ class UOROState(NamedTuple):
     theta_tilde: Tensor  # (B, H, P) theta~_t, over [W_rec | W_in | b_rec]
     work: Work | None = None  # buffers reused by every step
     theta_norm: Tensor | None = None  # (B,) ||theta~_t|| per example, for the next step's rho0
+    signs: Tensor | None = None  # (BLOCK, B, H) a block of signs nu, drawn in one call
+    sign_pos: int = _signs.BLOCK  # the next step's row of ``signs`` (BLOCK: draw a new block)
 
 
 def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
@@ -89,27 +105,31 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
         if h0 is not None:
             raise ValueError("uoro() does not estimate the gradient w.r.t. the initial state h0; "
                              "call init without h0 (the state then starts at zero)")
-        if not is_rnn(model):
-            check_network(model, "uoro()")
+        check_network(model, "uoro()")
+        if not _is_elman(model):
             return _net.init(model, batch_size)
+        model = ElmanView(model)
         p = model.W_rec
         H, D = model.hidden_size, model.input_size
         kw = {"dtype": p.dtype, "device": p.device}
         return UOROState(torch.zeros(batch_size, H, **kw), torch.zeros(batch_size, H, **kw),
                          torch.zeros(batch_size, H, H + D + 1, **kw), workspace(model, batch_size),
-                         torch.zeros(batch_size, **kw))
+                         torch.zeros(batch_size, **kw),
+                         torch.empty(_signs.BLOCK, batch_size, H, **kw))
 
     def step(model, state: UOROState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
-        if not is_rnn(model):
+        if not _is_elman(model):
             gen = generator_for(gens, model.W_out.device, seed)
             return _net.step(model, gen, eps, state, x_t, target_t, mask_t, loss, dh_t)
+        model = ElmanView(model)
         alpha = model.alpha
         with torch.no_grad():
             f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
             d = f.dphi if alpha == 1.0 else f.dphi * alpha  # alpha phi'(a_t)
             B, H = f.h.shape
-            nu = random_signs((B, H), generator_for(gens, f.h.device, seed), f.h)
+            signs, pos, nu = _signs.take(generator_for(gens, f.h.device, seed), state.signs,
+                                         state.sign_pos, f.h)
             h_t, th = state.h_tilde, state.theta_tilde
             Jh = d * (h_t @ model.W_rec.T)  # J_t h~ = (1 - alpha) h~ + alpha phi' W_rec h~
             if alpha != 1.0:
@@ -144,19 +164,53 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
                         torch.mm(s, X.reshape(B, -1), out=G[rows].view(1, -1))
                 norm_th = torch.linalg.vector_norm(torch.stack(norms, 1), dim=1)
             grads = emit(model, f, G)
-        new = state._replace(h=f.h, h_tilde=h_new, theta_tilde=th, theta_norm=norm_th)
+            if grads is not None:
+                grads = {model.names.get(k, k): v for k, v in grads.items()}
+        new = state._replace(h=f.h, h_tilde=h_new, theta_tilde=th, theta_norm=norm_th,
+                             signs=signs, sign_pos=pos)
         return new, StepOutput(f.h, f.z, f.loss), grads
 
     def flush(model, state: UOROState):
         return state, None
 
-    return Algorithm(
+    def sequence(model, inputs, targets, mask, h0, loss, reward):
+        from ..gradient import _step_loop
+
+        zero = all(not bool((c != 0).any()) for c in _leaves(h0))
+        if not zero:
+            raise ValueError("uoro() does not estimate the gradient w.r.t. the initial state "
+                             "h0; start from the zero state")
+        gen = generator_for(gens, model.W_out.device, seed)
+        out = _seq.sequence(model, gen, eps, inputs, targets, mask, h0, loss, reward)
+        if out is None:  # a stack, a leaky readout or a dense immediate: the online steps
+            return _step_loop(algo, model, inputs, targets, mask, h0, loss, reward, False)
+        return out
+
+    algo = Algorithm(
         name=f"uoro(seed={seed})",
         init=init,
         step=step,
         flush=flush,
         exact=False,
         online=True,
-        cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1))",
+        cost="time O(B H (H + D + K)) per step; memory O(B H (H + D + 1)); over a sequence "
+             "(one layer): BPTT's GEMMs plus O(B min(T, 256) (H + D)) a step for its Gram matrices",
+        sequence=sequence,
         rng=gens,
     )
+    return algo
+
+
+def _is_elman(model) -> bool:
+    """One Elman layer and a plain readout: the fused Elman step (``rnngrad.RNN`` is one)."""
+    from ..cells.elman import Elman
+
+    layers = model.layers()
+    return (len(layers) == 1 and isinstance(layers[0][1], Elman)
+            and not getattr(model, "readout_decay", 0.0))
+
+
+def _leaves(x):
+    if isinstance(x, Tensor):
+        return [x]
+    return [t for v in x for t in _leaves(v)]

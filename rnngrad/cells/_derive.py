@@ -447,3 +447,363 @@ def _mismatch(plain: Tensor, scaled: Tensor, r: Tensor, floor: float) -> int | N
     if float(diff.max()) <= _tol(plain) * scale:
         return None
     return int(diff.argmax())
+
+
+# ---- a user's cell, checked when a network is built and when it is first used ----------
+
+def _slots(cell, target) -> list[tuple[Any, str]]:
+    """(module, key) of every slot of ``cell`` holding the Parameter object ``target``."""
+    return [(m, k) for m in cell.modules() for k, v in m._parameters.items() if v is target]
+
+
+class _Swapped:
+    """Within the block, the module's own parameter ``target`` (every slot of it) reads as
+    ``value``; restored on exit. The caller's tensors are never written."""
+
+    def __init__(self, cell, target, value) -> None:
+        self.slots = _slots(cell, target)
+        self.target, self.value = target, torch.nn.Parameter(value)
+
+    def __enter__(self):
+        for m, k in self.slots:
+            m._parameters[k] = self.value
+        return self.value
+
+    def __exit__(self, *exc) -> None:
+        for m, k in self.slots:
+            m._parameters[k] = self.target
+
+
+def _emit_name(cell) -> str:
+    return "emit" if cell.emits else "output"
+
+
+def _run_step_emit(cell, params, state, x):
+    new = cell.step(params, state, x)
+    return flatten_state(new), cell.emit(params, new, x), new
+
+
+def _depends(out: Tensor, base: Tensor | None, q: Tensor) -> bool:
+    """``out`` moved when ``q`` replaced a parameter (value), or is in q's graph."""
+    if base is not None and not torch.equal(out, base):
+        return True
+    if not out.requires_grad:
+        return False
+    (g,) = torch.autograd.grad(out, q, torch.ones_like(out), allow_unused=True)
+    return g is not None
+
+
+def verify_reads(cell, label: str) -> None:
+    """Refuse a cell whose ``step`` or ``output``/``emit`` reads a parameter through ``self``
+    instead of ``params`` (the algorithms pass detached tensors in ``params``: a parameter
+    read through self would get a zero gradient from every one of them), and a parameter
+    that neither reads through ``params`` (its gradient would be zero too).
+
+    Probe: one step on a batch of 2 with ``params`` fresh copies that require grad; then,
+    parameter by parameter, the same step with the module's own parameter swapped for a
+    random tensor that requires grad: an output that moves, or depends on it in autograd's
+    graph, reads it through self. The module's tensors are never written."""
+    named = dict(cell.named_parameters())
+    if not named:
+        return
+    like = next(iter(named.values()))
+    g = torch.Generator().manual_seed(5)
+
+    def rand(shape) -> Tensor:
+        return torch.randn(shape, generator=g, dtype=like.dtype).to(like.device)
+
+    with torch.no_grad():
+        state0 = cell.init_state(2)
+    x = rand((2, cell.input_size))
+    emit = _emit_name(cell)
+    with torch.enable_grad():
+        params = {n: p.detach().clone().requires_grad_(True) for n, p in named.items()}
+        state = type(state0)(*(s + 0.1 * rand(s.shape) for s in state0))
+        try:
+            base_s, base_h, new = _run_step_emit(cell, params, state, x)
+            if not (bool(torch.isfinite(base_s).all()) and bool(torch.isfinite(base_h).all())):
+                raise ValueError
+        except Exception:  # a cell that needs its own initial state: probe from there
+            state = state0
+            base_s, base_h, new = _run_step_emit(cell, params, state, x)
+        again_s, again_h, _ = _run_step_emit(cell, params, state, x)
+        steady = torch.equal(again_s, base_s) and torch.equal(again_h, base_h)
+        for n, p in named.items():
+            for method in ("step", emit):
+                with _Swapped(cell, p, rand(p.shape)) as q:
+                    try:
+                        if method == "step":
+                            out, ref = flatten_state(cell.step(params, state, x)), base_s
+                        else:
+                            out, ref = cell.emit(params, new, x), base_h
+                        read = _depends(out, ref if steady else None, q)
+                    except Exception:  # only the module's own parameter changed: it is read
+                        read = True
+                if read:
+                    raise ValueError(_self_read_message(cell, label, method, n))
+        outs = [t for t in (base_s, base_h) if t.requires_grad]
+        used = torch.autograd.grad(outs, list(params.values()), [torch.ones_like(t) for t in outs],
+                                   allow_unused=True) if outs else [None] * len(params)
+    for n, d in zip(params, used):
+        if d is None:
+            raise ValueError(
+                f"{label}: parameter {n!r} of {type(cell).__name__} is not read through params "
+                f"by step or {emit}, so every algorithm would give it a zero gradient (they "
+                f"differentiate step and {emit}, never init_state). Read it as params[{n!r}] "
+                "there; a learned initial state is given as h0= to rnngrad.gradient instead, "
+                "and a constant is a buffer (self.register_buffer)")
+
+
+def _self_read_message(cell, label: str, method: str, name: str) -> str:
+    mod, _, leaf = name.rpartition(".")
+    fix = f"write params[{name!r}] instead of self.{name}"
+    holder = cell.get_submodule(mod) if mod else None
+    if isinstance(holder, torch.nn.ParameterList):
+        fix = f"write params[{name!r}] instead of self.{mod}[{leaf}]"
+    elif isinstance(holder, torch.nn.ParameterDict):
+        fix = f"write params[{name!r}] instead of self.{mod}[{leaf!r}]"
+    elif mod:
+        keys = ", ".join(f"{k!r}: params[{mod + '.' + k!r}]"
+                         for k, _ in cell.get_submodule(mod).named_parameters())
+        fix = (f"call torch.func.functional_call(self.{mod}, {{{keys}}}, (x,)) instead of "
+               f"self.{mod}(x) (or use params[{name!r}] directly)")
+    where = ""
+    if method == "output":
+        where = (" (output(state) has no params: a cell whose output uses parameters writes "
+                 "emit(params, state, x) instead)")
+    return (f"{label}: {type(cell).__name__}.{method} reads parameter {name!r} through self "
+            f"instead of through params, so every algorithm would give it a zero gradient "
+            f"(they pass the parameters in the params dict): {fix}{where}")
+
+
+def verify_pure(cell, label: str) -> None:
+    """Refuse a ``step`` or ``emit`` that changes its arguments, the module's parameters or
+    its buffers in place: the algorithms keep and reuse the states they pass in and replay
+    steps under torch.func, so a step must return new tensors. Checked by the tensors'
+    version counters over one step on a batch of 2 (nothing is compared by value)."""
+    with torch.no_grad():
+        state = cell.init_state(2)
+        like = state[0]
+        x = torch.zeros(2, cell.input_size, dtype=like.dtype, device=like.device)
+        params = {n: p.detach().clone() for n, p in cell.named_parameters()}
+        fields = getattr(type(state), "_fields", None) or [str(i) for i in range(len(state))]
+        watched = [(f"its argument state.{f}", s) for f, s in zip(fields, state)]
+        watched += [("its argument x", x)]
+        watched += [(f"params[{n!r}]", p) for n, p in params.items()]
+        watched += [(f"the module's parameter {n!r}", p) for n, p in cell.named_parameters()]
+        watched += [(f"its buffer {n!r}", b) for n, b in cell.named_buffers()]
+        before = [t._version for _, t in watched]
+        new = cell.step(params, state, x)
+        after_step = [t._version for _, t in watched]
+        cell.emit(params, new, x)
+        after = [t._version for _, t in watched]
+    for i, (what, _) in enumerate(watched):
+        if after[i] != before[i]:
+            method = "step" if after_step[i] != before[i] else _emit_name(cell)
+            keep = (" and keep what changes over time in the state NamedTuple step returns"
+                    if "buffer" in what or "module" in what else "")
+            raise ValueError(
+                f"{label}: {type(cell).__name__}.{method} changes {what} in place (+=, .mul_(), "
+                ".copy_(), x[i] = ...): the algorithms keep and reuse the tensors they pass in "
+                "and replay steps under torch.func, so a step must return new tensors: write it "
+                f"out of place (h = h * 0.5, torch.where){keep}")
+
+
+# ---- a user's declared structure, checked against torch.func once ----------------------
+
+_decl_verified: Any = None
+
+
+def _rel(a: Tensor | None, b: Tensor | None) -> float:
+    if a is None or b is None:
+        return 0.0 if a is b else float("inf")
+    if a.shape != b.shape:
+        return float("inf")
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return float((a - b).abs().max()) / max(scale, 1e-30) if a.numel() else 0.0
+
+
+def _declared(cell) -> list[str]:
+    """What a cell declares by hand of the structure ``verify_declarations`` can check."""
+    out = [f for f in ("local", "immediate", "jacobian", "input_jacobian") if declares(cell, f)]
+    if cell.hand_derived_bptt or _overrides(cell, "forward_sequence"):
+        out.append("sequence")
+    out += [m for m in ("emit_vjp", "emit_jacobians") if _overrides(cell, m)]
+    return out
+
+
+def verify_declarations(cell, who: str) -> None:
+    """Check, once per cell, what a user's cell declares by hand (``linearize`` or the single
+    Jacobian methods, ``forward_sequence``/``backward_sequence``, ``emit_vjp``,
+    ``emit_jacobians``) against the torch.func derivation of its ``step`` and ``emit``, on
+    a random batch (B = 2, T = 3) at the cell's own parameters. ``eligibility`` is not
+    checked (e-prop's may differ from the Jacobian by design; Bellec et al. 2020). A part
+    torch.func cannot derive (a step it cannot transform) is left unchecked. Raises a
+    clear error naming the declaration and its relative error."""
+    global _decl_verified
+    import weakref
+
+    if _decl_verified is None:
+        _decl_verified = weakref.WeakKeyDictionary()
+    if _decl_verified.get(cell):
+        return
+    fields = _declared(cell)
+    if fields:
+        _check_declared(cell, who, fields)
+    _decl_verified[cell] = True
+
+
+def _check_declared(cell, who: str, fields: list[str]) -> None:
+    name_c = type(cell).__name__
+    named = {n: p.detach() for n, p in cell.named_parameters()}
+    like = next(iter(named.values()))
+    tol = 1e-6 if like.dtype == torch.float64 else 2e-3
+    g = torch.Generator().manual_seed(6)
+
+    def rand(shape, scale=0.5) -> Tensor:
+        return torch.randn(shape, generator=g, dtype=like.dtype).to(like.device) * scale
+
+    with torch.no_grad():
+        s0 = cell.init_state(2)
+    state = type(s0)(*(s + rand(s.shape) for s in s0))
+    x = rand((2, cell.input_size), 1.0)
+
+    def fail(what: str, err: float) -> None:
+        raise ValueError(
+            f"{who}: {name_c}'s own {what} disagrees with the torch.func derivation from its "
+            f"step on a random batch (relative error {err:.2g}, tolerance {tol:g}): "
+            "the gradients of the algorithms that use it would be wrong. Fix the declaration or "
+            "remove it (torch.func then derives it); `rnngrad check --cell module:Class` "
+            "compares every exact algorithm with autograd. Network(..., verify=False) skips "
+            "this check")
+
+    lin_fields = [f for f in fields if f in ("local", "immediate", "jacobian", "input_jacobian")]
+    # each field asked alone: a declaration that raises is left to the algorithm that asks
+    # for it (it raises there the same way); only what the cell returns is compared
+    lins = {}
+    for f in lin_fields:
+        try:
+            lin = cell.linearize(named, state, x, need=(f,))
+        except Exception:
+            continue
+        if getattr(lin, f) is not None:
+            lins[f] = lin
+    if lins:
+        ref_state = cell.step(named, state, x)
+        names = getattr(type(ref_state), "_fields", None) or range(len(ref_state))
+        for f, a, b in zip(names, next(iter(lins.values())).state, ref_state):
+            err = _rel(a, b)
+            if err > tol:
+                fail(f"linearize (its new state.{f} is not step's)", err)
+        try:
+            J, Jx = vmap(jacrev(cell._single(named, state), argnums=(1, 2)),
+                         in_dims=(None, 0, 0))(named, flatten_state(state), x)
+        except Exception:  # torch.func cannot derive this step: nothing to compare with
+            lins = {}
+        for f, lin in lins.items():
+            got = getattr(lin, f)
+            if f == "jacobian":
+                err, what = _rel(got, J), "jacobian (d s_t / d s_t-1)"
+            elif f == "input_jacobian":
+                err, what = _rel(got, Jx), "input_jacobian (d s_t / d x_t)"
+            else:
+                try:
+                    C, U = check_units(cell, state)
+                except ValueError:  # no per-unit structure: the rules that need it say so
+                    continue
+                if f == "local":
+                    err, what = _rel(got, unit_blocks(J, C, U)), "local_jacobian"
+                else:
+                    err, what = _immediate_error(cell, got, named, state, x, rand)
+            if err > tol:
+                fail(what, err)
+    if "sequence" in fields:
+        _check_sequence(cell, named, rand, fail, tol)
+    if "emit_vjp" in fields or "emit_jacobians" in fields:
+        new = cell.step(named, state, x)
+        if "emit_vjp" in fields:
+            gh = rand((2, cell.hidden_size), 1.0)
+            try:
+                got = cell.emit_vjp(named, new, x, gh)
+                ref = emit_vjp(cell, named, new, x, gh)
+            except Exception:  # left to the algorithm that asks for it
+                ref = None
+            if ref is not None:
+                err = max(_rel(got[1], ref[1]), _rel(got[2], ref[2]),
+                          max((_rel(got[0].get(k, torch.zeros_like(v)), v)
+                               for k, v in ref[0].items()), default=0.0))
+                if err > tol:
+                    fail("emit_vjp", err)
+        if "emit_jacobians" in fields:
+            try:
+                got = cell.emit_jacobians(named, new, x)
+                ref = emit_jacobians(cell, named, new, x)
+            except Exception:  # left to the algorithm that asks for it
+                ref = None
+            if ref is not None:
+                err = max(_rel(a, b) for a, b in zip(got, ref))
+                if err > tol:
+                    fail("emit_jacobians", err)
+
+
+def _immediate_error(cell, got: dict, params, state, x, rand) -> tuple[float, str]:
+    """The declared immediate term against a jvp of ``step`` along a random tangent of each
+    owned parameter: ``sum_{g, j} D[b, c, g, i, j] V[g, i, j]`` must be the whole
+    ``d state_t`` (so a row that moves another unit shows too). One jvp per parameter,
+    not the (B, S, |p|) Jacobian, so it costs little at any size."""
+    C, U = check_units(cell, state)
+    B = flatten_state(state).shape[0]
+    worst, where = 0.0, "immediate"
+    for name, G in cell.param_blocks().items():
+        if G is None:
+            continue
+        imm = got.get(name)
+        if imm is None:
+            return float("inf"), f"immediate without parameter {name!r}"
+        p = params[name]
+        V = rand(p.shape, 1.0)
+        try:
+            ref = _step_jvp(cell, params, state, x, name, V.unsqueeze(0))[0].view(B, C, U)
+        except Exception:  # torch.func cannot derive this step: nothing to compare with
+            continue
+        P = p.numel() // (G * U)
+        mine = torch.einsum("bcgup,gup->bcu", imm.dense(), V.reshape(G, U, P))
+        err = _rel(mine, ref)
+        if err > worst:
+            worst, where = err, f"immediate for parameter {name!r}"
+    return worst, where
+
+
+def _check_sequence(cell, named, rand, fail, tol) -> None:
+    """The cell's own forward_sequence / backward_sequence against a vjp per step."""
+    T, B = 3, 2
+    with torch.no_grad():
+        s0 = cell.init_state(B)
+    s0 = type(s0)(*(s + rand(s.shape) for s in s0))
+    inputs = rand((T, B, cell.input_size), 1.0)
+    d_out = rand((T, B, cell.hidden_size), 1.0)
+    d_state = type(s0)(*(rand(s.shape, 1.0) for s in s0))
+    try:
+        out, sT, cache = cell.forward_sequence(named, inputs, s0, cache=True)
+        grads, d_in, ds0 = cell.backward_sequence(named, inputs, s0, cache, d_out, d_state,
+                                                  input_grad=True)
+    except Exception:  # left to bptt, which raises the same way
+        return
+    try:
+        r_out, r_sT, r_cache = forward_sequence(cell, named, inputs, s0, True)
+        r_grads, r_in, r_ds0 = backward_sequence(cell, named, inputs, s0, r_cache, d_out,
+                                                 d_state, True)
+    except Exception:  # torch.func cannot derive this step: nothing to compare with
+        return
+    checks = [("forward_sequence (its outputs)", _rel(out, r_out)),
+              ("forward_sequence (its final state)",
+               _rel(flatten_state(sT), flatten_state(r_sT))),
+              ("backward_sequence (dL/d inputs)", _rel(d_in, r_in)),
+              ("backward_sequence (dL/d state_0)",
+               _rel(flatten_state(ds0), flatten_state(r_ds0)))]
+    for k, v in r_grads.items():
+        checks.append((f"backward_sequence (the gradient of {k!r})",
+                       _rel(grads[k], v) if k in grads else float("inf")))
+    for what, err in checks:
+        if err > tol:
+            fail(what, err)

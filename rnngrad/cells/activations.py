@@ -2,7 +2,7 @@
 
 Every activation carries its derivative written in terms of ``(a, phi(a))`` so that
 the backward passes reuse the forward values (``tanh' = 1 - h^2``), and its inverse
-where one exists (seed 000's input as a function of output, ``b = f^-1(x) - W x``).
+where one exists (the input as a function of the output, ``b = f^-1(x) - W x``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ Structure a cell may declare (each optional; the defaults here derive it with
 - **eligibility_jacobian** (B, U, C, C): what e-prop carries its traces through
   (Bellec et al. 2020: the unit's recurrent output held fixed, so only its internal
   state dynamics remain). Default: ``local_jacobian``.
-- **immediate**: ``d state_t / d params`` for the rows each unit owns (seed 000's
+- **immediate**: ``d state_t / d params`` for the rows each unit owns (the
   sensitivity lemma, generalised), factored where it can be (``Immediate``).
 - **jacobian** (B, S, S) and **input_jacobian** (B, S, D): the dense Jacobians of the
   flattened state ``s = [state_0 | state_1 | ...]`` (S = sum of the widths) RTRL needs.
@@ -51,10 +51,19 @@ Structure a cell may declare (each optional; the defaults here derive it with
 
 Algorithms call ``linearize``, which returns the next state together with whatever
 they ask for; built-in cells override it to get everything from one pass.
+
+What a user's cell declares is trusted by the algorithms: ``rnngrad check --cell
+module:Class`` compares every exact algorithm with autograd through it, and a
+``Network`` compares the declarations with the torch.func derivation of ``step`` once,
+when first used (``Network(..., verify=False)`` skips that). A ``Network`` also refuses a
+user's ``step``/``output``/``emit`` that reads a parameter through ``self`` instead of
+``params`` (its gradient would be zero) or changes anything in place (docs/cells.md).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -62,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Cell", "Immediate", "Linearization", "flatten_state", "unflatten_state",
-           "state_widths", "LINEARIZE_FIELDS"]
+           "state_widths", "LINEARIZE_FIELDS", "check_factory", "check_number", "is_builtin"]
 
 Params = Mapping[str, Tensor]
 
@@ -73,16 +82,26 @@ class Immediate(NamedTuple):
     Factored (``inp`` given): the entry is ``D[b, c, g, i] * inp[b, i or 0, j]``, with
     D (B, C, G, U) and inp (B, U, P) or (B, 1, P) (the vector row ``(g, i)`` of p
     multiplies; ones for a bias). Dense (``inp`` None): D is (B, C, G, U, P) itself.
+    ``mask`` (U, P), optional with a factored term: structural zeros shared by every
+    example, multiplying ``inp`` (LIF's missing self-connections), so that ``inp`` can stay
+    one row (B, 1, P) shared by the units: the sequence forms then take one GEMM for it.
     """
 
     D: Tensor
     inp: Tensor | None = None
+    mask: Tensor | None = None
+
+    def rows(self) -> Tensor | None:
+        """``inp`` with the mask applied: (B, U or 1, P); None for a dense term."""
+        if self.inp is None or self.mask is None:
+            return self.inp
+        return self.inp * self.mask
 
     def dense(self) -> Tensor:
         """(B, C, G, U, P)."""
         if self.inp is None:
             return self.D
-        return self.D.unsqueeze(-1) * self.inp.unsqueeze(1).unsqueeze(1)
+        return self.D.unsqueeze(-1) * self.rows().unsqueeze(1).unsqueeze(1)
 
 
 class Linearization(NamedTuple):
@@ -129,6 +148,19 @@ class Cell(nn.Module):
     input_size: int
     hidden_size: int
     diagonal: bool = False  # units do not couple (see the module docstring); verified
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # A user's step / emit / output run under torch.func transforms in most algorithms:
+        # their errors there (a branch on a tensor's value under vmap, an in-place update of
+        # a captured tensor) are translated into one line saying what to change. Built-in
+        # cells are written for torch.func and keep their methods unwrapped (no extra call).
+        super().__init_subclass__(**kwargs)
+        if is_builtin(cls):
+            return
+        for method in ("step", "emit", "output"):
+            fn = cls.__dict__.get(method)
+            if inspect.isfunction(fn) and not getattr(fn, "_rnngrad_explains", False):
+                setattr(cls, method, _explaining(fn, method))
 
     # ---- the protocol -----------------------------------------------------------------
 
@@ -288,6 +320,117 @@ class Cell(nn.Module):
         """Raise unless ``state`` has this cell's fields and (B, n_c) shapes."""
         ref = self.init_state(batch_size)
         _check_state_like(state, ref, name, type(self).__name__)
+
+
+def is_builtin(cls: type) -> bool:
+    """True for rnngrad's own cell classes (not a user's subclass of one): they are verified
+    by rnngrad's test suite, so the first-use checks of a user's cell skip them."""
+    return cls.__module__.startswith("rnngrad.cells.")
+
+
+_VMAP_ALGORITHMS = ("rtrl(), snap1(), eprop() and uoro() derive the Jacobians of a cell that "
+                    "does not declare them with torch.func.vmap, one example at a time")
+
+
+def functional_error(cell: Any, method: str, e: BaseException) -> str | None:
+    """The one-line explanation of a torch.func error raised inside a user's ``method``
+    (None when ``e`` is not one of those)."""
+    msg = str(e)
+    name = f"{type(cell).__name__}.{method}"
+    if msg.startswith("vmap: It looks like you're"):
+        return (f"{name} uses a tensor's value in Python (an `if` or `while` on a tensor, "
+                f".item(), float(t), bool(t)), which torch.func.vmap cannot follow: "
+                f"{_VMAP_ALGORITHMS}, so they need a step of tensor operations only. Write the "
+                "branch with torch.where(cond, a, b) (or clamp, min, max), or declare linearize "
+                "(docs/cells.md); bptt() and tbptt(k) take only a vjp and run such a step as it "
+                "is")
+    if msg.startswith("vmap: called random operation"):
+        return (f"{name} draws random numbers (torch.randn, dropout, ...), which "
+                f"torch.func.vmap refuses: {_VMAP_ALGORITHMS}, and each draw would differ "
+                "between the example and the derivative. Draw the noise outside and pass it "
+                "in through x (or keep it in the state); bptt() and tbptt(k) take only a vjp "
+                "and run such a step as it is")
+    in_place = "mutate a captured Tensor" in msg or msg.startswith("vmap: inplace arithmetic")
+    if not in_place and "doesn't match the broadcast shape" in msg:
+        # an in-place update of a tensor made for one example, with a batched one, under vmap
+        in_place = torch._C._functorch.maybe_current_level() is not None
+    if in_place:
+        return (f"{name} updates a tensor in place (+=, .add_(), .copy_(), x[i] = ...) that "
+                "torch.func cannot follow: every algorithm runs step under torch.func.vjp or "
+                "jvp, and " + _VMAP_ALGORITHMS + ". Write it out of "
+                "place (a = a + b, torch.where) and keep what changes over time in the state "
+                "NamedTuple that step returns, not in the module")
+    return None
+
+
+def _explaining(fn, method: str):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except RuntimeError as e:
+            msg = functional_error(self, method, e)
+            if msg is None:
+                raise
+            raise TypeError(msg) from e
+
+    wrapper._rnngrad_explains = True
+    return wrapper
+
+
+# ---- what a cell's constructor checks -----------------------------------------------------
+
+
+def check_factory(dtype: Any, device: Any) -> None:
+    """The ``dtype`` and ``device`` a cell's constructor takes: None, a real floating
+    ``torch.dtype``; None or a device torch knows and can use here."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+                              or dtype.is_complex):
+        hint = ("; keep a complex parameter as its real and imaginary parts, as "
+                "rnngrad.cells.LRU does" if isinstance(dtype, torch.dtype) and dtype.is_complex
+                else "")
+        raise TypeError(f"dtype must be a real floating torch.dtype (torch.float32 or "
+                        f"torch.float64) or None, got {dtype!r}{hint}")
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
+                         f"{device!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {device!r} asked for CUDA, but torch {torch.__version__} "
+                             "sees no CUDA device here")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {device!r}: torch sees {n} CUDA device(s) here "
+                             f"(cuda:0..cuda:{n - 1})")
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (not a bool or a string) in the given range, as a float."""
+    import numbers
+
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    want = f"a finite number in {lo}, {hi}" if lo and hi else (
+        f"a finite number {'>' if low_open else '>='} {low:g}" if lo else
+        f"a finite number {'<' if high_open else '<='} {high:g}" if hi else "a finite number")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    ok = math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return v
 
 
 def _check_state_like(state, ref, name: str, owner: str) -> None:

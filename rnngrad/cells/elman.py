@@ -1,4 +1,4 @@
-"""The Elman cell, leaky or vanilla, with its hand-derived BPTT (seeds 000, 002, 004).
+"""The Elman cell, leaky or vanilla, with its hand-derived BPTT (Werbos 1990).
 
 In DESIGN.md's notation::
 
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import Activation, get_activation
-from .base import Cell, Immediate, Linearization
+from .base import Cell, Immediate, Linearization, check_factory
 
 Grads = dict[str, Tensor]
 
@@ -96,6 +96,7 @@ class Elman(Cell):
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         check_sizes(input_size=input_size, hidden_size=hidden_size)
+        check_factory(dtype, device)
         if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
                 and 0.0 < float(alpha) <= 1.0):
             raise ValueError(f"alpha must be a float in (0, 1], got {alpha!r}")
@@ -170,16 +171,91 @@ class Elman(Cell):
             out["input_jacobian"] = d.unsqueeze(2) * params["W_in"]
         return Linearization(ElmanState(h), **out)
 
-    def forward_sequence(self, params, inputs: Tensor, state0: ElmanState, *, cache: bool = False):
+    def linearize_sequence(self, params, inputs: Tensor, state0: ElmanState, *, need=()):
+        """The forward pass (one GEMM for every step's input) and ``linearize`` at every
+        step from phi'(a_t) it keeps (from h_t for tanh and sigmoid): ``(prev, new,
+        outputs, Linearization on the (T B) rows)`` (what the sequence forms of the
+        truncated rules use)."""
+        act = get_activation(self.activation)
+        alpha = self.alpha
+        per_step = alpha == 1.0 and act.deriv_from_output
+        hs, dphi = unroll(_View(params, self), inputs, state0.h, need_deriv=not per_step)
+        T, B, H = hs.shape
+        N = T * B
+        d = (act.deriv(None, hs) if per_step else dphi).reshape(N, H)
+        if alpha != 1.0:
+            d = d * alpha  # alpha phi'(a_t): dh_t/da_t
+        prev = torch.cat((state0.h.unsqueeze(0), hs[:-1]))
+        out = {}
+        if "local" in need:
+            out["local"] = (d * params["W_rec"].diagonal() + (1.0 - alpha)).view(N, H, 1, 1)
+        if "eligibility" in need:
+            out["eligibility"] = d.new_full((N, H, 1, 1), 1.0 - alpha)
+        if "immediate" in need:
+            D = d.view(N, 1, 1, H)
+            out["immediate"] = {"W_in": Immediate(D, inputs.reshape(N, 1, -1)),
+                                "W_rec": Immediate(D, prev.view(N, 1, H)),
+                                "b_rec": Immediate(D, d.new_ones(N, 1, 1))}
+        new = ElmanState(hs)
+        return ElmanState(prev), new, hs, Linearization(ElmanState(hs.view(N, H)), **out)
+
+    # ---- whole-sequence BPTT: what the Network algorithms take from this cell -----------
+    #
+    # The hand-derived pass below (``unroll``, ``backward``) is the one every exact algorithm
+    # runs on an Elman layer, ``rnngrad.RNN`` included. Beyond the protocol it declares:
+    #   uses_workspace      forward_sequence(..., workspace=) keeps its (T, B, H) buffer in a
+    #                       dict the algorithm holds between calls (no fresh pages per call)
+    #   backward_overwrites backward_sequence(..., overwrite=True) writes u_t over d_outputs
+    #   gives_sensitivities backward_sequence(..., sensitivities=True) also returns
+    #                       u_t = dL/da_t = dL/db_rec(t) as grads["u"] (T, B, H)
+    #   sequence_cache      the cache rebuilt from the states the online steps produced,
+    #                       where caches_from_states says it can
+    uses_workspace = True
+    backward_overwrites = True
+    gives_sensitivities = True
+
+    def _per_step(self) -> bool:
+        """Vanilla tanh/sigmoid: phi'(a_t) comes from h_t inside the backward loop, so the
+        forward pass keeps no (T, B, H) buffer of phi'."""
+        return self.alpha == 1.0 and get_activation(self.activation).deriv_from_output
+
+    def forward_sequence(self, params, inputs: Tensor, state0: ElmanState, *, cache: bool = False,
+                         workspace: dict | None = None):
+        """``(h_1..h_T, ElmanState(h_T), cache)``: the input projection of every step as one
+        GEMM, then one ``addmm`` per step. The cache is ``(hs, dphi)`` (dphi None for a
+        vanilla tanh/sigmoid cell). With ``workspace`` (a dict the caller keeps) and no
+        graph to build, h_1..h_T are written into a buffer kept there: valid until the next
+        call with the same workspace."""
         view = _View(params, self)
-        per_step = self.alpha == 1.0 and get_activation(self.activation).deriv_from_output
-        hs, dphi = unroll(view, inputs, state0.h, need_deriv=cache and not per_step)
+        per_step = self._per_step()
+        out = None
+        if workspace is not None and cache and per_step and not torch.is_grad_enabled():
+            T, B, _ = inputs.shape
+            out = _buffer(workspace, "h", (T, B, self.hidden_size), inputs)
+        hs, dphi = unroll(view, inputs, state0.h, need_deriv=cache and not per_step, out=out)
         return hs, ElmanState(hs[-1]), ((hs, dphi) if cache else None)
 
+    @property
+    def caches_from_states(self) -> bool:
+        """True when ``sequence_cache`` can rebuild the cache (vanilla tanh or sigmoid)."""
+        return self._per_step()
+
+    def sequence_cache(self, params, inputs: Tensor, state0: ElmanState, states: list):
+        """The cache ``forward_sequence(..., cache=True)`` would give, from the states
+        ``step`` produced over ``inputs`` (a list of T ElmanStates); None when phi' needs
+        a_t, which the states do not hold (leaky cell, relu, softplus, identity)."""
+        if not self._per_step():
+            return None
+        return torch.stack([s.h for s in states]), None
+
     def backward_sequence(self, params, inputs: Tensor, state0: ElmanState, cache, d_outputs: Tensor,
-                          d_state: ElmanState | None = None, *, input_grad: bool = True):
+                          d_state: ElmanState | None = None, *, input_grad: bool = True,
+                          overwrite: bool = False, sensitivities: bool = False):
+        """The adjoint pass of the module docstring (``backward``). ``overwrite``: u_t is
+        written over d_outputs (the caller gives it up). ``sensitivities``: grads also
+        holds "u", u_t = dL/da_t (T, B, H)."""
         hs, dphi = cache
-        hbar = d_outputs.clone()
+        hbar = d_outputs if overwrite else d_outputs.clone()
         if d_state is not None:
             hbar[-1] += d_state.h
         view = _View(params, self)
@@ -188,7 +264,18 @@ class Elman(Cell):
         if input_grad:
             T, B, H = u.shape
             d_inputs = (u.view(T * B, H) @ params["W_in"]).view(T, B, -1)
+        if sensitivities:
+            grads["u"] = u
         return grads, d_inputs, ElmanState(dh0)
+
+
+def _buffer(workspace: dict, name: str, shape: tuple, like: Tensor) -> Tensor:
+    """A buffer of ``shape`` kept in ``workspace`` between calls (one per name)."""
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        workspace[name] = buf
+    return buf
 
 
 def pre_activation(W_in: Tensor, W_rec: Tensor, b_rec: Tensor, h: Tensor, x: Tensor) -> Tensor:

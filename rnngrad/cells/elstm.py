@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import Cell, Immediate, Linearization
+from .base import Cell, Immediate, Linearization, check_factory, check_number
 from .elman import check_sizes
 from .gru import gate_sum
 
@@ -67,8 +67,9 @@ class ELSTM(Cell):
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         check_sizes(input_size=input_size, hidden_size=hidden_size)
+        check_factory(dtype, device)
         self.input_size, self.hidden_size = input_size, hidden_size
-        self.forget_bias = float(forget_bias)
+        self.forget_bias = check_number("forget_bias", forget_bias)
         kw = {"dtype": dtype, "device": device}
         H, Dn = hidden_size, input_size
         self.W = nn.Parameter(torch.empty(2 * H, Dn, **kw))

@@ -64,7 +64,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import Cell, Immediate, Linearization
+from .base import Cell, Immediate, Linearization, check_factory
 from .elman import check_sizes
 
 __all__ = ["GRU", "GRUState", "SequenceCache", "gate_parameters", "gate_sum"]
@@ -79,6 +79,7 @@ def gate_parameters(cell: nn.Module, G: int, input_size: int, hidden_size: int,
     """Create W_ih (G H, D), W_hh (G H, H), b_ih, b_hh (G H,) on ``cell`` and draw them
     U(-1/sqrt(H), 1/sqrt(H)), as ``torch.nn.GRU`` / ``LSTM`` do."""
     check_sizes(input_size=input_size, hidden_size=hidden_size)
+    check_factory(dtype, device)
     kw = {"dtype": dtype, "device": device}
     H = hidden_size
     cell.W_ih = nn.Parameter(torch.empty(G * H, input_size, **kw))
@@ -165,9 +166,27 @@ class GRU(Cell):
     def linearize(self, params, state: GRUState, x: Tensor, *, need=()) -> Linearization:
         h_prev = state.h
         r, z, n, h_n, h = self._gates(params, h_prev, x)
-        out = {}
         if not need:
             return Linearization(GRUState(h))
+        return self._linearization(params, h_prev, x, r, z, n, h_n, h, need)
+
+    def linearize_sequence(self, params, inputs: Tensor, state0: GRUState, *, need=()):
+        """The forward pass over the sequence and ``linearize`` at every step, from the
+        gates the forward keeps (no second evaluation of the step): ``(prev, new, outputs,
+        Linearization on the (T B) rows)`` (what the sequence forms of the truncated rules
+        use)."""
+        G, HN, hs = self._forward(params, inputs, state0.h)
+        T, B, H = hs.shape
+        N = T * B
+        prev = torch.cat((state0.h.unsqueeze(0), hs[:-1]))
+        gates = G.view(N, 3 * H)  # post-activation r, z, n
+        r, z, n = (gates[:, k * H:(k + 1) * H] for k in range(3))
+        lin = self._linearization(params, prev.view(N, H), inputs.reshape(N, -1), r, z, n,
+                                  HN.view(N, H), hs.view(N, H), need)
+        return GRUState(prev), GRUState(hs), hs, lin
+
+    def _linearization(self, params, h_prev, x, r, z, n, h_n, h, need) -> Linearization:
+        out = {}
         B, H = h.shape
         W_hh = params["W_hh"]
         d_n = (1 - z) * (1 - n * n)                       # dh_t / d a_n
@@ -176,7 +195,7 @@ class GRU(Cell):
         Di = torch.stack((d_r, d_z, d_n), 1)              # (B, 3, H): through gi
         Dh = torch.stack((d_r, d_z, d_n * r), 1)          # (B, 3, H): through gh
         if "local" in need:
-            loc = torch.einsum("bgi,gi->bi", Dh, _diag_blocks(W_hh, 3)) + z
+            loc = (Dh * _diag_blocks(W_hh, 3)).sum(1) + z  # (an einsum copies Dh)
             out["local"] = loc.view(B, H, 1, 1)
         if "eligibility" in need:
             out["eligibility"] = z.reshape(B, H, 1, 1).clone()

@@ -17,6 +17,23 @@ bias gives ``b_out = 0``. Dropout between layers is not carried over: the networ
 equals the module in eval mode. Bidirectional modules, ``batch_first=True`` and LSTM
 projections (``proj_size > 0``) are refused with an error.
 
+``share=True`` makes the network hold the module's own ``nn.Parameter`` objects instead
+of copies: rnngrad's GRU and LSTM cells use PyTorch's layouts (``W_ih`` (G H, D) with the
+gates r, z, n or i, f, g, o; ``b_ih`` and ``b_hh`` apart), so every tensor maps one to
+one, and ``rnngrad.gradient(net, ..., set_grad=True)`` writes the module's ``.grad``,
+where ``torch.optim`` over the module's parameters finds it. The Elman cell has one
+bias ``b_rec`` where ``torch.nn.RNN`` has two: ``bias_hh`` is folded into ``bias_ih``
+(``bias_ih += bias_hh``, then ``bias_hh = 0`` with ``requires_grad=False``), the same
+function, and ``b_rec`` is ``bias_ih``. A bias the module lacks (``bias=False``) is a
+zero tensor here with ``requires_grad=False``.
+
+``to_torch(net)`` (behind ``rnngrad.Network.to_torch``) goes back: a network of Elman
+(tanh or relu, ``alpha = 1``), GRU or LSTM layers of one kind and one width, with the
+plain readout (``readout_decay = 0``), becomes ``(torch.nn.RNN | GRU | LSTM, nn.Linear)``
+with ``num_layers`` = the number of layers, copies of its weights: ``linear(rnn(x)[0])``
+is z_t (apply the readout g, ``net.readout``, on top). Anything else is refused, naming
+why. ``state_to_torch`` converts a network state to PyTorch's ``hx``.
+
 ``state_from_torch(rnn, hx)`` converts PyTorch's initial state (``h0`` (L, B, H), or
 ``(h0, c0)`` for an LSTM) into the per-layer state tuple ``net(x, h0=...)`` takes.
 """
@@ -32,7 +49,7 @@ from .elman import Elman, ElmanState
 from .gru import GRU, GRUState
 from .lstm import LSTM, LSTMState
 
-__all__ = ["from_torch", "cells_from_torch", "state_from_torch"]
+__all__ = ["from_torch", "cells_from_torch", "state_from_torch", "to_torch", "state_to_torch"]
 
 _KINDS = "torch.nn.RNN, torch.nn.GRU or torch.nn.LSTM"
 
@@ -92,9 +109,13 @@ def cells_from_torch(rnn: nn.Module) -> list[Elman | GRU | LSTM]:
     return cells
 
 
-def from_torch(cls: type, rnn: nn.Module, linear: nn.Linear, readout: str = "identity"):
+def from_torch(cls: type, rnn: nn.Module, linear: nn.Linear, readout: str = "identity",
+               share: bool = False):
     """``cls(cells_from_torch(rnn), K, readout=readout)`` with the readout copied from
-    ``linear``: the same function as ``linear(rnn(x)[0])`` followed by the readout g."""
+    ``linear``: the same function as ``linear(rnn(x)[0])`` followed by the readout g.
+    ``share=True``: the network holds the module's own parameters (module docstring)."""
+    if not isinstance(share, bool):
+        raise TypeError(f"share must be a bool, got {share!r}")
     _check_rnn(rnn)
     name = type(rnn).__name__
     if not isinstance(linear, nn.Linear):
@@ -112,7 +133,121 @@ def from_torch(cls: type, rnn: nn.Module, linear: nn.Linear, readout: str = "ide
     net = cls(cells_from_torch(rnn), linear.out_features, readout=readout)
     _copy(net.W_out, linear.weight)
     _copy(net.b_out, linear.bias)
+    if share:
+        _share(net, rnn, linear)
     return net
+
+
+def _frozen(p: nn.Parameter) -> nn.Parameter:
+    """A zero parameter the module does not have: kept at zero (requires_grad=False)."""
+    return p.requires_grad_(False)
+
+
+def _share(net, rnn: nn.Module, linear: nn.Linear) -> None:
+    """Put the module's own Parameter objects into the network's cells and readout."""
+    for layer, cell in enumerate(net.cells):
+        def get(name: str, layer: int = layer) -> nn.Parameter | None:
+            return getattr(rnn, f"{name}_l{layer}", None)
+
+        if isinstance(cell, Elman):
+            cell.W_in, cell.W_rec = get("weight_ih"), get("weight_hh")
+            b_ih, b_hh = get("bias_ih"), get("bias_hh")
+            if b_ih is None:
+                _frozen(cell.b_rec)
+                continue
+            with torch.no_grad():  # b_rec = bias_ih + bias_hh, kept in bias_ih alone
+                b_ih.add_(b_hh)
+                b_hh.zero_()
+            b_hh.requires_grad_(False)
+            cell.b_rec = b_ih
+        else:
+            cell.W_ih, cell.W_hh = get("weight_ih"), get("weight_hh")
+            for mine, theirs in (("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+                p = get(theirs)
+                if p is None:
+                    _frozen(getattr(cell, mine))
+                else:
+                    setattr(cell, mine, p)
+    net.W_out = linear.weight
+    if linear.bias is None:
+        _frozen(net.b_out)
+    else:
+        net.b_out = linear.bias
+
+
+def to_torch(net) -> tuple[nn.Module, nn.Linear]:
+    """``(torch.nn.RNN | GRU | LSTM, nn.Linear)`` computing the network's z_t, weights
+    copied (see the module docstring); a clear error for a network they cannot express."""
+    layers = [c for _, c in net.layers()]
+    names = ", ".join(type(c).__name__ for c in layers)
+    for i, c in enumerate(layers):
+        if type(c) not in (Elman, GRU, LSTM):
+            raise TypeError(f"to_torch: cells[{i}] is a {type(c).__name__}, which torch.nn has "
+                            "no module for: torch.nn.RNN, GRU and LSTM are stacks of "
+                            "rnngrad.cells.Elman (tanh or relu, alpha=1), GRU or LSTM layers")
+    kind = type(layers[0])
+    if any(type(c) is not kind for c in layers):
+        raise TypeError(f"to_torch: the network mixes cell types ({names}); a torch.nn.RNN, "
+                        "GRU or LSTM stacks layers of one type")
+    H = layers[0].hidden_size
+    for i, c in enumerate(layers):
+        if c.hidden_size != H:
+            raise ValueError(f"to_torch: cells[{i}] has hidden_size {c.hidden_size} but cells[0] "
+                             f"has {H}; torch.nn's num_layers stacks layers of one width")
+        if kind is Elman:
+            if c.activation != layers[0].activation:
+                raise ValueError(f"to_torch: cells[{i}] has activation {c.activation!r} but "
+                                 f"cells[0] has {layers[0].activation!r}; torch.nn.RNN has one "
+                                 "nonlinearity for all its layers")
+            if c.activation not in ("tanh", "relu"):
+                raise ValueError(f"to_torch: cells[{i}] is an Elman cell with activation "
+                                 f"{c.activation!r}; torch.nn.RNN has tanh and relu only")
+            if c.alpha != 1.0:
+                raise ValueError(f"to_torch: cells[{i}] is a leaky Elman cell (alpha="
+                                 f"{c.alpha:g}); torch.nn.RNN has no leak: expected alpha=1")
+    if net.readout_decay:
+        raise ValueError(f"to_torch: the network has a leaky readout (readout_decay="
+                         f"{net.readout_decay:g}); nn.Linear is the plain readout "
+                         "z = W_out h + b_out: expected readout_decay=0")
+    w = net.W_out
+    kw = {"dtype": w.dtype, "device": w.device}
+    D, L, K = layers[0].input_size, len(layers), net.output_size
+    if kind is Elman:
+        rnn = nn.RNN(D, H, num_layers=L, nonlinearity=layers[0].activation, **kw)
+    else:
+        rnn = (nn.GRU if kind is GRU else nn.LSTM)(D, H, num_layers=L, **kw)
+    for layer, c in enumerate(layers):
+        def put(name: str, value: Tensor | None, layer: int = layer) -> None:
+            _copy(getattr(rnn, f"{name}_l{layer}"), value)
+
+        if kind is Elman:
+            put("weight_ih", c.W_in)
+            put("weight_hh", c.W_rec)
+            put("bias_ih", c.b_rec)
+            put("bias_hh", None)
+        else:
+            for mine, theirs in (("W_ih", "weight_ih"), ("W_hh", "weight_hh"),
+                                 ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+                put(theirs, getattr(c, mine))
+    linear = nn.Linear(H, K, **kw)
+    _copy(linear.weight, net.W_out)
+    _copy(linear.bias, net.b_out)
+    return rnn, linear
+
+
+def state_to_torch(state: tuple) -> Tensor | tuple[Tensor, Tensor]:
+    """A network state of Elman, GRU or LSTM layers (one state per layer, each component
+    (B, H)) as PyTorch's ``hx``: ``h0`` (L, B, H), or ``(h0, c0)`` for LSTM layers."""
+    if not isinstance(state, (tuple, list)) or not state:
+        raise TypeError(f"state must be a network state (one state per layer, as "
+                        f"net.init_state(B) gives), got {type(state).__name__}")
+    kinds = {type(s) for s in state}
+    if kinds == {LSTMState}:
+        return (torch.stack([s.h for s in state]), torch.stack([s.c for s in state]))
+    if kinds <= {ElmanState, GRUState} and len(kinds) == 1:
+        return torch.stack([s.h for s in state])
+    raise TypeError(f"state must hold ElmanState, GRUState or LSTMState layers of one kind, "
+                    f"got {', '.join(sorted(k.__name__ for k in kinds))}")
 
 
 def state_from_torch(rnn: nn.Module, hx: Tensor | tuple[Tensor, Tensor]) -> tuple:

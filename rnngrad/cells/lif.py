@@ -54,7 +54,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import Cell, Immediate, Linearization
+from .base import Cell, Immediate, Linearization, check_factory
 from .elman import check_sizes
 from .surrogate import Surrogate, get_surrogate
 
@@ -114,6 +114,7 @@ class _Spiking(Cell):
                  v_th: float, t_ref: float, surrogate, gamma, dtype, device) -> None:
         super().__init__()
         check_sizes(input_size=input_size, hidden_size=hidden_size)
+        check_factory(dtype, device)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.dt = _number("dt (ms)", dt)
         self.tau_m = _time_constant("tau_m", tau_m, self.dt)
@@ -185,6 +186,20 @@ class _Spiking(Cell):
         free = self._free(state)
         return z if free is None else z * free
 
+    def output_vjp(self, state, g: Tensor) -> Tensor:
+        """``(d output / d state)^T g`` flattened (B, S), in closed form: the spike's slope
+        psi on v, ``-beta psi`` on a, nothing on the counter (what a vjp of ``output`` gives,
+        without autograd: the sequence forms call it on every step's rows at once)."""
+        psi = self.surrogate.derivative(self._u(state)) / self.v_th
+        free = self._free(state)
+        gv = g * psi if free is None else g * psi * free
+        parts = [gv]
+        if self.adaptive:
+            parts.append(gv * -self._beta())
+        if self.refractory:
+            parts.append(torch.zeros_like(gv))
+        return torch.cat(parts, 1) if len(parts) > 1 else gv
+
     def _advance(self, params, state, x: Tensor, z: Tensor):
         """The new state from the previous one and its spikes z = output(state)."""
         return self._next(state, x @ params["W_in"].T, z, (params["W_rec"] * self.offdiag).T)
@@ -216,6 +231,30 @@ class _Spiking(Cell):
             new = self._advance(params, state, x, z)
         if not need:
             return Linearization(new)
+        return self._linearization(params, state, x, z, psi, new, need)
+
+    def linearize_sequence(self, params, inputs: Tensor, state0, *, need=()):
+        """The forward pass over the sequence and ``linearize`` at every step from the
+        spikes and slopes it keeps (no second evaluation of the step): ``(prev, new,
+        outputs, Linearization on the (T B) rows)`` (what the sequence forms of the
+        truncated rules use)."""
+        kept: list = []
+        zs, _, (z_prev, psis) = self._forward(params, inputs, state0, kept)
+        full = type(state0)(*(torch.stack(c) for c in zip(*kept)))
+        prev = type(state0)(*(f[:-1] for f in full))
+        new = type(state0)(*(f[1:] for f in full))
+        T, B, U = zs.shape
+        N = T * B
+
+        def rows(s):
+            return type(s)(*(c.reshape(N, U) for c in s))
+
+        lin = self._linearization(params, rows(prev), inputs.reshape(N, -1),
+                                  z_prev.reshape(N, U), psis[:-1].reshape(N, U), rows(new),
+                                  need)
+        return prev, new, zs, lin
+
+    def _linearization(self, params, state, x, z, psi, new, need) -> Linearization:
         B, U = z.shape
         C = len(new)
         alpha, v_th = self.alpha, self.v_th
@@ -237,11 +276,12 @@ class _Spiking(Cell):
                     J[..., 1, 1] = self.rho - bpsi
                 out[field] = J
         if "immediate" in need:
-            D = psi.new_zeros(B, C, 1, U)
-            D[:, 0] = 1.0  # only v_t moves within the step
-            z_pre = z.unsqueeze(1) * self.offdiag  # (B, U, U): z_{t-1}^j for j != i
+            D = psi.new_zeros(1, C, 1, U)
+            D[:, 0] = 1.0  # only v_t moves within the step: the same for every example
+            D = D.expand(B, C, 1, U)
+            # z_{t-1}^j for j != i: one row shared by the units, the diagonal masked
             out["immediate"] = {"W_in": Immediate(D, x.unsqueeze(1)),
-                                "W_rec": Immediate(D, z_pre)}
+                                "W_rec": Immediate(D, z.unsqueeze(1), self.offdiag)}
         if "jacobian" in need:
             S = C * U
             J = psi.new_zeros(B, S, S)
@@ -283,8 +323,16 @@ class _Spiking(Cell):
         zs, sT, c = self._forward(params, inputs, state0)
         return zs, sT, (c if cache else None)
 
+    def forward_states(self, params, inputs: Tensor, state0):
+        """``(state of (T + 1, B, U) components: s_0..s_T, outputs z_1..z_T)``: the forward
+        pass below, keeping the states (what the sequence forms of the truncated rules
+        linearize at)."""
+        kept: list = []
+        zs, _, _ = self._forward(params, inputs, state0, kept)
+        return type(state0)(*(torch.stack(c) for c in zip(*kept))), zs
+
     @torch.no_grad()
-    def _forward(self, params, inputs: Tensor, state0):
+    def _forward(self, params, inputs: Tensor, state0, kept: list | None = None):
         T = inputs.shape[0]
         # the input current of every step as one GEMM
         I_in = (inputs.reshape(-1, self.input_size) @ params["W_in"].detach().T).view(
@@ -293,6 +341,8 @@ class _Spiking(Cell):
         s = type(state0)(*(c.detach() for c in state0))
         z_prev, psis, zs = [], [], []
         for t in range(T + 1):
+            if kept is not None:
+                kept.append(s)
             u = self._u(s)
             z = (u > 0).to(u.dtype)
             psi = self.surrogate.derivative(u) / self.v_th

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Cell, Immediate, Linearization
+from .base import Cell, Immediate, Linearization, check_factory, check_number
 from .elman import check_sizes
 
 __all__ = ["LRU", "LRUState", "layer_norm"]
@@ -134,11 +134,16 @@ class LRU(Cell):
         super().__init__()
         N = hidden_size if state_size is None else state_size
         check_sizes(input_size=input_size, hidden_size=hidden_size, state_size=N)
+        check_factory(dtype, device)
+        r_min = check_number("r_min", r_min, low=0.0, high=1.0)
+        r_max = check_number("r_max", r_max, low=0.0, high=1.0)
+        max_phase = check_number("max_phase", max_phase, low=0.0, low_open=True)
+        for flag, v in (("norm", norm), ("glu", glu), ("residual", residual)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{flag} must be a bool, got {v!r}")
         if not (0.0 <= r_min < r_max <= 1.0):
             raise ValueError(f"need 0 <= r_min < r_max <= 1, got r_min={r_min!r}, "
                              f"r_max={r_max!r}")
-        if not max_phase > 0:
-            raise ValueError(f"max_phase must be > 0, got {max_phase!r}")
         if residual and input_size != hidden_size:
             raise ValueError(f"residual=True adds x_t to the output and needs input_size == "
                              f"hidden_size, got {input_size} and {hidden_size}")
@@ -393,6 +398,15 @@ class LRU(Cell):
         out, ecache = self._out(params, RE.view(T * B, N), IM.view(T * B, N), u, x2)
         saved = (u, V, RE, IM, ecache) if cache else None
         return out.view(T, B, -1), LRUState(re, im), saved
+
+    def forward_states(self, params, inputs: Tensor, state0: LRUState):
+        """``(LRUState of (T + 1, B, N) components: s_0..s_T, outputs (T, B, H))``: the
+        forward pass above, keeping the states (what the sequence forms of the truncated
+        rules linearize at)."""
+        with torch.no_grad():
+            out, _, (_, _, RE, IM, _) = self.forward_sequence(params, inputs, state0, cache=True)
+        return LRUState(torch.cat((state0.re.unsqueeze(0), RE)),
+                        torch.cat((state0.im.unsqueeze(0), IM))), out
 
     def backward_sequence(self, params, inputs: Tensor, state0: LRUState, cache,
                           d_outputs: Tensor, d_state: LRUState | None = None, *,

@@ -148,19 +148,50 @@ class LSTM(Cell):
         i, f, g, o, tc, new = self._gates(params, state, x)
         if not need:
             return Linearization(new)
+        return self._linearization(params, state, x, i, f, g, o, tc, new, need)
+
+    def linearize_sequence(self, params, inputs: Tensor, state0: LSTMState, *, need=()):
+        """The forward pass over the sequence and ``linearize`` at every step, from the
+        gates the forward keeps (no second evaluation of the step): ``(prev, new, outputs,
+        Linearization)``, prev and new the states before and after each step ((T, B, H)
+        components), the linearization on the (T B) rows (what the sequence forms of the
+        truncated rules use)."""
+        A, cs, hs, _ = self._forward(params, inputs, state0)
+        T, B, H = hs.shape
+        N = T * B
+        prev = LSTMState(torch.cat((state0.h.unsqueeze(0), hs[:-1])),
+                         torch.cat((state0.c.unsqueeze(0), cs[:-1])))
+        new = LSTMState(hs, cs)
+        gates = A.view(N, 4 * H)  # post-activation, loop order i, f, o, g
+        i, f, o, g = (gates[:, k * H:(k + 1) * H] for k in range(4))
+
+        def rows(s):
+            return LSTMState(*(c.reshape(N, H) for c in s))
+
+        lin = self._linearization(params, rows(prev), inputs.reshape(N, -1), i, f, g, o,
+                                  torch.tanh(cs.view(N, H)), rows(new), need)
+        return prev, new, hs, lin
+
+    def _linearization(self, params, state, x, i, f, g, o, tc, new, need) -> Linearization:
         B, H = tc.shape
         out = {}
         k = o * (1 - tc * tc)                                             # dh_t / dc_t
-        Dc = torch.stack((g * i * (1 - i), state.c * f * (1 - f), i * (1 - g * g),
-                          torch.zeros_like(o)), 1)                        # (B, 4, H)
-        Dh = k.unsqueeze(1) * Dc
+        D = tc.new_empty(B, 2, 4, H)                                      # (B, 2, 4, H)
+        Dh, Dc = D[:, 0], D[:, 1]                                         # written in place
+        Dc[:, 0] = g * i * (1 - i)
+        Dc[:, 1] = state.c * f * (1 - f)
+        Dc[:, 2] = i * (1 - g * g)
+        Dc[:, 3] = 0.0
+        Dh[:, :3] = Dc[:, :3] * k.unsqueeze(1)
         Dh[:, 3] = tc * o * (1 - o)
-        D = torch.stack((Dh, Dc), 1)                                      # (B, 2, 4, H)
         kf = k * f
         if "local" in need or "eligibility" in need:
             zero = torch.zeros_like(f)
             if "local" in need:
-                own = torch.einsum("bcgi,gi->bci", D, _diag_blocks(params["W_hh"], 4))
+                dW = _diag_blocks(params["W_hh"], 4)                      # (4, H)
+                own = D[:, :, 0] * dW[0]
+                for gate in range(1, 4):  # no (B, 2, 4, H) temporary
+                    own.addcmul_(D[:, :, gate], dW[gate])
                 out["local"] = torch.stack((torch.stack((own[:, 0], kf), -1),
                                             torch.stack((own[:, 1], f), -1)), -2)
             if "eligibility" in need:
@@ -202,6 +233,15 @@ class LSTM(Cell):
         c = self._forward(params, inputs, state0)
         _, cs, hs, _ = c
         return hs, LSTMState(hs[-1], cs[-1]), (SequenceCache(c) if cache else None)
+
+    def forward_states(self, params, inputs: Tensor, state0: LSTMState):
+        """``(LSTMState of (T + 1, B, H) components: s_0..s_T, outputs h_1..h_T)``: the
+        forward pass above, keeping the states (what the sequence forms of the truncated
+        rules linearize at)."""
+        with torch.no_grad():
+            _, cs, hs, _ = self._forward(params, inputs, state0)
+            h0, c0 = state0
+            return LSTMState(torch.cat((h0.unsqueeze(0), hs)), torch.cat((c0.unsqueeze(0), cs))), hs
 
     @torch.no_grad()
     def _forward(self, params, inputs: Tensor, state0: LSTMState):

@@ -1,4 +1,4 @@
-"""Steady states of a recurrent network and their gradients (seed 000, Almeida-Pineda).
+"""Steady states of a recurrent network and their gradients (Almeida 1987; Pineda 1987).
 
 The network relaxes to a steady state, an implicit function of ``(W, b)``::
 

@@ -1,8 +1,8 @@
-"""Recurrent backprop: the gradient of a reward of the steady state (seed 000).
+"""Recurrent backprop: the gradient of a reward of the steady state (Almeida 1987; Pineda 1987).
 
 At the steady state ``x = f(W x + b)`` of a network, with the slopes
 ``D = diag f'(W x + b)``, the sensitivity ``u = dR/db`` of a reward ``R(x)``
-solves seed 000's adjoint equation::
+solves the adjoint equation::
 
     (D^-1 - W^T) u = dR/dx          solved here as   (I - D W^T) u = D dR/dx,
 
@@ -55,7 +55,7 @@ def check_adjoint_options(
 
 
 def _slopes(act: Activation, W: Tensor, b: Tensor, x: Tensor) -> Tensor:
-    """``D = f'(W x + b)``, (B, N), the diagonal of seed 000's slope matrix."""
+    """``D = f'(W x + b)``, (B, N), the diagonal of the slope matrix."""
     a = torch.addmm(b, x, W.T)
     return act.deriv(a, act.fn(a))
 
@@ -79,7 +79,7 @@ def recurrent_backprop(
 
         (I - D W^T) u = D dR/dx,     D = diag f'(W x + b)
 
-    (seed 000's ``(D^-1 - W^T) u = dR/dx`` multiplied by D), then::
+    (Almeida and Pineda's ``(D^-1 - W^T) u = dR/dx`` multiplied by D), then::
 
         dR/dW = sum_b u_b x_b^T,     dR/db = u.
 

@@ -1,4 +1,4 @@
-"""The steady state of a recurrent network (seed 000), found by iteration.
+"""The steady state of a recurrent network (Almeida 1987; Pineda 1987), found by iteration.
 
 The network's steady state is the fixed point::
 

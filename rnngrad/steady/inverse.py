@@ -1,4 +1,4 @@
-"""Input as a function of output (seed 000), for a steady state and for a trajectory.
+"""Input as a function of output (Almeida 1987; Pineda 1987), for a steady state and for a trajectory.
 
 Steady state. The input that makes ``x`` a steady state of ``x = f(W x + b)`` is::
 
@@ -247,7 +247,7 @@ def inverse_trajectory_jacobian(
 def trajectory_state_gradient(
     W: Tensor, x: Tensor, u: Tensor, *, activation: str | Activation = "tanh"
 ) -> Tensor:
-    """``dR/dx(t) = D^-1(t) u(t) - W^T u(t+1)``, ``u(T+1) = 0``: seed 000's chain rule.
+    """``dR/dx(t) = D^-1(t) u(t) - W^T u(t+1)``, ``u(T+1) = 0``: the chain rule of recurrent backprop.
 
     From the BPTT sensitivities ``u(t) = dR/db(t)`` to the derivatives of the
     reward held as a function of the states ``x(1..T)`` (the composition

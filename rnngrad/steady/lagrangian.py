@@ -1,4 +1,4 @@
-"""Seed 000's Lagrangian view of recurrent backprop.
+"""The Lagrangian view of recurrent backprop.
 
 The steady state ``x = f(W x + b)`` is imposed as a constraint with the
 multiplier ``u``::
@@ -37,7 +37,7 @@ def lagrangian(
     *,
     activation: str | Activation = "tanh",
 ) -> Tensor:
-    """Seed 000's Lagrangian ``L(x, u, W, b) = R(x) - u^T [f^-1(x) - W x - b]``.
+    """The Lagrangian ``L(x, u, W, b) = R(x) - u^T [f^-1(x) - W x - b]``.
 
     At the steady state and its adjoint (``dL/du = 0`` and ``dL/dx = 0``) it equals
     ``R(x)``, and its partial derivatives holding x and u fixed are the reward

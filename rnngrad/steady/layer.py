@@ -1,4 +1,4 @@
-"""The steady state as a differentiable layer (seed 000, a deep equilibrium layer).
+"""The steady state as a differentiable layer (Almeida 1987; Pineda 1987: a deep equilibrium layer).
 
 Forward: the steady state ``x = f(W x + b)`` by :func:`~rnngrad.steady.fixed_point`,
 without a graph. Backward: recurrent backprop with the incoming gradient as

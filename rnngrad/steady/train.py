@@ -1,4 +1,4 @@
-"""Training the steady-state classifier on the digits by recurrent backprop (seed 000).
+"""Training the steady-state classifier on the digits by recurrent backprop (Almeida 1987; Pineda 1987).
 
 For :class:`~rnngrad.steady.SteadyClassifier` (``b = U image + c``,
 ``x = f(W x + b)``, ``z = V x + d``) and the mean cross-entropy ``l``, the

@@ -1,4 +1,4 @@
-"""Time-varying weights: the sensitivity lemma per step (seed 000, trajectory learning).
+"""Time-varying weights: the sensitivity lemma per step (trajectory learning).
 
 If the weights and biases of ``x(t) = f(W(t) x(t-1) + b(t))`` may change from step
 to step, the gradient with respect to each step's copy is the sensitivity
@@ -7,7 +7,7 @@ to step, the gradient with respect to each step's copy is the sensitivity
     dR/dW(t) = u(t) x(t-1)^T,          dR/db(t) = u(t),
 
 and with weights constant in time the gradient is the sum over t (BPTT's
-``dR/dW = sum_t u(t) x(t-1)^T``). (Seed 000's slide writes ``x_j(t)``; the
+``dR/dW = sum_t u(t) x(t-1)^T``). (Some texts write ``x_j(t)``; the
 presynaptic activity that multiplies ``W(t)`` is ``x(t-1)``.) In rnngrad's RNN
 notation ``W = W_rec``, ``b(t) = W_in x_t + b_rec``, ``x(t) = h_t``, so also
 ``dR/dW_in(t) = u(t) x_t^T``; ``u`` is what ``rnngrad.bptt(sensitivities=True)``
