@@ -3,6 +3,7 @@
 from . import cells, check, steady, tasks
 from .algorithms import Algorithm, StepOutput, bptt, eprop, kf_rtrl, rflo, rtrl, snap1, tbptt, uoro
 from .algorithms._chunk import run
+from .algorithms.compiled import CompileWarning, compile
 from .errors import ConvergenceError, NonFiniteError
 from .gradient import gradient, write_grads
 from .model import RNN
@@ -27,4 +28,5 @@ __all__ = [
 __all__ += ["eprop", "rflo", "snap1", "uoro", "kf_rtrl"]
 __all__ += ["rtrl", "tbptt", "check"]
 __all__ += ["SteadyState", "SteadyClassifier", "steady"]
+__all__ += ["compile", "CompileWarning"]
 __all__ += ["run"]

@@ -22,7 +22,7 @@ from .algorithms.base import Algorithm, Grads, add_grads
 from .algorithms.bptt import bptt
 from .errors import NonFiniteError
 from .network import Network
-from .readouts import check_loss, reward_grad
+from .readouts import check_loss, default_loss, reward_grad
 
 __all__ = ["gradient", "write_grads"]
 
@@ -33,7 +33,7 @@ def gradient(
     targets: Tensor | None = None,
     *,
     algorithm: Algorithm | None = None,
-    loss: str = "mse",
+    loss: str | None = None,
     mask: Tensor | None = None,
     h0: Tensor | None = None,
     reward: Callable[[Tensor], Tensor] | None = None,
@@ -47,7 +47,8 @@ def gradient(
         targets: (T, B, K) float for "mse" and "bce", (T, B) class indices for
             "cross_entropy"; None for no supervised loss (then a reward is required).
         algorithm: ``rnngrad.bptt()`` (default), ``rnngrad.rtrl()``, ``rnngrad.tbptt(k)``, ...
-        loss: "mse" | "cross_entropy" | "bce".
+        loss: "mse" | "cross_entropy" | "bce"; None (default): the readout's own, softmax ->
+            "cross_entropy", sigmoid -> "bce", identity -> "mse".
         mask: (T, B) or (T,) weights of the steps; None: every step counts.
             Many-to-one is a mask with only the last step set.
         h0: the initial state (zeros if None): one state per layer, as
@@ -76,6 +77,8 @@ def gradient(
     if not isinstance(set_grad, bool):
         raise TypeError(f"set_grad must be a bool, got {set_grad!r}")
     T, B = check_inputs(model, inputs)
+    if loss is None:
+        loss = default_loss(model.readout)
     check_loss(loss, model.readout)
     if targets is None and reward is None:
         raise ValueError("nothing to differentiate: give targets, a reward, or both")

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["READOUTS", "LOSSES", "check_readout", "check_loss", "readout", "loss_and_grad",
-           "reward_grad"]
+__all__ = ["READOUTS", "LOSSES", "DEFAULT_LOSS", "check_readout", "check_loss", "default_loss",
+           "readout", "loss_and_grad", "reward_grad"]
 
 READOUTS = ("identity", "softmax", "sigmoid")
 LOSSES = ("mse", "cross_entropy", "bce")
@@ -34,6 +34,15 @@ _COMPATIBLE = {
     "cross_entropy": ("identity", "softmax"),
     "bce": ("identity", "sigmoid"),
 }
+
+# the loss a readout is scored with when none is named: its probabilities' own likelihood
+DEFAULT_LOSS = {"identity": "mse", "softmax": "cross_entropy", "sigmoid": "bce"}
+
+
+def default_loss(readout_name: str) -> str:
+    """The loss that goes with a readout when ``loss=`` is not given: softmax ->
+    "cross_entropy", sigmoid -> "bce", identity -> "mse"."""
+    return DEFAULT_LOSS[check_readout(readout_name)]
 
 
 def check_readout(name: str) -> str:

@@ -295,6 +295,7 @@ def train(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     step_callback: Callable[[int, dict[str, Any]], dict[str, float] | None] | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    compile: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``task`` with ``algorithm``'s gradients.
 
@@ -340,6 +341,9 @@ def train(
             (info: "step" the run starts after, "resumed", "checkpoint" path or None),
             "checkpoint" after each checkpoint
             (info: "step", "path").
+        compile: online (``update_every`` set), run the algorithm's step compiled
+            (``rnngrad.compile``; docs/compiled.md); off by default, as measured there it
+            does not pay at every size, and each compilation costs seconds to a minute.
 
     Returns:
         ``TrainResult(model, history, final)``.
@@ -351,6 +355,12 @@ def train(
     algorithm = bptt() if algorithm is None else algorithm
     if not isinstance(algorithm, Algorithm):
         raise TypeError(f"algorithm must be an rnngrad algorithm, got {type(algorithm).__name__}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
+    if compile and update_every is not None:
+        from .algorithms.compiled import compile as compile_step
+
+        algorithm = compile_step(algorithm)
     for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
         if not _positive_int(v):
             raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -274,7 +274,10 @@ def unit_mix(J: Tensor, Mv: Tensor, unit_shape: tuple) -> Tensor:
         return last if d == C - 1 else old[:, d]
 
     for c in range(C - 1):
-        torch.mul(src(0), J[:, :, c, 0].reshape(unit_shape), out=Mv[:, c])
+        if torch.compiler.is_compiling():  # rnngrad.compile: no out= into a strided view
+            Mv[:, c].copy_(src(0) * J[:, :, c, 0].reshape(unit_shape))
+        else:
+            torch.mul(src(0), J[:, :, c, 0].reshape(unit_shape), out=Mv[:, c])
         for d in range(1, C):
             Mv[:, c].addcmul_(src(d), J[:, :, c, d].reshape(unit_shape))
     last.mul_(J[:, :, C - 1, C - 1].reshape(unit_shape))

@@ -22,13 +22,15 @@ Step arguments:
     x_t:      (B, D) input.
     target_t: (B, K) float, (B,) int64 class indices, or None (no loss at this step).
     mask_t:   (B,) weights of this step (None: all ones).
-    loss:     "mse" | "cross_entropy" | "bce" (see ``rnngrad.readouts``).
+    loss:     "mse" | "cross_entropy" | "bce" (see ``rnngrad.readouts``); None (default):
+              the readout's own, softmax -> "cross_entropy", sigmoid -> "bce", identity -> "mse".
     dh_t:     (B, H) an extra immediate term added to dl/dh_t, e.g. ``-dR/dh_t`` of a
               reward; None when there is none.
 
 The state is a ``NamedTuple`` whose first field is ``h`` (B, H), the current hidden
 state. States are values: a step returns a new state (it may reuse buffers of the
-one it was given, which the caller should then not use again).
+one it was given, which the caller should then not use again: a state already consumed
+is refused, and so is a state another algorithm made).
 
 An algorithm may also carry ``sequence``, a whole-sequence fast path that
 ``rnngrad.gradient`` uses instead of the step loop when present (BPTT batches the
@@ -37,6 +39,7 @@ input projection of all steps into one GEMM); a test checks that the two agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -68,7 +71,7 @@ class _AlgorithmFields(NamedTuple):
     name:     how it prints, e.g. "tbptt(k=10)".
     init:     ``init(model, batch_size, *, h0=None) -> state``; with h0 given, the
               algorithm also emits ``grads["h0"]`` (the gradient w.r.t. the initial state).
-    step:     ``step(model, state, x_t, target_t=None, *, mask_t=None, loss="mse",
+    step:     ``step(model, state, x_t, target_t=None, *, mask_t=None, loss=None,
               dh_t=None) -> (state, StepOutput, grads | None)``.
     flush:    ``flush(model, state) -> (state, grads | None)``: emit what is pending.
     exact:    True if the gradient equals the true gradient of the loss (to round-off).
@@ -81,6 +84,8 @@ class _AlgorithmFields(NamedTuple):
               (filled on first use, seeded once per factory call and continued across
               ``init`` calls); None for a deterministic algorithm. ``rng_state`` and
               ``set_rng_state`` save and restore them (training checkpoints do).
+    compiled: None for an eager algorithm; for what ``rnngrad.compile`` returned, the
+              ``CompileInfo`` of its step (compile time, graphs, why not compiled whole).
     """
 
     name: str
@@ -92,16 +97,19 @@ class _AlgorithmFields(NamedTuple):
     cost: str
     sequence: Callable[..., tuple[Tensor, Grads]] | None = None
     rng: dict | None = None
+    compiled: Any = None
 
 
 class Algorithm(_AlgorithmFields):
     __doc__ = _AlgorithmFields.__doc__
     __slots__ = ()
 
-    def __new__(cls, name, init, step, flush, exact, online, cost, sequence=None, rng=None):
+    def __new__(cls, name, init, step, flush, exact, online, cost, sequence=None, rng=None,
+                compiled=None):
         # every factory's init / step / flush is validated here, in one place (_checked)
         init, step, flush = _checked(name, init, step, flush)
-        return super().__new__(cls, name, init, step, flush, exact, online, cost, sequence, rng)
+        return super().__new__(cls, name, init, step, flush, exact, online, cost, sequence, rng,
+                               compiled)
 
     def __repr__(self) -> str:
         return self.name
@@ -137,7 +145,10 @@ def readout_step(model, h: Tensor, target_t: Tensor | None, mask_t: Tensor | Non
     if target_t is None:
         return z, z.new_zeros(()), None
     B = h.shape[0]
-    w = (torch.ones(B, dtype=h.dtype, device=h.device) if mask_t is None else mask_t) / B
+    # a bool or integer mask is cast to the model's dtype before the division (not rounded
+    # through the default float32)
+    w = (torch.ones(B, dtype=h.dtype, device=h.device) if mask_t is None
+         else mask_t.to(h.dtype)) / B
     value, dz = loss_and_grad(z, target_t, w, loss=loss, readout_name=model.readout)
     return z, value, dz
 
@@ -250,7 +261,10 @@ def _batch_of(state, who: str) -> int:
     return h.shape[0]
 
 
-def _check_state(name: str, init, model, state, trusted: dict) -> int:
+def _check_state(name: str, init, model, state, _unused=None) -> int:
+    """The state against this algorithm and model: its type and owner, then (unless the
+    records say it is what this algorithm returned for this model) its shapes, dtype and
+    device. (The fifth argument, once a dict of trusted states, is ignored.)"""
     global _SHAPES
     who = name
     owners = _STATE_OWNERS.get(type(state))
@@ -260,7 +274,7 @@ def _check_state(name: str, init, model, state, trusted: dict) -> int:
         raise TypeError(f"{who}: state is a {type(state).__name__}{made_by}; pass the state that "
                         f"{_family(name)}()'s init (or its last step) returned")
     B = _batch_of(state, who)
-    if trusted.get(id(state)) == id(model):  # what this wrapper returned for this model
+    if _recorded(name, model, state):  # what this algorithm returned for this model, untouched
         return B
     # the state's tensors against those of a fresh state for this model and batch
     import weakref
@@ -295,6 +309,94 @@ def _check_state(name: str, init, model, state, trusted: dict) -> int:
     return B
 
 
+# ---- states carry their algorithm, and a consumed state is refused -------------------------
+#
+# A NamedTuple takes no attribute, so what a state carries is kept beside it: keyed (weakly) by
+# the first tensor of its ``h`` (a new tensor at every step), then by the id of the tuple, the
+# record holds the name of the algorithm that returned it, the id of its model and the version
+# counters of its other tensors (and the lengths of its lists) at that moment. A step updates
+# the buffers it shares with its successor in place, which moves their version counters, so a
+# state whose stamp no longer matches has been consumed (or changed in place) and stepping it
+# would not give what it gave the first time.
+
+_RECORDS: dict = {}  # id(first tensor of state.h) -> (weakref to it, {id(state): record})
+
+
+def _h_leaf(state):
+    h = state.h
+    while isinstance(h, tuple):
+        if not h:
+            return None
+        h = h[0]
+    return h if isinstance(h, Tensor) else None
+
+
+def _versions(v, out: list) -> None:
+    # a module-level function, not a closure: a recursive closure is a reference cycle, and
+    # one per step keeps the garbage collector busy
+    if isinstance(v, Tensor):
+        out.append(v._version)
+    elif isinstance(v, (tuple, list)):
+        if isinstance(v, list):
+            out.append(-1 - len(v))
+        for x in v:
+            _versions(x, out)
+
+
+def _stamp(state) -> tuple:
+    out: list = []
+    for v in state[1:]:  # not h: a caller may reset it in place between sequences
+        _versions(v, out)
+    return tuple(out)
+
+
+def _forget(key: int, ref) -> None:
+    entry = _RECORDS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _RECORDS[key]
+
+
+def _record(name: str, model, state) -> None:
+    if torch.compiler.is_compiling():  # a rule calling another's checked step (TBPTT: BPTT's)
+        return  # inside a compiled step: the outer, eager validation records
+    leaf = _h_leaf(state)
+    if leaf is None:
+        return
+    key = id(leaf)
+    entry = _RECORDS.get(key)
+    if entry is None or entry[0]() is not leaf:
+        import weakref
+
+        entry = (weakref.ref(leaf, lambda r, k=key: _forget(k, r)), {})
+        _RECORDS[key] = entry
+    per = entry[1]
+    if len(per) >= 8:  # the same h0 handed to many inits: keep the newest
+        del per[next(iter(per))]
+    per[id(state)] = (name, id(model), _stamp(state))
+
+
+def _recorded(name: str, model, state) -> bool:
+    """Refuse a state another algorithm returned, or one already consumed; True when the
+    state is, untouched, what this algorithm returned for this model (no shape check then)."""
+    if torch.compiler.is_compiling():
+        return False
+    leaf = _h_leaf(state)
+    entry = None if leaf is None else _RECORDS.get(id(leaf))
+    rec = None if entry is None or entry[0]() is not leaf else entry[1].get(id(state))
+    if rec is None:
+        return False  # made by hand (``_replace``, a copy): checked in full
+    made_by, model_id, stamp = rec
+    if made_by != name:
+        raise TypeError(f"{name}: the state was made by {made_by}, not by this algorithm; pass "
+                        f"the state that {name}'s init (or its last step) returned")
+    if _stamp(state) != stamp:
+        raise ValueError(f"{name}: this state was already consumed by a step (or changed in "
+                         "place since it was returned): its buffers now hold a later step's "
+                         "values, so stepping it again would not repeat that step; pass the state "
+                         "the last step returned, or init a new one")
+    return model_id == id(model)
+
+
 def _checked(name: str, init, step, flush):
     """Wrap an algorithm's functions with the validation every entry point shares."""
     if getattr(step, "__rnngrad_checked__", False):
@@ -305,12 +407,11 @@ def _checked(name: str, init, step, flush):
         check_step_finite,
         check_step_inputs,
     )
+    from ..readouts import default_loss
 
-    trusted: dict[int, int] = {}  # id(state this wrapper returned) -> id(its model)
-
-    def trust(state, model) -> None:
-        trusted.clear()  # only the latest: ids of freed states may be reused
-        trusted[id(state)] = id(model)
+    # a compiled step (rnngrad.compile) takes its arguments positionally and returns, with
+    # its results, the finiteness flag of check_step_finite computed in its own kernels
+    fused = getattr(step, "__rnngrad_fused_finite__", False)
 
     def c_init(model, batch_size, *, h0=None):
         _check_model(model, name)
@@ -332,23 +433,43 @@ def _checked(name: str, init, step, flush):
                 h0 = model.coerce_state(h0, B)[0]
         state = init(model, B, h0=h0)
         _STATE_OWNERS.setdefault(type(state), set()).add(_family(name))
-        trust(state, model)
+        _record(name, model, state)
         return state
 
-    def c_step(model, state, x_t, target_t=None, *, mask_t=None, loss="mse", dh_t=None):
+    def c_step(model, state, x_t, target_t=None, *, mask_t=None, loss=None, dh_t=None):
+        if not fused and torch.compiler.is_compiling():
+            # a rule calling another's checked step inside a compiled one (TBPTT: BPTT's):
+            # the outer step was validated, and a host sync here would break the graph
+            if loss is None:
+                loss = default_loss(model.readout)
+            if mask_t is not None:
+                mask_t = mask_t.to(model.W_out.dtype)
+            return step(model, state, x_t, target_t, mask_t=mask_t, loss=loss, dh_t=dh_t)
         _check_model(model, name)
-        B = _check_state(name, init, model, state, trusted)
+        B = _check_state(name, init, model, state)
+        if loss is None:
+            loss = default_loss(model.readout)
         floats = check_step_inputs(model, B, x_t, target_t, mask_t, loss, dh_t)
-        new, out, grads = step(model, state, x_t, target_t, mask_t=mask_t, loss=loss, dh_t=dh_t)
-        check_step_finite(name, floats, out, grads)
-        trust(new, model)
+        if mask_t is not None and mask_t.dtype != model.W_out.dtype:
+            mask_t = mask_t.to(model.W_out.dtype)  # bool / integer: in the model's dtype
+        if fused:
+            new, out, grads, flag = step(model, state, x_t, target_t, mask_t, dh_t, loss)
+            if not math.isfinite(flag.item()):
+                check_step_finite(name, floats, out, grads)
+        else:
+            new, out, grads = step(model, state, x_t, target_t, mask_t=mask_t, loss=loss,
+                                   dh_t=dh_t)
+            check_step_finite(name, floats, out, grads)
+        _record(name, model, new)
         return new, out, grads
 
     def c_flush(model, state):
+        if torch.compiler.is_compiling():  # inside a compiled step (see c_step)
+            return flush(model, state)
         _check_model(model, name)
-        _check_state(name, init, model, state, trusted)
+        _check_state(name, init, model, state)
         new, grads = flush(model, state)
-        trust(new, model)
+        _record(name, model, new)
         if grads:
             tensors = [g for g in grads.values() if isinstance(g, Tensor)]
             total = torch.stack(torch._foreach_norm(tensors)).sum()
@@ -362,7 +483,8 @@ def _checked(name: str, init, step, flush):
                                                "gradients)")
         return new, grads
 
-    for f, raw in ((c_init, init), (c_step, step), (c_flush, flush)):
+    raw_step = getattr(step, "raw", step) if fused else step
+    for f, raw in ((c_init, init), (c_step, raw_step), (c_flush, flush)):
         f.__rnngrad_checked__ = True
         f.__wrapped__ = raw
         f.__doc__ = raw.__doc__

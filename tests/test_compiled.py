@@ -1,0 +1,337 @@
+"""``rnngrad.compile``: the compiled step emits what the eager step emits (float64 1e-10,
+float32 1e-6 relative), compiles once per input key over a stream, recompiles saying so,
+falls back to the eager step with a reason; and the online API's silent cases (issue 16):
+integer masks in the model's dtype, consumed states, states of another algorithm, the loss
+that follows the readout.
+
+The (rule, cell) matrix runs through inductor (the compiler the library uses) under the
+``slow`` marker; unmarked, a representative subset runs through ``aot_eager`` (the same
+tracing and functionalisation, no C++ build: seconds instead of a minute per case on a
+loaded machine), and one case through inductor in each dtype."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from cell_zoo import MGU
+
+import rnngrad
+from rnngrad import CompileWarning
+from rnngrad.cells import ALIF, GRU, LRU, LSTM, Elman
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D, K = 3, 2
+
+RULES = {
+    "eprop": lambda: rnngrad.eprop(),
+    "eprop_random": lambda: rnngrad.eprop("random", seed=3),
+    "rflo": lambda: rnngrad.rflo(),
+    "snap1": lambda: rnngrad.snap1(),
+    "uoro": lambda: rnngrad.uoro(seed=1),
+    "kf_rtrl": lambda: rnngrad.kf_rtrl(seed=1),
+    "rtrl": lambda: rnngrad.rtrl(),
+    "tbptt": lambda: rnngrad.tbptt(3),
+    "spatial": lambda: rnngrad.rtrl(layers="spatial"),
+}
+
+
+def make(kind: str, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    kw = {"dtype": dtype}
+    if kind == "rnn":
+        return rnngrad.RNN(D, 5, K, alpha=0.5, **kw)
+    if kind == "rnn1":
+        return rnngrad.RNN(D, 5, K, **kw)
+    cells = {
+        "elman": lambda: [Elman(D, 5, alpha=0.6, **kw)],
+        "gru": lambda: [GRU(D, 4, **kw)],
+        "lstm": lambda: [LSTM(D, 4, **kw)],
+        "alif": lambda: [ALIF(D, 4, v_th=0.3, beta=0.2, **kw)],
+        "lru": lambda: [LRU(D, 4, **kw)],
+        "stack": lambda: [LRU(D, 4, **kw), ALIF(4, 3, v_th=0.3, **kw)],
+        "stack_gru": lambda: [GRU(D, 4, **kw), Elman(4, 3, **kw)],
+        "mgu": lambda: [MGU(D, 4, dtype=dtype)],
+    }[kind]()
+    return rnngrad.Network(cells, K)
+
+
+KINDS = ["rnn", "rnn1", "elman", "gru", "lstm", "alif", "lru", "stack", "stack_gru", "mgu"]
+
+
+def supported(rule: str, kind: str) -> bool:
+    try:
+        RULES[rule]().init(make(kind), 2)
+    except ValueError:  # the eager rule does not take this cell: nothing to compile
+        return False
+    return True
+
+
+MATRIX = [(r, k) for r in RULES for k in KINDS if supported(r, k)]
+SUBSET = [("eprop", "rnn"), ("snap1", "gru"), ("uoro", "rnn"), ("rtrl", "lstm"),
+          ("tbptt", "mgu"), ("spatial", "stack"), ("eprop", "alif")]
+
+
+def data(T, B, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, D, generator=g, dtype=dtype)
+    y = torch.randn(T, B, K, generator=g, dtype=dtype)
+    mask = (torch.arange(T * B).view(T, B) % 3 != 0).to(dtype)
+    return x, y, mask
+
+
+def rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def grads_err(g, ref) -> float:
+    assert (g is None) == (ref is None)
+    if ref is None:
+        return 0.0
+    assert set(g) == set(ref)
+    return max(rel(g[n], ref[n]) for n in ref if isinstance(ref[n], torch.Tensor))
+
+
+PIECES = {"uoro", "kf_rtrl"}  # their draws from a torch.Generator: compiled in pieces
+
+
+def compare(rule, kind, dtype, backend, *, T=6, B=2):
+    """Eager and compiled side by side (two factory calls: the same random draws); the
+    largest relative difference of everything the steps and the flush emit."""
+    net = make(kind, dtype)
+    eager = RULES[rule]()
+    comp = rnngrad.compile(RULES[rule](), backend=backend, pieces=rule in PIECES)
+    x, y, mask = data(T, B, dtype)
+    se, sc = eager.init(net, B), comp.init(net, B)
+    worst = 0.0
+    for t in range(T):
+        tgt = None if t == 1 else y[t]  # a step without a loss too
+        se, oe, ge = eager.step(net, se, x[t], tgt, mask_t=mask[t])
+        sc, oc, gc = comp.step(net, sc, x[t], tgt, mask_t=mask[t])
+        worst = max(worst, rel(oc.h, oe.h), rel(oc.z, oe.z), rel(oc.loss, oe.loss),
+                    grads_err(gc, ge))
+    (_, fe), (_, fc) = eager.flush(net, se), comp.flush(net, sc)
+    return max(worst, grads_err(fc, fe)), comp.compiled
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
+
+
+@pytest.mark.parametrize("rule,kind", SUBSET)
+def test_compiled_equals_eager_subset(rule, kind):
+    err, info = compare(rule, kind, torch.float64, "aot_eager")
+    assert info.mode in ("whole", "pieces"), info
+    assert err <= TOL[torch.float64], (rule, kind, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_inductor_equals_eager(dtype):
+    err, info = compare("eprop", "rnn", dtype, "inductor", T=4)
+    assert info.mode == "whole" and info.seconds > 0, info
+    assert err <= TOL[dtype], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rule,kind", MATRIX)
+def test_compiled_equals_eager_every_rule_and_cell(rule, kind, dtype):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompileWarning)
+        err, info = compare(rule, kind, dtype, "inductor", T=4)
+    assert err <= TOL[dtype], (rule, kind, err)
+    if info.mode == "eager":  # same numbers, but not compiled: say why
+        assert any("runs eagerly" in str(w.message) for w in caught)
+        pytest.xfail(f"runs eagerly: {info.reason}")
+
+
+def test_matrix_covers_every_rule():
+    assert {r for r, _ in MATRIX} == set(RULES)
+    assert {k for _, k in MATRIX} == set(KINDS)
+
+
+# ---- compilations over a stream ------------------------------------------------------------
+
+def test_one_compilation_per_key_over_100_steps():
+    net = make("gru", torch.float32)
+    algo = rnngrad.compile(rnngrad.snap1(), backend="aot_eager")
+    x, y, _ = data(100, 1, torch.float32)
+    s = algo.init(net, 1)
+    s, _, _ = algo.step(net, s, x[0], y[0])
+    first = algo.compiled.graphs
+    assert first >= 1 and algo.compiled.mode == "whole"
+    for t in range(1, 100):
+        s, _, _ = algo.step(net, s, x[t], y[t])
+    assert algo.compiled.graphs == first, algo.compiled  # no recompilation step to step
+    assert len(algo.compiled.keys) == 1
+    # another batch size: one recompilation, said once
+    s = algo.init(net, 3)
+    x3 = torch.randn(3, D)
+    with pytest.warns(CompileWarning, match=r"recompiles for x_t \(3, 3\)"):
+        s, _, _ = algo.step(net, s, x3, None)
+    n = algo.compiled.graphs
+    assert n == first + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            s, _, _ = algo.step(net, s, x3, None)
+    assert algo.compiled.graphs == n
+
+
+def test_another_dtype_recompiles_saying_so_and_stays_right():
+    algo = rnngrad.compile(rnngrad.eprop(), backend="aot_eager")
+    m32, m64 = make("rnn", torch.float32), make("rnn", torch.float64)
+    x, y, _ = data(3, 2, torch.float64)
+    s = algo.init(m32, 2)
+    algo.step(m32, s, x[0].float(), y[0].float())
+    s = algo.init(m64, 2)
+    with pytest.warns(CompileWarning, match="float64"):
+        s, out, g = algo.step(m64, s, x[0], y[0])
+    se = rnngrad.eprop().init(m64, 2)
+    _, oute, ge = rnngrad.eprop().step(m64, se, x[0], y[0])
+    assert grads_err(g, ge) <= 1e-12 and out.h.dtype == torch.float64
+    # a float32 input on the float64 model: the validation's clear error, before compiling
+    with pytest.raises(TypeError, match="float32"):
+        algo.step(m64, s, x[1].float(), y[1])
+
+
+def test_compile_fails_falls_back_to_eager_with_a_reason():
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here\nsecond line")
+
+    net = make("rnn")
+    algo = rnngrad.compile(rnngrad.eprop(), backend=broken)
+    x, y, _ = data(3, 2, torch.float64)
+    s, se = algo.init(net, 2), rnngrad.eprop().init(net, 2)
+    with pytest.warns(CompileWarning, match="runs eagerly.*no C\\+\\+ compiler here"):
+        s, out, g = algo.step(net, s, x[0], y[0])
+    assert algo.compiled.mode == "eager" and "second line" not in algo.compiled.reason
+    _, oute, ge = rnngrad.eprop().step(net, se, x[0], y[0])
+    assert grads_err(g, ge) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        algo.step(net, s, x[1], y[1])
+
+
+class Branchy(MGU):
+    """A user cell with value-dependent control flow: the compiler cannot trace it whole."""
+
+    def step(self, params, state, x):
+        new = super().step(params, state, x)
+        if bool(new.h.sum() > 100.0):
+            return type(new)(new.h * 0.5)
+        return new
+
+
+@pytest.mark.parametrize("pieces", [False])  # (in pieces, dynamo rejects the branch inside
+def test_value_dependent_user_cell_runs_eagerly_or_in_pieces_with_the_reason(pieces):  # vjp)
+    torch.manual_seed(0)
+    net = rnngrad.Network([Branchy(D, 4)], K)  # (the vmapped rules refuse it; TBPTT takes it)
+    eager = rnngrad.tbptt(2)
+    comp = rnngrad.compile(rnngrad.tbptt(2), backend="aot_eager", pieces=pieces)
+    x, y, _ = data(4, 2, torch.float64)
+    se, sc = eager.init(net, 2), comp.init(net, 2)
+    for t in range(4):
+        se, oe, ge = eager.step(net, se, x[t], y[t])
+        if t == 0 and not pieces:
+            with pytest.warns(CompileWarning, match="runs eagerly"):
+                sc, oc, gc = comp.step(net, sc, x[t], y[t])
+        else:
+            sc, oc, gc = comp.step(net, sc, x[t], y[t])
+        assert grads_err(gc, ge) <= 1e-10
+    assert comp.compiled.mode == ("pieces" if pieces else "eager") and comp.compiled.reason
+
+
+def test_states_pass_between_eager_and_compiled():
+    net = make("gru")
+    eager, comp = rnngrad.snap1(), rnngrad.compile(rnngrad.snap1(), backend="aot_eager")
+    ref = rnngrad.snap1()
+    x, y, _ = data(6, 2, torch.float64)
+    s, sr = eager.init(net, 2), ref.init(net, 2)
+    for t in range(6):
+        algo = comp if t % 2 else eager  # alternate: eager state in, compiled state out
+        s, _, g = algo.step(net, s, x[t], y[t])
+        sr, _, gr = ref.step(net, sr, x[t], y[t])
+        assert grads_err(g, gr) <= 1e-10
+
+
+def test_compile_bad_input():
+    with pytest.raises(TypeError, match="takes an Algorithm"):
+        rnngrad.compile("eprop")
+    with pytest.raises(ValueError, match="unknown torch.compile backend 'nope'"):
+        rnngrad.compile(rnngrad.eprop(), backend="nope")
+    comp = rnngrad.compile(rnngrad.eprop(), backend="aot_eager")
+    assert rnngrad.compile(comp) is comp and comp.name == rnngrad.eprop().name
+
+
+# ---- the online API's silent cases (issue 16, item 4) ---------------------------------------
+
+@pytest.mark.parametrize("rule", ["eprop", "rtrl", "snap1"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
+def test_integer_mask_in_the_models_dtype(rule, mask_dtype):
+    net = make("rnn")
+    x, y, _ = data(2, 3, torch.float64)
+    m = torch.tensor([1, 0, 1]).to(mask_dtype)
+    algo = RULES[rule]()
+    s = algo.init(net, 3)
+    _, out, g = algo.step(net, s, x[0], y[0], mask_t=m)
+    algo = RULES[rule]()
+    s = algo.init(net, 3)
+    _, out_f, g_f = algo.step(net, s, x[0], y[0], mask_t=m.double())
+    assert out.loss.dtype == torch.float64
+    # 1/3 rounded through float32 would differ by ~1e-8 relative
+    assert rel(out.loss, out_f.loss) <= 1e-15 and grads_err(g, g_f) <= 1e-15
+
+
+def test_consumed_state_is_refused():
+    net = make("rnn")  # leaky: e-prop's trace is updated in place
+    algo = rnngrad.eprop()
+    x, y, _ = data(3, 2, torch.float64)
+    s0 = algo.init(net, 2)
+    s1, _, _ = algo.step(net, s0, x[0], y[0])
+    with pytest.raises(ValueError, match="already consumed"):
+        algo.step(net, s0, x[1], y[1])
+    s2, _, _ = algo.step(net, s1, x[1], y[1])  # the latest state still steps
+    s2.h.zero_()  # resetting h in place between sequences is allowed
+    algo.step(net, s2, x[2], y[2])
+
+
+def test_consumed_state_is_refused_by_the_compiled_step():
+    net = make("rnn")
+    algo = rnngrad.compile(rnngrad.eprop(), backend="aot_eager")
+    x, y, _ = data(2, 2, torch.float64)
+    s0 = algo.init(net, 2)
+    algo.step(net, s0, x[0], y[0])
+    with pytest.raises(ValueError, match="already consumed"):
+        algo.step(net, s0, x[1], y[1])
+
+
+def test_state_of_another_algorithm_is_refused():
+    net = make("stack")
+    s = rnngrad.snap1().init(net, 2)
+    x, y, _ = data(1, 2, torch.float64)
+    with pytest.raises(TypeError, match=r"made by snap1\(\)"):
+        rnngrad.rtrl(layers="spatial").step(net, s, x[0], y[0])
+    s = rnngrad.eprop().init(make("rnn"), 2)
+    with pytest.raises(TypeError, match="made by eprop"):
+        rnngrad.eprop("random").step(make("rnn"), s, x[0], y[0])
+
+
+# ---- the loss follows the readout (issue 16, item 6, the API) -------------------------------
+
+@pytest.mark.parametrize("readout,loss", [("softmax", "cross_entropy"), ("sigmoid", "bce"),
+                                          ("identity", "mse")])
+def test_loss_follows_the_readout(readout, loss):
+    torch.manual_seed(0)
+    net = rnngrad.RNN(D, 4, 3, readout=readout, dtype=torch.float64)
+    x = torch.randn(4, 2, D, dtype=torch.float64)
+    y = torch.randint(0, 3, (4, 2)) if loss == "cross_entropy" else torch.rand(4, 2, 3).double()
+    v, g = rnngrad.gradient(net, x, y)
+    v2, g2 = rnngrad.gradient(net, x, y, loss=loss)
+    assert v == v2 and grads_err(g, g2) == 0.0
+    algo = rnngrad.rtrl()
+    _, out, gs = algo.step(net, algo.init(net, 2), x[0], y[0])
+    algo = rnngrad.rtrl()
+    _, out2, gs2 = algo.step(net, algo.init(net, 2), x[0], y[0], loss=loss)
+    assert out.loss == out2.loss and grads_err(gs, gs2) == 0.0
