@@ -36,7 +36,6 @@ the compiler cannot trace instead (``fullgraph=False``; ``compiled.mode == "piec
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import types
 import warnings
@@ -278,7 +277,3 @@ def compile(algorithm: Algorithm, *, backend="inductor", options: dict | None = 
 def is_compiled(algorithm: Algorithm) -> bool:
     """True for what ``compile`` returned."""
     return isinstance(algorithm, Algorithm) and algorithm.compiled is not None
-
-
-def finite(flag: Tensor) -> bool:
-    return math.isfinite(flag.item())
