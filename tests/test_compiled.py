@@ -335,3 +335,8 @@ def test_loss_follows_the_readout(readout, loss):
     algo = rnngrad.rtrl()
     _, out2, gs2 = algo.step(net, algo.init(net, 2), x[0], y[0], loss=loss)
     assert out.loss == out2.loss and grads_err(gs, gs2) == 0.0
+    algo = rnngrad.eprop()  # a chunk (rnngrad.run) too
+    _, out, gs = rnngrad.run(algo, net, algo.init(net, 2), x, y)
+    algo = rnngrad.eprop()
+    _, out2, gs2 = rnngrad.run(algo, net, algo.init(net, 2), x, y, loss=loss)
+    assert out.loss == out2.loss and grads_err(gs, gs2) == 0.0

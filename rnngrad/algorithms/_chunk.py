@@ -43,7 +43,7 @@ def _closed_form(state) -> bool:
 
 
 def run(algorithm: Algorithm, model, state, inputs: Tensor, targets: Tensor | None = None, *,
-        mask: Tensor | None = None, loss: str = "mse", dh: Tensor | None = None):
+        mask: Tensor | None = None, loss: str | None = None, dh: Tensor | None = None):
     """Run ``algorithm`` over a chunk of k steps from ``state``, the weights fixed.
 
     Args:
@@ -51,6 +51,8 @@ def run(algorithm: Algorithm, model, state, inputs: Tensor, targets: Tensor | No
         state: what ``algorithm.init`` (or the previous step or chunk) returned.
         inputs: (k, B, D). targets: (k, B, K) float or (k, B) class indices, or None.
         mask: (k, B) or (k,) weights of the steps (None: all ones).
+        loss: "mse" | "cross_entropy" | "bce"; None: the one that follows the readout
+            (softmax: cross-entropy, sigmoid: bce, identity: mse), as in ``gradient``.
         dh: (k, B, H) extra ``dl/dh_t`` (a reward's ``-dR/dh_t``), or None.
 
     Returns:
@@ -59,12 +61,14 @@ def run(algorithm: Algorithm, model, state, inputs: Tensor, targets: Tensor | No
         k steps emit (None when they emit nothing).
     """
     from .._checks import check_inputs, check_mask, check_targets
-    from ..readouts import check_loss
+    from ..readouts import check_loss, default_loss
 
     if not isinstance(algorithm, Algorithm):
         raise TypeError(f"algorithm must be an rnngrad algorithm such as rnngrad.eprop(), got "
                         f"{type(algorithm).__name__}")
     k, B = check_inputs(model, inputs)
+    if loss is None:
+        loss = default_loss(model.readout)
     check_loss(loss, model.readout)
     if targets is not None:
         targets = check_targets(model, targets, loss, k, B)
