@@ -261,3 +261,24 @@ def test_run_rejects_bad_input():
         rnngrad.run(algo, net, state, x, y, dh=torch.zeros(T, B, 2, **f64))
     with pytest.raises(TypeError, match="rnngrad algorithm"):
         rnngrad.run("eprop", net, state, x, y)
+
+
+@pytest.mark.parametrize("rule", ["snap1", "eprop"])
+def test_a_large_undeclared_layer_is_left_to_the_step_loop(rule, monkeypatch):
+    """Past DERIVED_LIMIT, an undeclared cell's (T B, S, S) Jacobian is not formed: the
+    sequence slot declines (None) and gradient's step loop gives the same numbers."""
+    from rnngrad.algorithms import _sequence
+
+    net = make("user_mgu")
+    x, y, mask = data()
+    algo = getattr(rnngrad, rule)()
+    _, g_seq = rnngrad.gradient(net, x, y, mask=mask, algorithm=algo)
+    h0 = net.coerce_state(None, B)[0]
+    assert algo.sequence(net, x, y, mask, h0, "mse", None) is not None
+    monkeypatch.setattr(_sequence, "DERIVED_LIMIT", T * B * 25 - 1)  # S = 5: just past it
+    assert algo.sequence(net, x, y, mask, h0, "mse", None) is None
+    _, g_loop = rnngrad.gradient(net, x, y, mask=mask, algorithm=algo)
+    assert max_rel_err(g_loop, g_seq) < 1e-10
+    built_in = rnngrad.Network([Elman(D, 5, **f64)], K)  # a declared cell is never declined
+    assert algo.sequence(built_in, x, y, mask, built_in.coerce_state(None, B)[0], "mse",
+                         None) is not None

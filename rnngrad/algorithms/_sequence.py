@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp
 
+from ..cells._derive import declares
 from ..cells.base import flatten_state
 from ..readouts import reward_grad
 from . import _leaky_readout as _leak
@@ -209,6 +210,28 @@ def _carry_traces(Js: Tensor, imm: dict, M0: dict, T: int, B: int) -> dict:
     return out
 
 
+# A layer that declares no linearization gets it from torch.func over all (T B) rows at
+# once, a (T B, S, S) Jacobian: past this many numbers the step loop (B rows at a time)
+# is faster and fits in memory (benchmarks/indrnn_example.md: an undeclared IndRNN at
+# H = 256, T = 200, B = 64 took 156x BPTT in sequence form against 56x stepping).
+DERIVED_LIMIT = 1 << 26
+
+
+def _derived_too_large(model, modes: tuple, h0, T: int, B: int) -> bool:
+    """True when some layer's undeclared linearization would exceed ``DERIVED_LIMIT``."""
+    net_layers = [c for _, c in model.layers()]
+    for cell, s0, mode in zip(net_layers, h0, modes):
+        if mode.startswith("dense") or hasattr(cell, "linearize_sequence"):
+            continue
+        field = "local" if mode == "local" else "eligibility"
+        if declares(cell, field) and declares(cell, "immediate"):
+            continue
+        S = sum(t.shape[-1] for t in (s0 if isinstance(s0, tuple) else (s0,)))
+        if T * B * S * S > DERIVED_LIMIT:
+            return True
+    return False
+
+
 def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targets, mask: Tensor,
              h0, loss: str, reward, *, dh: Tensor | None = None, carry=None):
     """The rule's gradient over the segment (weights fixed), as its online steps emit it.
@@ -220,13 +243,16 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
     start (see ``chunk``); then returns also what the state carries out.
 
     Returns ``(loss, grads)`` (``grads["h0"]`` per layer), or with
-    ``carry`` ``(loss, grads, states_T, traces_T, c_T, out)``.
+    ``carry`` ``(loss, grads, states_T, traces_T, c_T, out)``; None (without ``carry``) to
+    leave a large undeclared layer to the step loop (``DERIVED_LIMIT``).
     """
     if isinstance(h0, Tensor):  # one Elman layer's h (rnngrad.RNN's flat form)
         from ..cells.elman import ElmanState
 
         h0 = (ElmanState(h0),)
     T, B, _ = inputs.shape
+    if carry is None and _derived_too_large(model, modes, h0, T, B):
+        return None
     with torch.no_grad():
         net = bind(model)
         x = inputs
