@@ -252,6 +252,22 @@ def test_a_chunk_whose_weights_change_is_refused():
         rnngrad.run(algo, net, state, x[:3], y[:3])
 
 
+def test_a_chunks_state_is_stamped_like_a_steps():
+    # the state a closed-form chunk returns carries its algorithm and is refused once consumed
+    net = make("elman_leaky")
+    x, y, _ = data()
+    algo = rnngrad.eprop()
+    s1, _, _ = rnngrad.run(algo, net, algo.init(net, B), x[:3], y[:3])
+    with pytest.raises(TypeError, match="eprop"):
+        rnngrad.snap1().step(net, s1, x[3], y[3])
+    s2, _, _ = algo.step(net, s1, x[3], y[3])
+    with pytest.raises(ValueError, match="already consumed"):
+        algo.step(net, s1, x[3], y[3])
+    algo.step(net, s2, x[4], y[4])
+    with pytest.raises(ValueError, match="already consumed"):  # a step's state, in a Network's
+        algo.step(net, s2, x[4], y[4])                          # per-layer trace dicts
+
+
 def test_run_rejects_bad_input():
     net = make("elman")
     x, y, _ = data()

@@ -79,7 +79,7 @@ def run(algorithm: Algorithm, model, state, inputs: Tensor, targets: Tensor | No
     before = _weights(model)
     if _closed_form(state):
         from . import _sequence
-        from .base import _check_state
+        from .base import _check_state, _record
 
         _check_state(algorithm.name, algorithm.init.__wrapped__, model, state, {})
         new, hs, value, grads = _sequence.chunk(model, state, inputs, targets, mask, loss, dh)
@@ -88,6 +88,9 @@ def run(algorithm: Algorithm, model, state, inputs: Tensor, targets: Tensor | No
         if targets is None and dh is None:
             grads = None
         out = StepOutput(hs, z, value)
+        # stamped as a step's state is: the next step writes its buffers in place, so handing
+        # this state to two steps is refused as a step's own state would be
+        _record(algorithm.name, model, new)
     else:
         hs, zs, value, grads = [], [], inputs.new_zeros(()), None
         new = state

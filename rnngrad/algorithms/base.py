@@ -341,6 +341,10 @@ def _versions(v, out: list) -> None:
             out.append(-1 - len(v))
         for x in v:
             _versions(x, out)
+    elif isinstance(v, dict):  # per-layer traces keyed by parameter name
+        out.append(-1 - len(v))
+        for x in v.values():
+            _versions(x, out)
 
 
 def _stamp(state) -> tuple:
