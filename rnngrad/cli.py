@@ -255,6 +255,10 @@ def _add_training_flags(p: argparse.ArgumentParser, *, mode: str = "train"
                         "sequence with what the algorithm emitted; BPTT is cut there "
                         "(default: once per sequence)")
     if mode == "train":
+        g.add_argument("--compile", action="store_true",
+                       help="with --update-every: run the algorithm's online step compiled by "
+                            "torch.compile (rnngrad.compile; the same numbers; the compile "
+                            "time is reported once; default: eager, see docs/compiled.md)")
         g.add_argument("--seed", type=int, default=0,
                        help="seed for the initial weights and the data stream (default: 0)")
     g.add_argument("--log-every", type=int, default=None, metavar="N",
@@ -647,7 +651,7 @@ def _training_config(args) -> dict:
             "steps": args.steps, "optimizer": args.optimizer, "batch_size": args.batch_size,
             "clip": args.clip or None, "update_every": args.update_every,
             "log_every": args.log_every, "track_alignment": args.track_alignment,
-            "loss": args.loss}
+            "loss": args.loss, **({"compile": True} if getattr(args, "compile", False) else {})}
 
 
 def _final_columns(final: dict) -> dict:
@@ -704,6 +708,14 @@ def cmd_train(args) -> int:
             state["bar"] = _progress(args.steps, args.no_progress, initial=info["step"])
         elif kind == "checkpoint":
             state["checkpoint"] = info["step"]
+        elif kind == "compiled":
+            how = (f"compiled in {info['seconds']:.1f} s ({info['graphs']} graph(s))"
+                   if info["mode"] != "eager" else f"runs eagerly: {info['reason']}")
+            bar = state["bar"]
+            if bar is not None and hasattr(bar, "write"):  # a tqdm bar: the line above it
+                bar.write(f"rnngrad train: the online step {how}", file=sys.stderr)
+            else:
+                _note("train", f"the online step {how}")
 
     def on_log(step: int, row: dict) -> None:
         bar = state["bar"]

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "algorithm": "bptt", "steps": 300, "lr": 1e-2, "optimizer": "adam", "batch_size": 16,
     "clip": 1.0, "update_every": None, "seed": 0, "log_every": None, "track_alignment": None,
     "loss": None,
+    "compile": False,  # online (update_every set): the algorithm's step through rnngrad.compile
 }
 
 
@@ -117,6 +118,11 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
                          f"{', '.join(OPTIMIZERS)}")
     if not isinstance(cfg["stream"], bool):
         raise ValueError(f"stream must be True or False, got {cfg['stream']!r}")
+    if not isinstance(cfg["compile"], bool):
+        raise ValueError(f"compile must be True or False, got {cfg['compile']!r}")
+    if cfg["compile"] and cfg["update_every"] is None:
+        raise ValueError("compile compiles the online step: it needs update_every (online "
+                         "learning); per-sequence training runs the whole-sequence path")
     for k in ("task", "cell", "activation", "init", "device", "algorithm"):
         if not isinstance(cfg[k], str) or not cfg[k]:
             raise ValueError(f"{k} must be a non-empty string, got {cfg[k]!r}")
@@ -218,4 +224,5 @@ def run(
                  log_every=log_every_for(cfg["steps"], cfg["log_every"]), loss=cfg["loss"],
                  out=out, checkpoint_every=checkpoint_every, resume=resume,
                  overwrite=overwrite, config=cfg,
-                 track_alignment=cfg["track_alignment"], callback=callback, on_event=on_event)
+                 track_alignment=cfg["track_alignment"], callback=callback, on_event=on_event,
+                 compile=cfg["compile"])

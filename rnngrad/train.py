@@ -63,7 +63,7 @@ CHECKPOINT = "checkpoint.pt"
 _FORMAT = 1
 
 # keys a resumed run may change: how long it runs and how often it logs
-_RESUMABLE = ("steps", "log_every")
+_RESUMABLE = ("steps", "log_every", "compile")  # compile: the same numbers
 
 
 class TrainResult(NamedTuple):
@@ -340,7 +340,9 @@ def train(
         on_event: ``on_event(kind, info)``: "start" once the output directory is held
             (info: "step" the run starts after, "resumed", "checkpoint" path or None),
             "checkpoint" after each checkpoint
-            (info: "step", "path").
+            (info: "step", "path"), "compiled" once after the first batch of a compiled
+            run (info: "seconds" spent compiling, "mode", "reason", "graphs"; see
+            ``rnngrad.compile``).
         compile: online (``update_every`` set), run the algorithm's step compiled
             (``rnngrad.compile``; docs/compiled.md); off by default, as measured there it
             does not pay at every size, and each compilation costs seconds to a minute.
@@ -444,6 +446,7 @@ class _Loop:
         self.step = 0  # the last step done
         self.out: Path | None = None
         self.checkpoint_step: int | None = None
+        self.compile_reported = False
 
     # -- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -549,6 +552,12 @@ class _Loop:
                 raise self._diverged(step, e) from None
             self.step = step
             done_since_t0 += 1
+            info = self.algorithm.compiled
+            if info is not None and not self.compile_reported and info.mode != "pending":
+                self.compile_reported = True  # once: the first batch compiled the step
+                if self.on_event is not None:
+                    self.on_event("compiled", {"seconds": info.seconds, "mode": info.mode,
+                                               "reason": info.reason, "graphs": info.graphs})
             tracked = self.track is not None and step % self.track == 0
             if step % self.log_every == 0 or step == self.steps or tracked:
                 elapsed = time.perf_counter() - t0
