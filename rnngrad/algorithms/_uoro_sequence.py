@@ -46,11 +46,41 @@ class Factors:
     pairs: (name, index into fs, index into inps, the parameter's shape); masks: per pair,
     None or the 0/1 pattern (R, P) of the parameter's structural zeros (LIF's W_rec
     diagonal): then ``m_t = (f_t inp_t^T) * mask``.
+
+    The pairs that share a factor f form a group whose inputs are stacked (T, B, sum P):
+    one GEMM per group for its Gram matrices, its gradient and its theta~, as for one
+    parameter ``[W_1 | W_2 | ...]``.
     """
 
     def __init__(self, fs, inps, pairs, masks=None):
         self.fs, self.inps, self.pairs = fs, inps, pairs
         self.masks = [None] * len(pairs) if masks is None else masks
+        ones = None
+        self.groups = []  # (fi, inp (T, B, P), mask (R, P) or None, [(name, p0, p1, shape)])
+        for fi, f in enumerate(fs):
+            parts, ms, names, off = [], [], [], 0
+            for (name, fj, ii, shape), m in zip(pairs, self.masks):
+                if fj != fi:
+                    continue
+                inp = inps[ii]
+                if inp is None:
+                    if ones is None:
+                        ones = f.new_ones(f.shape[0], f.shape[1], 1)
+                    inp = ones
+                P = inp.shape[2]
+                parts.append(inp)
+                ms.append(m)
+                names.append((name, off, off + P, shape))
+                off += P
+            if not parts:
+                continue
+            inp = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+            mask = None
+            if any(m is not None for m in ms):
+                R = f.shape[2]
+                mask = torch.cat([f.new_ones(R, p1 - p0) if m is None else m
+                                  for m, (_, p0, p1, _) in zip(ms, names)], 1)
+            self.groups.append((fi, inp, mask, names))
 
 
 def _gram(X: Tensor) -> Tensor:
@@ -69,18 +99,6 @@ def _holes(mask: Tensor):
     return idx[:, 0], idx[:, 1], keep
 
 
-def _pair_gram(Gf: Tensor, Gi: Tensor | None, f: Tensor, inp: Tensor, holes) -> Tensor:
-    """<m_t, m_tau> of one parameter over a block, (B, K, K): (f_t . f_tau)(inp_t . inp_tau),
-    less (or only) the entries a mask removes (keeps), as the Gram matrix of the products
-    ``f_t[r] inp_t[p]`` over those entries."""
-    if holes is None:
-        return Gf if Gi is None else Gf * Gi
-    rows, cols, keep = holes
-    y = f.index_select(2, rows) * inp.index_select(2, cols)  # (K, B, n)
-    Gy = _gram(y)
-    return Gy if keep else Gf * Gi - Gy
-
-
 def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
     """The UORO gradient of the recurrent parameters (name -> tensor of the pair's shape).
 
@@ -91,38 +109,42 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
     like = nu
     h = nu.new_zeros(B, S)
     n2 = nu.new_zeros(B)
-    theta = None  # per pair (B, R, P): theta~ at the chunk's start, formed past the first
+    theta = None  # per group (B, R, P): theta~ at the block's start, formed past the first
     grads = {}
     chunk = _chunk(T, fac)
-    holes = [None if m is None else _holes(m) for m in fac.masks]
+    holes = [None if m is None else _holes(m) for _, _, m, _ in fac.groups]
     hbuf = like.new_empty(min(chunk, T), B, S)  # h~_t of the block's steps
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         K = t1 - t0
-        fs = [f[t0:t1] for f in fac.fs]
-        inps = [None if i is None else i[t0:t1] for i in fac.inps]
-        Gf = [_gram(f) for f in fs]
-        Gi = [None if i is None else _gram(i) for i in inps]
+        fs = [fac.fs[fi][t0:t1] for fi, _, _, _ in fac.groups]
+        inps = [inp[t0:t1] for _, inp, _, _ in fac.groups]
+        # <m_t, m_tau> = sum over groups of (f_t . f_tau)(inp_t . inp_tau), less the Gram
+        # matrix of f_t[r] inp_t[p] over a mask's zeros (or only that over its ones)
         G = None
-        for (_, fi, ii, _), hl in zip(fac.pairs, holes):
-            term = _pair_gram(Gf[fi], Gi[ii], fs[fi], inps[ii], hl)
-            G = term.clone() if G is None else G.add_(term)
+        for f, inp, hl in zip(fs, inps, holes):
+            term = _gram(f)
+            if hl is None:
+                term.mul_(_gram(inp))
+            else:
+                rows, cols, keep = hl
+                Gy = _gram(f.index_select(2, rows) * inp.index_select(2, cols))
+                term = Gy if keep else term.mul_(_gram(inp)).sub_(Gy)
+            G = term if G is None else G.add_(term)
         Gd = G.diagonal(dim1=1, dim2=2).T  # (K, B) ||m_t||^2
         # rho1 = sqrt(||m_t|| / ||nu_t||): it does not depend on the signs' values
         r1 = ((Gd.sqrt() + eps) / (nu[t0:t1].norm(dim=2) + eps)).sqrt_()
         # X[:, t] = <theta~_now, m_t> for the block's steps t (theta~_now: after the step
         # just done), kept up to date by one scaling and one fused add a step:
         # X <- X / rho0_k + G[:, k] / rho1_k; <theta~_{k-1}, m_k> is then X[:, k]
-        if theta is None:
-            X = like.new_zeros(B, K)
-        else:  # <theta~_{t0}, m_t>; theta~_{t0} keeps its masked entries zero
-            X = like.new_zeros(B, K)
-            for (_, fi, ii, _), th in zip(fac.pairs, theta):
-                f = fs[fi].permute(1, 2, 0)  # (B, R, K)
-                if inps[ii] is None:
-                    X += (th * f).sum(1)
+        X = like.new_zeros(B, K)
+        if theta is not None:  # <theta~_{t0}, m_t>; theta~_{t0} keeps its masked entries zero
+            for f, inp, th in zip(fs, inps, theta):
+                fb, ib = f.transpose(0, 1), inp.transpose(0, 1)  # (B, K, R), (B, K, P)
+                if th.shape[1] <= th.shape[2]:
+                    X += (torch.bmm(fb, th) * ib).sum(2)
                 else:
-                    X += (torch.bmm(th, inps[ii].permute(1, 2, 0)) * f).sum(1)
+                    X += (torch.bmm(ib, th.transpose(1, 2)) * fb).sum(2)
         inv0 = like.new_empty(K, B)  # 1 / rho0_t
         # per step, everything that does not wait for rho0, for the whole block at once
         inv1 = r1.reciprocal()
@@ -150,15 +172,17 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
             lam = torch.addcmul(s[k], lam, inv0[k + 1])
             torch.mul(lam, inv1[k], out=w[k])
         beta = lam * inv0[0]  # the weight of theta~_{t0}
-        for j, (name, fi, ii, _) in enumerate(fac.pairs):
-            wf = (fs[fi] * w.unsqueeze(2)).reshape(K * B, -1)
-            g = wf.sum(0).unsqueeze(1) if inps[ii] is None else wf.T @ inps[ii].reshape(K * B, -1)
-            if fac.masks[j] is not None:
-                g = g * fac.masks[j]
+        for j, (f, inp, (_, _, mask, names)) in enumerate(zip(fs, inps, fac.groups)):
+            wf = (f * w.unsqueeze(2)).reshape(K * B, -1)
+            g = wf.T @ inp.reshape(K * B, -1)  # (R, P): one GEMM for the group
             if theta is not None:
-                g = g + (beta @ theta[j].reshape(B, -1)).view_as(g)
-            grads[name] = g if name not in grads else grads[name] + g
-        if t1 < T:  # theta~_{t1} = a theta~_{t0} + sum_tau c[t1, tau] m_tau, per pair
+                g.view(1, -1).addmm_(beta.unsqueeze(0), theta[j].reshape(B, -1))
+            if mask is not None:
+                g.mul_(mask)
+            for name, p0, p1, _ in names:
+                part = g[:, p0:p1]
+                grads[name] = part if name not in grads else grads[name] + part
+        if t1 < T:  # theta~_{t1} = a theta~_{t0} + sum_tau c[t1, tau] m_tau, per group
             # c[t1, tau] = (1 / rho1_tau) prod_{tau < sigma < t1} 1 / rho0_sigma; a = prod 1 / rho0
             tail = torch.ones_like(inv0)
             if K > 1:
@@ -166,18 +190,21 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
             v = inv1 * tail  # (K, B)
             a = tail[0] * inv0[0]
             new = []
-            for j, (_, fi, ii, _) in enumerate(fac.pairs):
-                fv = (fs[fi] * v.unsqueeze(2)).permute(1, 2, 0)  # (B, R, K)
-                th = (fv.sum(2, keepdim=True) if inps[ii] is None
-                      else torch.bmm(fv, inps[ii].transpose(0, 1)))
-                if fac.masks[j] is not None:
-                    th = th * fac.masks[j]
-                if theta is not None:
-                    th = th + a.view(B, 1, 1) * theta[j]
+            for j, (f, inp, (_, _, mask, _)) in enumerate(zip(fs, inps, fac.groups)):
+                fv = (f * v.unsqueeze(2)).permute(1, 2, 0)  # (B, R, K)
+                if theta is None:
+                    th = torch.bmm(fv, inp.transpose(0, 1))
+                else:
+                    th = torch.baddbmm(theta[j].mul_(a.view(B, 1, 1)), fv, inp.transpose(0, 1))
+                if mask is not None:
+                    th.mul_(mask)
                 new.append(th)
             theta = new
-    return {name: grads[name] if shape is None else grads[name].reshape(shape)
-            for name, _, _, shape in fac.pairs}
+    out = {}
+    for name, _, _, shape in fac.pairs:
+        g = grads[name]
+        out[name] = g if shape is None else g.reshape(shape)
+    return out
 
 
 def _chunk(T: int, fac: Factors) -> int:
@@ -185,10 +212,8 @@ def _chunk(T: int, fac: Factors) -> int:
     Gram matrices; cutting the sequence costs 2 B T R P more (theta~ formed at each cut and
     its inner products with the next block's terms): cut where that is cheaper (small H,
     long T), never above ``CHUNK``."""
-    gram = sum(f.shape[2] for f in fac.fs) + sum(1 if i is None else i.shape[2]
-                                                   for i in fac.inps)
-    form = 2 * sum(fac.fs[fi].shape[2] * (1 if fac.inps[ii] is None else fac.inps[ii].shape[2])
-                   for _, fi, ii, _ in fac.pairs)
+    gram = sum(fac.fs[fi].shape[2] + inp.shape[2] for fi, inp, _, _ in fac.groups)
+    form = 2 * sum(fac.fs[fi].shape[2] * inp.shape[2] for fi, inp, _, _ in fac.groups)
     best, cost = min(T, CHUNK), min(T, CHUNK) * gram + (form if T > CHUNK else 0)
     for c in (128, 64, 32):
         if c < best and c * gram + form < cost:
