@@ -31,6 +31,8 @@ Equal to the online init / step / flush sum (the same signs, ``_signs``) to roun
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -208,12 +210,16 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
 
 
 def _chunk(T: int, fac: Factors) -> int:
-    """Steps per Gram block. A block of C steps costs B T C (R + P) multiply-adds for the
-    Gram matrices; cutting the sequence costs 2 B T R P more (theta~ formed at each cut and
-    its inner products with the next block's terms): cut where that is cheaper (small H,
-    long T), never above ``CHUNK``."""
-    gram = sum(fac.fs[fi].shape[2] + inp.shape[2] for fi, inp, _, _ in fac.groups)
-    form = 2 * sum(fac.fs[fi].shape[2] * inp.shape[2] for fi, inp, _, _ in fac.groups)
+    """Steps per Gram block. A block of C steps costs B T C (R + P + n) multiply-adds for
+    the Gram matrices (n: a mask's entries taken apart); cutting the sequence costs
+    2 B T R P more (theta~ formed at each cut and its inner products with the next block's
+    terms), weighted 3 (measured: the (B, R, P) theta~ is read and written through
+    transposed operands, at about a third of the Gram GEMMs' rate): cut where that is
+    cheaper (small R P against R + P: many small groups, as the LRU's), never above
+    ``CHUNK``."""
+    gram = sum(fac.fs[fi].shape[2] + inp.shape[2] + (0 if m is None else min(
+        int((m == 0).sum()), int((m != 0).sum()))) for fi, inp, m, _ in fac.groups)
+    form = 6 * sum(fac.fs[fi].shape[2] * inp.shape[2] for fi, inp, _, _ in fac.groups)
     best, cost = min(T, CHUNK), min(T, CHUNK) * gram + (form if T > CHUNK else 0)
     for c in (128, 64, 32):
         if c < best and c * gram + form < cost:
@@ -365,19 +371,19 @@ def _generic(cell, params, inputs, state0, gen, eps):
     own = type(cell).linearize is not Cell.linearize
     need = ("immediate", "local") if (diagonal or both is not None) else ("immediate",)
     if both is not None:  # the forward and the linearization of every step together
-        prev, new, _, lin = both(params, inputs, state0, need=need)
+        prev, new, outs, lin = both(params, inputs, state0, need=need)
         imm, local = lin.immediate, lin.local
         s_all = torch.cat([flatten_state(state0).unsqueeze(0), torch.cat(tuple(new), -1)])
     elif own:  # the cell's forward, then its linearization on the (T B) rows at once
         from ._sequence import trajectory_states
 
-        prev, new, _ = trajectory_states(cell, params, inputs, state0)
+        prev, new, outs = trajectory_states(cell, params, inputs, state0)
         lin = cell.linearize(params, type(prev)(*(c.reshape(N, -1) for c in prev)),
                              inputs.reshape(N, -1), need=need)
         imm, local = lin.immediate, lin.local
         s_all = torch.cat([flatten_state(state0).unsqueeze(0), torch.cat(tuple(new), -1)])
     else:  # a derived linearization: step by step (B rows each), its structure checked first
-        prev = None
+        prev = outs = None
         st, flats, steps, locals_ = state0, [flatten_state(state0)], [], []
         for t in range(T):
             lin = cell.linearize(params, st, inputs[t], need=need)
@@ -428,22 +434,28 @@ def _generic(cell, params, inputs, state0, gen, eps):
     Jv = None
     if local is not None and prev is not None:
         Jv = _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal)
-        if Jv is not None and not diagonal and not _agrees(Jv_forward, Jv, s_all):
+        if Jv is not None and not diagonal \
+                and not _checked(cell, "structured", s_all, Jv_forward, Jv):
             Jv = None
     if Jv is None:
-        Jv = Jv_reverse if _agrees(Jv_forward, Jv_reverse, s_all) else Jv_forward
+        Jv = Jv_reverse if _checked(cell, "reverse", s_all, Jv_forward, Jv_reverse) \
+            else Jv_forward
 
     state_all = unflatten_state(s_all[1:].reshape(N, S), state0)
     x_all = inputs.reshape(N, -1)
     emits = cell.emits
-    h_all = (cell.emit(params, state_all, x_all) if emits else cell.output(state_all))
-    h_all = h_all.reshape(T, B, -1)
+    if outs is None:
+        outs = (cell.emit(params, state_all, x_all) if emits else cell.output(state_all))
+    h_all = outs.reshape(T, B, -1)
 
     def into_state(q):
         q2 = q.reshape(N, -1)
         if emits:
             d_params, d_state, _ = cell.emit_vjp(params, state_all, x_all, q2)
             return d_state.reshape(T, B, S), d_params
+        declared = getattr(cell, "output_vjp", None)  # closed form (LIF/ALIF)
+        if declared is not None:
+            return declared(state_all, q2).reshape(T, B, S), None
         from ._network import output_into_state
 
         return output_into_state(cell, state_all, q2).reshape(T, B, S), None
@@ -584,6 +596,19 @@ def _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal):
         return out.view(B, S)
 
     return Jv
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _checked(cell, kind: str, s_all: Tensor, ref, cand) -> bool:
+    """``_agrees`` once per cell, path, dtype and device (what it checks is the cell's
+    structure, not its parameters' values)."""
+    seen = _CHECKED.setdefault(cell, {})
+    key = (kind, s_all.dtype, s_all.device.type)
+    if key not in seen:
+        seen[key] = _agrees(ref, cand, s_all)
+    return seen[key]
 
 
 def _agrees(ref, cand, s_all: Tensor) -> bool:
