@@ -7,24 +7,31 @@ The online recursion (``uoro.py``) per example, with ``m_t = Mbar_t^T nu_t``::
     theta~_t = theta~_{t-1} / rho0_t + m_t / rho1_t
     g        = sum_t (q_t . h~_t) theta~_t
 
-For a cell whose immediate term is factored (``Immediate(D, inp)`` with one input row per
-example, every built-in cell), ``m_t`` is, per parameter, a rank-one matrix
+For a cell whose immediate term is factored (``Immediate(D, inp, mask)`` with one input
+row per example, every built-in cell), ``m_t`` is, per parameter, a rank-one matrix
 ``f_t inp_t^T`` with ``f_t[g, i] = sum_c nu_t[c, i] D_t[c, g, i]`` (Elman: ``f = nu *
-alpha phi'(a_t)``, ``inp = pre_t``). Then, with ``c[t, tau] = (1 / rho1_tau)
+alpha phi'(a_t)``, ``inp = pre_t``), times the 0/1 mask of its structural zeros where one
+is declared (LIF/ALIF: W_rec's diagonal). Then, with ``c[t, tau] = (1 / rho1_tau)
 prod_{tau < sigma <= t} 1 / rho0_sigma``::
 
     theta~_t = sum_{tau <= t} c[t, tau] m_tau
     ||theta~_t||^2 = ||theta~_{t-1}||^2 / rho0^2 + 2 <theta~_{t-1}, m_t> / (rho0 rho1)
                      + ||m_t||^2 / rho1^2,   <theta~_{t-1}, m_t> = sum_tau c[t-1, tau] G[t, tau]
     G[t, tau] = <m_t, m_tau> = sum_params (f_t . f_tau) (inp_t . inp_tau)   (batched GEMMs)
+                (a mask: less the same over its zeros, the products f_t[r] inp_t[p] there)
     g = sum_{t, b} w_t[b] m_t[b],  w_t = lambda_t / rho1_t,
         lambda_t = (q_t . h~_t) + lambda_{t+1} / rho0_{t+1}                  (reverse scan)
 
-so the gradient is, per parameter, one GEMM over the stacked (T B) rows, as in BPTT, and
-the only sequential work is ``J_t h~`` (one GEMM a step on Elman; a ``torch.func.jvp`` of
-the cell's step otherwise) and O(B T) scalars a step for the norms. Sequences longer
-than ``CHUNK`` steps are cut into chunks: theta~ is formed at each chunk's end (one
-batched GEMM) and its inner products with the next chunk's ``m_t`` are one more.
+so the gradient is, per group of parameters sharing f (their inputs stacked), one GEMM
+over the stacked (T B) rows, as in BPTT, and the only sequential work is ``J_t h~`` and
+O(B T) scalars a step for the norms. ``J_t h~`` is one GEMM a step on Elman; on a cell that
+declares its linearization (GRU, LSTM, LIF/ALIF) it comes from the declared structure,
+the per-unit blocks ``local`` plus one GEMM over the recurrent weights (``_structured_jv``,
+checked once per cell against ``torch.func.jvp``); on a diagonal cell (LRU, eLSTM) the
+blocks alone; otherwise a double backward through the step. The linearization of every
+step is one call on the (T B) rows. Sequences are cut into blocks of up to ``CHUNK``
+steps (``_chunk``): theta~ is formed at each block's end (one batched GEMM per group) and
+its inner products with the next block's ``m_t`` are one more.
 
 Equal to the online init / step / flush sum (the same signs, ``_signs``) to round-off.
 """
