@@ -572,7 +572,9 @@ def _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal):
                 O = torch.cat([torch.zeros_like(c) if g is None else g
                                for g, c in zip(gs, rows)], 1)
             O = O.reshape(T, B, C, U)
-    Lt = local.permute(0, 2, 3, 1).contiguous().view(T, B, C, C, U)  # [c, c', i]
+    # [c, c', i]: a strided view of the cell's (N, U, C, C) blocks (no copy), read C^2
+    # times a step into a contiguous result
+    Lt = local.reshape(T, B, U, C, C).permute(0, 1, 3, 4, 2)
     if rec:
         Dcat = rec[0][0] if len(rec) == 1 else torch.cat([D for D, _ in rec], 2)
         WT = (rec[0][1] if len(rec) == 1 else torch.cat([W for _, W in rec], 0)).T.contiguous()
@@ -581,13 +583,11 @@ def _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal):
 
     def Jv(t, v):
         v3 = v.view(B, C, U)
-        if C == 1:
-            out = Lt[t, :, 0] * v3  # (B, 1, U)
-        else:
-            Lk = Lt[t]
-            out = Lk[:, :, 0] * v3[:, :1]
-            for c in range(1, C):
-                out.addcmul_(Lk[:, :, c], v3[:, c:c + 1])
+        out = v.new_empty(B, C, U)
+        Lk = Lt[t]
+        torch.mul(Lk[:, :, 0], v3[:, :1], out=out)
+        for c in range(1, C):
+            out.addcmul_(Lk[:, :, c], v3[:, c:c + 1])
         if rec:
             if c0 is not None:
                 y = v3[:, c0]
