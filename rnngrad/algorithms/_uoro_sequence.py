@@ -530,7 +530,6 @@ def _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal):
     S = C * U
     rec = []  # (D (N, C, G, U), W' (G U, U))
     c0 = None
-    O = None
     if not diagonal:
         rows = type(prev)(*(c.reshape(N, U) for c in prev))
         probe = type(prev)(*(c[:B] for c in rows))
@@ -560,18 +559,22 @@ def _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal):
                 rec.append((im.D, W.view(Gn * U, U)))
         if not rec:
             return None
-        if c0 is None:  # O[n, c, i] = d out_i / d s[c, i]: the output's slopes, per unit
+        vjp_ = getattr(cell, "output_vjp", None)
+        if c0 is None and vjp_ is not None:  # O_t from the closed form, a step at a time
+            ones_b = rows[0].new_ones(B, U)  # (in cache: cheaper than over the (T B) rows)
+
+            def O_at(t):
+                return vjp_(type(prev)(*(c[t] for c in prev)), ones_b).view(B, C, U)
+        elif c0 is None:  # O[n, c, i] = d out_i / d s[c, i]: the output's slopes, per unit
             ones = rows[0].new_ones(N, U)
-            vjp_ = getattr(cell, "output_vjp", None)
-            if vjp_ is not None:
-                O = vjp_(rows, ones)
-            else:
-                with torch.enable_grad():
-                    st = type(rows)(*(c.detach().requires_grad_(True) for c in rows))
-                    gs = torch.autograd.grad(cell.output(st), list(st), ones, allow_unused=True)
-                O = torch.cat([torch.zeros_like(c) if g is None else g
-                               for g, c in zip(gs, rows)], 1)
+            with torch.enable_grad():
+                st = type(rows)(*(c.detach().requires_grad_(True) for c in rows))
+                gs = torch.autograd.grad(cell.output(st), list(st), ones, allow_unused=True)
+            O = torch.cat([torch.zeros_like(c) if g is None else g for g, c in zip(gs, rows)], 1)
             O = O.reshape(T, B, C, U)
+
+            def O_at(t):
+                return O[t]
     # [c, c', i]: a strided view of the cell's (N, U, C, C) blocks (no copy), read C^2
     # times a step into a contiguous result
     Lt = local.reshape(T, B, U, C, C).permute(0, 1, 3, 4, 2)
@@ -592,7 +595,7 @@ def _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal):
             if c0 is not None:
                 y = v3[:, c0]
             else:
-                Ok = O[t]
+                Ok = O_at(t)
                 y = Ok[:, 0] * v3[:, 0]
                 for c in range(1, C):
                     y.addcmul_(Ok[:, c], v3[:, c])
