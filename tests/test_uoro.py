@@ -228,3 +228,23 @@ def test_structured_jv_equals_forward_mode_at_every_step(kind):
         ref = jvp(F, (s,), (v,))[1]
         torch.testing.assert_close(Jv(t, v), ref, rtol=1e-12, atol=1e-12)
         st = cell.step(params, st, x[t])
+
+
+@pytest.mark.parametrize("pattern", ["offdiag", "random_sparse", "random_dense"])
+def test_masked_gram_equals_the_dense_one(pattern):
+    """<m_t, m_tau> of a masked rank-one term ((f inp^T) * mask) from the Gram matrices of
+    f and inp less (or only) the masked entries' products, against the dense terms."""
+    g = torch.Generator().manual_seed(0)
+    K, B, R, P = 5, 3, 6, 7
+    f = torch.randn(K, B, R, generator=g, dtype=torch.float64)
+    inp = torch.randn(K, B, P, generator=g, dtype=torch.float64)
+    if pattern == "offdiag":
+        mask = torch.ones(R, P, dtype=torch.float64)
+        mask[:, 1:].fill_diagonal_(0.0)
+    else:
+        p = 0.2 if pattern == "random_sparse" else 0.8
+        mask = (torch.rand(R, P, generator=g) > p).to(torch.float64)
+    m = f.unsqueeze(3) * inp.unsqueeze(2) * mask  # (K, B, R, P)
+    ref = torch.einsum("kbrp,lbrp->bkl", m, m)
+    G = _seq._block_gram([f], [inp], [_seq._holes(mask)])
+    torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-12)

@@ -105,7 +105,35 @@ def _holes(mask: Tensor):
     zeros = (mask == 0).nonzero()
     keep = 2 * zeros.shape[0] > mask.numel()
     idx = (mask != 0).nonzero() if keep else zeros
-    return idx[:, 0], idx[:, 1], keep
+    rows, cols = idx[:, 0], idx[:, 1]
+    n = rows.numel()
+    if n:  # a shifted diagonal (LIF's W_rec in its group): two slices instead of gathers
+        ar = torch.arange(n, device=mask.device)
+        r0, c0 = int(rows[0]), int(cols[0])
+        if torch.equal(rows - r0, ar) and torch.equal(cols - c0, ar):
+            return slice(r0, r0 + n), slice(c0, c0 + n), keep
+    return rows, cols, keep
+
+
+def _take(X: Tensor, idx) -> Tensor:
+    """X[..., idx] over the last axis: a slice, or a gather."""
+    return X[..., idx] if isinstance(idx, slice) else X.index_select(X.dim() - 1, idx)
+
+
+def _block_gram(fs, inps, holes) -> Tensor:
+    """(B, K, K): <m_t, m_tau> over a block, the sum over groups of (f_t . f_tau)
+    (inp_t . inp_tau), less the Gram matrix of the products f_t[r] inp_t[p] over a mask's
+    zeros (or only that over its ones; ``_holes``)."""
+    G = None
+    for f, inp, hl in zip(fs, inps, holes):
+        if hl is not None and hl[2]:
+            term = _gram(_take(f, hl[0]) * _take(inp, hl[1]))
+        else:
+            term = _gram(f).mul_(_gram(inp))
+            if hl is not None:
+                term.sub_(_gram(_take(f, hl[0]) * _take(inp, hl[1])))
+        G = term if G is None else G.add_(term)
+    return G
 
 
 def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
@@ -128,18 +156,7 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
         K = t1 - t0
         fs = [fac.fs[fi][t0:t1] for fi, _, _, _ in fac.groups]
         inps = [inp[t0:t1] for _, inp, _, _ in fac.groups]
-        # <m_t, m_tau> = sum over groups of (f_t . f_tau)(inp_t . inp_tau), less the Gram
-        # matrix of f_t[r] inp_t[p] over a mask's zeros (or only that over its ones)
-        G = None
-        for f, inp, hl in zip(fs, inps, holes):
-            term = _gram(f)
-            if hl is None:
-                term.mul_(_gram(inp))
-            else:
-                rows, cols, keep = hl
-                Gy = _gram(f.index_select(2, rows) * inp.index_select(2, cols))
-                term = Gy if keep else term.mul_(_gram(inp)).sub_(Gy)
-            G = term if G is None else G.add_(term)
+        G = _block_gram(fs, inps, holes)
         Gd = G.diagonal(dim1=1, dim2=2).T  # (K, B) ||m_t||^2
         # rho1 = sqrt(||m_t|| / ||nu_t||): it does not depend on the signs' values
         r1 = ((Gd.sqrt() + eps) / (nu[t0:t1].norm(dim=2) + eps)).sqrt_()
@@ -380,7 +397,6 @@ def _generic(cell, params, inputs, state0, gen, eps):
     if both is not None:  # the forward and the linearization of every step together
         prev, new, outs, lin = both(params, inputs, state0, need=need)
         imm, local = lin.immediate, lin.local
-        s_all = torch.cat([flatten_state(state0).unsqueeze(0), torch.cat(tuple(new), -1)])
     elif own:  # the cell's forward, then its linearization on the (T B) rows at once
         from ._sequence import trajectory_states
 
@@ -388,10 +404,9 @@ def _generic(cell, params, inputs, state0, gen, eps):
         lin = cell.linearize(params, type(prev)(*(c.reshape(N, -1) for c in prev)),
                              inputs.reshape(N, -1), need=need)
         imm, local = lin.immediate, lin.local
-        s_all = torch.cat([flatten_state(state0).unsqueeze(0), torch.cat(tuple(new), -1)])
     else:  # a derived linearization: step by step (B rows each), its structure checked first
         prev = outs = None
-        st, flats, steps, locals_ = state0, [flatten_state(state0)], [], []
+        st, sts, steps, locals_ = state0, [], [], []
         for t in range(T):
             lin = cell.linearize(params, st, inputs[t], need=need)
             if t == 0 and _pairs(lin.immediate, params, C, U) is None:
@@ -400,8 +415,8 @@ def _generic(cell, params, inputs, state0, gen, eps):
             if diagonal:
                 locals_.append(lin.local)
             st = lin.state
-            flats.append(flatten_state(st))
-        s_all = torch.stack(flats)
+            sts.append(st)
+        new = type(state0)(*(torch.stack(c) for c in zip(*sts)))  # (T, B, U) components
         memo: dict = {}  # a factor or input row shared by parameters stays shared
         imm = {name: _cat_immediate([s[name] for s in steps], memo) for name in steps[0]}
         local = torch.cat(locals_) if diagonal else None
@@ -421,17 +436,22 @@ def _generic(cell, params, inputs, state0, gen, eps):
     inps = [imm[name].inp.reshape(T, B, -1) for name in ikeys]
     fac = Factors(fs, inps, pairs, masks)
 
+    s_first = flatten_state(state0)
+
+    def state_at(t):  # s_{t-1} flattened (B, S): the state step t starts from
+        return s_first if t == 0 else torch.cat([c[t - 1] for c in new], -1)
+
     def F(t, s):
         return flatten_state(cell.step(params, unflatten_state(s, state0), inputs[t]))
 
     def Jv_forward(t, v):
-        return jvp(lambda s: F(t, s), (s_all[t],), (v,))[1]
+        return jvp(lambda s: F(t, s), (state_at(t),), (v,))[1]
 
     def Jv_reverse(t, v):
         # J v as the vjp of (u -> J^T u) (double backward): about half the cost of
         # torch.func's forward mode on these cells
         with torch.enable_grad():
-            s = s_all[t].detach().requires_grad_(True)
+            s = state_at(t).detach().requires_grad_(True)
             out = F(t, s)
             u = torch.zeros_like(out, requires_grad=True)
             (g,) = torch.autograd.grad(out, s, u, create_graph=True)
@@ -442,13 +462,13 @@ def _generic(cell, params, inputs, state0, gen, eps):
     if local is not None and prev is not None:
         Jv = _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal)
         if Jv is not None and not diagonal \
-                and not _checked(cell, "structured", s_all, Jv_forward, Jv):
+                and not _checked(cell, "structured", state_at, T, Jv_forward, Jv):
             Jv = None
     if Jv is None:
-        Jv = Jv_reverse if _checked(cell, "reverse", s_all, Jv_forward, Jv_reverse) \
+        Jv = Jv_reverse if _checked(cell, "reverse", state_at, T, Jv_forward, Jv_reverse) \
             else Jv_forward
 
-    state_all = unflatten_state(s_all[1:].reshape(N, S), state0)
+    state_all = type(state0)(*(c.reshape(N, U) for c in new))
     x_all = inputs.reshape(N, -1)
     emits = cell.emits
     if outs is None:
@@ -611,24 +631,25 @@ def _structured_jv(cell, params, prev, imm, local, pairs, T, B, C, U, diagonal):
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _checked(cell, kind: str, s_all: Tensor, ref, cand) -> bool:
+def _checked(cell, kind: str, state_at, T: int, ref, cand) -> bool:
     """``_agrees`` once per cell, path, dtype and device (what it checks is the cell's
     structure, not its parameters' values)."""
     seen = _CHECKED.setdefault(cell, {})
-    key = (kind, s_all.dtype, s_all.device.type)
+    s0 = state_at(0)
+    key = (kind, s0.dtype, s0.device.type)
     if key not in seen:
-        seen[key] = _agrees(ref, cand, s_all)
+        seen[key] = _agrees(ref, cand, s0, T)
     return seen[key]
 
 
-def _agrees(ref, cand, s_all: Tensor) -> bool:
+def _agrees(ref, cand, s0: Tensor, T: int) -> bool:
     """Whether ``cand`` (a cheaper J v) equals forward mode's ``ref`` on one random tangent
     at the first two steps (a cell whose backward is not itself differentiable, e.g. a
     custom autograd Function, fails here or raises): the cheap path only where it is right."""
-    g = torch.Generator(device=s_all.device).manual_seed(0)
-    tol = 1e-10 if s_all.dtype == torch.float64 else 1e-4
-    for t in range(min(2, s_all.shape[0] - 1)):
-        v = torch.randn(s_all.shape[1:], generator=g, device=s_all.device, dtype=s_all.dtype)
+    g = torch.Generator(device=s0.device).manual_seed(0)
+    tol = 1e-10 if s0.dtype == torch.float64 else 1e-4
+    for t in range(min(2, T)):
+        v = torch.randn(s0.shape, generator=g, device=s0.device, dtype=s0.dtype)
         try:
             a, b = ref(t, v), cand(t, v)
         except RuntimeError:
