@@ -145,7 +145,7 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
     T, B, S = nu.shape
     like = nu
     h = nu.new_zeros(B, S)
-    n2 = nu.new_zeros(B)
+    n2 = nu.new_zeros(B, 1)
     theta = None  # per group (B, R, P): theta~ at the block's start, formed past the first
     grads = {}
     chunk = _chunk(T, fac)
@@ -171,32 +171,35 @@ def run(Jv, nu: Tensor, fac: Factors, Q: Tensor, eps: float) -> dict:
                     X += (torch.bmm(fb, th) * ib).sum(2)
                 else:
                     X += (torch.bmm(ib, th.transpose(1, 2)) * fb).sum(2)
-        inv0 = like.new_empty(K, B)  # 1 / rho0_t
-        # per step, everything that does not wait for rho0, for the whole block at once
+        inv0 = like.new_empty(K, B, 1)  # 1 / rho0_t
+        # per step, everything that does not wait for rho0, for the whole block at once,
+        # and every step's rows as views made in one call each (shapes (B, 1) for scalars)
         inv1 = r1.reciprocal()
         nu1 = nu[t0:t1] * r1.unsqueeze(2)  # rho1_t nu_t
-        two1 = inv1 * 2.0
-        last = Gd * inv1.square()  # ||m_t||^2 / rho1^2
-        inv1c = inv1.unsqueeze(2)
+        two1 = (inv1 * 2.0).unsqueeze(2)
+        last = (Gd * inv1.square()).unsqueeze(2)  # ||m_t||^2 / rho1^2
         Gt = G.transpose(0, 1)  # (K, B, K): row t of every example's Gram matrix
+        steps = zip(nu1.unbind(0), two1.unbind(0), last.unbind(0), Gt.unbind(0),
+                    inv1.unsqueeze(2).unbind(0), inv0.unbind(0), hbuf.unbind(0), X.split(1, 1))
         nrm = n2.sqrt()
-        for k in range(K):
+        for k, (nu1k, two1k, lastk, Gk, inv1k, inv0k, hk, Xk) in enumerate(steps):
             Jh = Jv(t0 + k, h)
-            rho0 = nrm.add_(eps).div_(torch.linalg.vector_norm(Jh, dim=1).add_(eps)).sqrt_()
-            h = torch.addcmul(nu1[k], rho0.unsqueeze(1), Jh, out=hbuf[k])
-            inv = torch.reciprocal(rho0, out=inv0[k])
+            rho0 = nrm.add_(eps).div_(
+                torch.linalg.vector_norm(Jh, dim=1, keepdim=True).add_(eps)).sqrt_()
+            h = torch.addcmul(nu1k, rho0, Jh, out=hk)
+            inv = torch.reciprocal(rho0, out=inv0k)
             # ||theta~_t||^2 = (||theta~_{t-1}||^2 / rho0 + 2 cross / rho1) / rho0 + last
-            n2.mul_(inv).addcmul_(X[:, k], two1[k]).mul_(inv).add_(last[k]).clamp_(min=0.0)
+            n2.mul_(inv).addcmul_(Xk, two1k).mul_(inv).add_(lastk).clamp_(min=0.0)
             nrm = n2.sqrt()
-            X.mul_(inv.unsqueeze(1)).addcmul_(Gt[k], inv1c[k])
+            X.mul_(inv).addcmul_(Gk, inv1k)
+        inv0 = inv0.view(K, B)
         s = torch.linalg.vecdot(Q[t0:t1], hbuf[:K])  # (K, B): q_t . h~_t
         # g = sum_t s_t theta~_t, reordered: lambda_t = s_t + lambda_{t+1} / rho0_{t+1}
-        w = like.new_empty(K, B)
-        lam = s[K - 1].clone()
-        torch.mul(lam, inv1[K - 1], out=w[K - 1])
+        lams = s.clone()
         for k in range(K - 2, -1, -1):
-            lam = torch.addcmul(s[k], lam, inv0[k + 1])
-            torch.mul(lam, inv1[k], out=w[k])
+            torch.addcmul(s[k], lams[k + 1], inv0[k + 1], out=lams[k])
+        w = lams * inv1
+        lam = lams[0]
         beta = lam * inv0[0]  # the weight of theta~_{t0}
         for j, (f, inp, (_, _, mask, names)) in enumerate(zip(fs, inps, fac.groups)):
             wf = (f * w.unsqueeze(2)).reshape(K * B, -1)
