@@ -397,6 +397,10 @@ def _generic(cell, params, inputs, state0, gen, eps):
     both = getattr(cell, "linearize_sequence", None)
     own = type(cell).linearize is not Cell.linearize
     need = ("immediate", "local") if (diagonal or both is not None) else ("immediate",)
+    if (both is not None or own) and _pairs(
+            cell.linearize(params, state0, inputs[0], need=("immediate",)).immediate,
+            params, C, U) is None:  # a dense or per-unit term: known from one step's B rows
+        return None
     if both is not None:  # the forward and the linearization of every step together
         prev, new, outs, lin = both(params, inputs, state0, need=need)
         imm, local = lin.immediate, lin.local
