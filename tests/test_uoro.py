@@ -48,7 +48,8 @@ def test_fresh_noise_across_sequences_but_reproducible():
 
 # --- the whole-sequence form against the online steps -------------------------------------
 
-SEQ_KINDS = ["elman", "elman_leaky", "gru", "lstm", "lru", "elstm", "mgu", "alif", "stack2"]
+SEQ_KINDS = ["elman", "elman_leaky", "gru", "lstm", "lru", "elstm", "mgu", "lif", "alif",
+             "stack2"]
 
 
 def _online_sum(algo, net, x, y, mask, dh=None, loss="mse"):
@@ -169,3 +170,81 @@ def test_gradient_with_h0_raises_on_both_paths():
         for algo in (rnngrad.uoro(), rnngrad.uoro()._replace(sequence=None)):
             with pytest.raises(ValueError, match="initial state h0"):
                 rnngrad.gradient(net, x, y, h0=h0, algorithm=algo)
+
+
+@pytest.mark.parametrize("kind", ["lif", "alif"])
+def test_spiking_gradient_is_unbiased_and_has_no_self_connections(kind):
+    """LIF/ALIF declare W_rec's immediate term as one shared input row with the diagonal
+    masked (no self-connections): UORO's m_t keeps those entries zero, on the sequence
+    form and online, and the mean of n independent estimates (n copies of one sequence)
+    is BPTT's gradient through the same surrogate."""
+    f64 = {"dtype": torch.float64}
+    torch.manual_seed(0)
+    cell = (rnngrad.cells.LIF(2, 4, v_th=0.3, **f64) if kind == "lif"
+            else rnngrad.cells.ALIF(2, 4, v_th=0.3, beta=0.2, t_ref=2.0, **f64))
+    net = rnngrad.Network(cell, 2)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 1, 2, generator=g, **f64) * 2
+    y = torch.randn(6, 1, 2, generator=g, **f64)
+    n = 20000
+    X, Y = x.expand(-1, n, -1).contiguous(), y.expand(-1, n, -1).contiguous()
+    _, est = rnngrad.gradient(net, X, Y, algorithm=rnngrad.uoro(seed=5))
+    _, exact = rnngrad.gradient(net, x, y)
+    for name in ("cells.0.W_in", "cells.0.W_rec"):
+        rel = ((est[name] - exact[name]).norm() / exact[name].norm()).item()
+        assert rel < 0.1, (name, rel)
+    assert torch.equal(est["cells.0.W_rec"].diagonal(), torch.zeros(4, **f64))
+    online = _online_sum(rnngrad.uoro(seed=5), net, X[:, :50], Y[:, :50],
+                         torch.ones(6, 50, **f64))
+    assert torch.equal(online["cells.0.W_rec"].diagonal(), torch.zeros(4, **f64))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "lif", "alif", "lru", "elstm"])
+def test_structured_jv_equals_forward_mode_at_every_step(kind):
+    """The sequence form's J_t v from the declared structure (the cell's per-unit blocks
+    and one GEMM over the recurrent weights) equals torch.func's jvp of the step, at every
+    step, on random tangents."""
+    from rnngrad.algorithms._network import bind
+    from rnngrad.cells._derive import jvp
+
+    net = make_net(kind)
+    x, _, _ = data(T=6)
+    b = bind(net)
+    cell, params = b.cells[0], b.params[0]
+    s0 = cell.init_state(x.shape[1])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        h_all, nu, fac, Jv, _ = _seq._generic(cell, params, x, s0, gen, 1e-7)
+    assert Jv.__qualname__.startswith("_structured_jv")
+    st, g = s0, torch.Generator().manual_seed(1)
+    for t in range(x.shape[0]):
+        s = torch.cat(tuple(st), -1)
+        v = torch.randn(s.shape, generator=g, dtype=s.dtype)
+
+        def F(u, t=t, st=st):
+            parts = torch.split(u, [c.shape[-1] for c in st], -1)
+            return torch.cat(tuple(cell.step(params, type(st)(*parts), x[t])), -1)
+
+        ref = jvp(F, (s,), (v,))[1]
+        torch.testing.assert_close(Jv(t, v), ref, rtol=1e-12, atol=1e-12)
+        st = cell.step(params, st, x[t])
+
+
+@pytest.mark.parametrize("pattern", ["offdiag", "random_sparse", "random_dense"])
+def test_masked_gram_equals_the_dense_one(pattern):
+    """<m_t, m_tau> of a masked rank-one term ((f inp^T) * mask) from the Gram matrices of
+    f and inp less (or only) the masked entries' products, against the dense terms."""
+    g = torch.Generator().manual_seed(0)
+    K, B, R, P = 5, 3, 6, 7
+    f = torch.randn(K, B, R, generator=g, dtype=torch.float64)
+    inp = torch.randn(K, B, P, generator=g, dtype=torch.float64)
+    if pattern == "offdiag":
+        mask = torch.ones(R, P, dtype=torch.float64)
+        mask[:, 1:].fill_diagonal_(0.0)
+    else:
+        p = 0.2 if pattern == "random_sparse" else 0.8
+        mask = (torch.rand(R, P, generator=g) > p).to(torch.float64)
+    m = f.unsqueeze(3) * inp.unsqueeze(2) * mask  # (K, B, R, P)
+    ref = torch.einsum("kbrp,lbrp->bkl", m, m)
+    G = _seq._block_gram([f], [inp], [_seq._holes(mask)])
+    torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-12)

@@ -104,14 +104,18 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
         if factors is not None:
             # a factored immediate term: m_t is f inp^T per parameter, added in place into
             # theta~'s rows of that parameter (no (B, N) tensor per step)
-            norm2 = sum((f * f).sum(1) * (i * i).sum(1) for _, f, i in factors)
+            # ||(f inp^T) * mask||^2 = sum_r f_r^2 sum_p mask_rp inp_p^2 (a 0/1 mask)
+            norm2 = sum((f * f).sum(1) * (i * i).sum(1) if m is None
+                        else ((i * i) @ m.T * (f * f)).sum(1) for _, f, i, m in factors)
             rho1 = ((norm2.sqrt() + eps) / (nu.norm(dim=1) + eps)).sqrt_()
             th.div_(rho0.unsqueeze(1))
             inv1 = rho1.reciprocal().unsqueeze(1)
-            for off, f, i in factors:
+            for off, f, i, m in factors:
                 R, P = f.shape[1], i.shape[1]
-                th[:, off:off + R * P].view(B, R, P).baddbmm_((f * inv1).unsqueeze(2),
-                                                              i.unsqueeze(1))
+                blk = th[:, off:off + R * P].view(B, R, P)
+                blk.baddbmm_((f * inv1).unsqueeze(2), i.unsqueeze(1))
+                if m is not None:  # theta~ keeps the structural zeros
+                    blk.mul_(m)
         else:
             def per_example(s1, x1, nu1):
                 def f1(p):
@@ -177,10 +181,11 @@ def step(model, gen, eps: float, state: NetUOROState, x_t, target_t, mask_t, los
 
 
 def _factors(net, state, x_t, nu):
-    """``[(offset in theta~, f (B, R), inp (B, P))]``: the step's ``m_t = Mbar_t^T nu`` of a
-    one-layer network as one rank-one term per parameter, from the cell's declared
-    immediate term (``f[g, i] = sum_c nu[c, i] D[c, g, i]``); None where it is dense or
-    per unit (then the per-example vjp)."""
+    """``[(offset in theta~, f (B, R), inp (B, P), mask (R, P) or None)]``: the step's
+    ``m_t = Mbar_t^T nu`` of a one-layer network as one rank-one term per parameter
+    (``(f inp^T) * mask``), from the cell's declared immediate term (``f[g, i] = sum_c
+    nu[c, i] D[c, g, i]``, the mask its structural zeros, LIF's W_rec diagonal); None where
+    it is dense, per unit or masked by other than 0/1 (then the per-example vjp)."""
     cell, params = net.cells[0], net.params[0]
     U = cell.n_units
     if any(int(c.shape[-1]) != U for c in state):
@@ -199,7 +204,13 @@ def _factors(net, state, x_t, nu):
                 or im.D.shape[1] != C or im.D.shape[3] != U \
                 or im.D.shape[2] * U * im.inp.shape[2] != p.numel():
             return None
+        mask = getattr(im, "mask", None)
+        if mask is not None:
+            if tuple(mask.shape) != (U, im.inp.shape[2]) \
+                    or not bool(((mask == 0) | (mask == 1)).all()):
+                return None
+            mask = mask.repeat(im.D.shape[2], 1)  # (G U, P): the same for every gate
         f = torch.einsum("bcu,bcgu->bgu", nu3, im.D).reshape(B, -1)
-        out.append((off, f, im.inp.squeeze(1)))
+        out.append((off, f, im.inp.squeeze(1), mask))
         off += p.numel()
     return out

@@ -32,12 +32,12 @@ drawn a block of 32 steps per generator call (``_signs``) into a buffer of the s
 Over a whole sequence with fixed weights (``rnngrad.gradient``, the ``sequence`` slot)
 theta~ is never formed (``_uoro_sequence``): it stays a weighted sum of the steps'
 rank-one terms, its norm comes from per-example Gram matrices over time and the gradient
-is one GEMM per parameter over the stacked (T B) rows, as in BPTT; the sequential part is
-``J_t h~`` (one GEMM a step on Elman) and O(B T) scalars a step. It applies to one layer
-whose cell declares a factored immediate term (every built-in cell but ALIF/LIF, whose
-recurrent input is masked per unit) and a plain readout, and draws the same signs as the
-online steps, so the two give the same gradient to round-off; other networks run the
-online steps.
+is one GEMM per parameter group over the stacked (T B) rows, as in BPTT; the sequential
+part is ``J_t h~`` (one GEMM a step on Elman and, from their declared structure, on GRU,
+LSTM and LIF/ALIF) and O(B T) scalars a step. It applies to one layer whose cell declares
+a factored immediate term (every built-in cell; LIF/ALIF's W_rec with its diagonal
+masked) and a plain readout, and draws the same signs as the online steps, so the two
+give the same gradient to round-off; other networks run the online steps.
 
 Approximate (unbiased, high variance). Online. Cost per step: time O(B H (H + D + K)),
 memory O(B H (H + D + 1)) (theta~ per example), constant in T.
