@@ -78,11 +78,12 @@ def run(algorithm: Algorithm, model, state, inputs: Tensor, targets: Tensor | No
                          f"{tuple(dh.shape) if isinstance(dh, Tensor) else type(dh).__name__}")
     before = _weights(model)
     if _closed_form(state):
-        from . import _sequence
+        from . import _sequence, _traces_network
         from .base import _check_state
 
         _check_state(algorithm.name, algorithm.init.__wrapped__, model, state, {})
         new, hs, value, grads = _sequence.chunk(model, state, inputs, targets, mask, loss, dh)
+        new, grads = _traces_network.as_given(model, state, new, grads)
         z = torch.addmm(model.b_out.detach(), hs.reshape(k * B, -1),
                         model.W_out.detach().T).view(k, B, -1)
         if targets is None and dh is None:

@@ -97,7 +97,13 @@ def _own_params(cell) -> dict[str, Tensor]:
     return dict(cell.named_parameters())
 
 
-_BOUND = None  # model -> (per layer: (cell, (name, parameter, data_ptr, shape)...), Bound)
+# id(model) -> (weak reference to it, per layer (cell, ((name, parameter, data_ptr, shape),
+# ...)), Bound); a plain dict (a C lookup per step), its entry dropped with the model
+_BOUND: dict = {}
+
+
+def _forget_bound(key: int) -> None:
+    _BOUND.pop(key, None)
 
 
 def bind(model) -> Bound:
@@ -108,16 +114,11 @@ def bind(model) -> Bound:
     Kept per model between calls (an online step calls this every step): reused while every
     layer has the same cell, the same parameter objects and each the same storage as its
     detached view (a parameter replaced, or its ``.data`` swapped, rebinds)."""
-    global _BOUND
     layers = model.layers()
-    compiling = torch.compiler.is_compiling()  # traced: no cache (data_ptr, weak dicts)
-    if _BOUND is None:
-        import weakref
-
-        _BOUND = weakref.WeakKeyDictionary()
-    hit = None if compiling else _BOUND.get(model)
-    if hit is not None and len(hit[0]) == len(layers):
-        sig, bound = hit
+    compiling = torch.compiler.is_compiling()  # traced: no cache (data_ptr, weak references)
+    hit = None if compiling else _BOUND.get(id(model))
+    if hit is not None and hit[0]() is model and len(hit[1]) == len(layers):
+        _, sig, bound = hit
         for i, (prefix, cell) in enumerate(layers):
             c, own = sig[i]
             ps = cell._parameters
@@ -152,7 +153,10 @@ def bind(model) -> Bound:
         check_real(model)  # raises, naming the parameter
     bound = Bound(cells, prefixes, params, names, offsets)
     if not compiling:
-        _BOUND[model] = (sig, bound)
+        import weakref
+
+        key = id(model)
+        _BOUND[key] = (weakref.ref(model, lambda _, k=key: _forget_bound(k)), sig, bound)
     return bound
 
 

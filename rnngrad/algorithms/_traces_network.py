@@ -73,7 +73,7 @@ from ._online import BLOCKED_ABOVE, row_blocks, rows_of, update_and_contract
 from .base import Grads, StepOutput, output_grads, readout_step
 
 __all__ = ["NetTraceState", "Group", "init", "step", "check_owned", "MODES",
-           "eligibility_decay"]
+           "eligibility_decay", "as_given"]
 
 # per layer: per-unit traces through the local Jacobian (SnAp-1; exact RTRL for a
 # diagonal cell) or the eligibility Jacobian (e-prop); or the dense influence of the
@@ -350,7 +350,11 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
                 X3.mul_(J.view(BC, U, 1)).baddbmm_(Dv, row)
             else:
                 X3.mul_(_rows_signal(J.reshape(BC, 1, U), G).unsqueeze(2)).baddbmm_(Dv, row)
-            return None if L is None else _contract_rows(X3, L)
+            if L is None:
+                return None
+            if BC == 1:  # one example: a row scaling
+                return (X3 * L.unsqueeze(2)).view(GU, P)
+            return torch.bmm(L.T.contiguous().unsqueeze(1), X3.transpose(0, 1)).view(GU, P)
         if decay is not None:
             def update(Xb, rows):
                 Xb.baddbmm_(rows_of(Dv, rows), row, beta=decay)
@@ -382,15 +386,6 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
     if L is None:
         return None
     return _update_and_contract(X3, _unchanged, L)
-
-
-def _contract_rows(X: Tensor, L: Tensor) -> Tensor:
-    """``G[i, j] = sum_b L[b, i] X[b, i, j]`` for X (B, H, P) in one block: a row scaling for
-    one example, else one batched GEMV over the rows (strided views, no copy of X)."""
-    B, H, P = X.shape
-    if B == 1:
-        return (X * L.unsqueeze(2)).view(H, P)
-    return torch.bmm(L.T.contiguous().unsqueeze(1), X.transpose(0, 1)).view(H, P)
 
 
 def _update_and_contract(X: Tensor, update, L: Tensor | None) -> Tensor | None:
@@ -458,6 +453,15 @@ def _current_groups(state: NetTraceState, l: int, cell, C: int, U: int, B: int, 
             return grp, traces
     like = next(iter(cell.parameters())).detach()
     return _groups(cell, traces, B, C, U, not _never_formed(cell, mode, leaky), like)
+
+
+def as_given(model, before: NetTraceState, after: NetTraceState, grads):
+    """A state a chunk left (``_sequence.chunk``: the states as tuples, traces of its own)
+    in the form ``before`` had: ``rnngrad.RNN``'s h as its tensor, grads["h0"] as h0 came."""
+    after = after._replace(h=shown(model, after.h), h0_tensor=before.h0_tensor)
+    if grads is not None and isinstance(grads.get("h0"), tuple):
+        grads["h0"] = state_grad_form(grads["h0"], before.h0_tensor)
+    return after, grads
 
 
 def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh_t):
@@ -618,7 +622,9 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                 grads.update(output_grads(dz, h))
             if state.c is not None:
                 grads["h0"] = state_grad_form(tuple(d0), state.h0_tensor)
-        new = NetTraceState(shown(model, tuple(states)), traces, state.feedback,
-                            cs if state.c is not None else None, state.modes, None, groups,
+        hs = tuple(states)
+        new = NetTraceState(hs[0].h if getattr(model, "flat_state", False) else hs, traces,
+                            state.feedback, cs if state.c is not None else None, state.modes,
+                            None, groups,
                             state.h0_tensor)
     return new, StepOutput(h, z, value), grads
