@@ -12,9 +12,10 @@ leave (to round-off). For the per-unit trace rules (e-prop, RFLO, SnAp-1, RTRL o
 diagonal layer, spatial RTRL with diagonal layers; ``_traces_network``) the chunk runs in
 closed form (``_sequence``): the rule's adjoint inside the chunk, and the trace carried
 across its boundary as a scaled copy plus one batched GEMM,
-``M_{t1} = Pi M_{t0} + sum_t Pi_{t+1..t1} I_t``, no trace formed per step. Any other
-algorithm or state (``rnngrad.RNN``'s own paths, a leaky readout, a dense layer, UORO,
-BPTT) steps through the chunk: the same contract, the step loop's cost.
+``M_{t1} = Pi M_{t0} + sum_t Pi_{t+1..t1} I_t``, no trace formed per step (``rnngrad.RNN``
+included: its state and ``grads["h0"]`` come back in its tensor form). Any other
+algorithm or state (a leaky readout, a dense layer, UORO, KF-RTRL, BPTT) steps through
+the chunk: the same contract, the step loop's cost.
 
 The parameters are recorded at the chunk's start (storage and version counter); a chunk
 during which they changed (an optimizer step run from a callback or another thread)
