@@ -36,6 +36,17 @@ layer whose units couple the dense influence of its own parameters ("dense")::
 Cost per step: time and memory O(B C sum_p |p|) for per-unit traces, constant in T;
 O(B S_l^2 N_l) time and O(B S_l N_l) memory for a dense layer.
 
+Layout and cost of a step. A layer's owned parameters with the same rows per unit (G)
+keep their traces side by side in one tensor (B, C, G, U, sum P) (``Group``; the per-name
+``traces`` are views of it), so that one step is one pass of the unit blocks, one batched
+outer product where the immediate terms share their factor and their row (the Elman
+cell: ``alpha phi'(a_t)`` times ``[x_t; h_{t-1}; 1]``; ``baddbmm_``, with the decay as its
+beta when the cell declares its eligibility Jacobian a constant, ``eligibility_decay``)
+and one batched GEMV over the rows for the contraction (above 8 MiB block by block of
+rows, each contracted in cache). Where the declared decay is 0 (Elman at alpha = 1) e-prop's
+trace is its immediate term: it is never stored, and the step's gradient is one GEMM per
+parameter, ``(sum_c q D)^T inp`` over the batch.
+
 A leaky readout (``readout_decay`` kappa > 0; one layer whose output is ``output(state)``
 unit by unit) gets Bellec et al.'s filtered eligibility traces: the trace of each unit's
 output, ``e_p[g, i, j] = sum_c dh_i/ds[c, i] M_p[c, g, i, j]``, low-pass filtered,
@@ -58,6 +69,7 @@ from ..cells._derive import (
     verify_ownership,
 )
 from ..cells.base import unflatten_state
+from ..cells.elman import ElmanState
 from . import _leaky_readout as _leak
 from ._network import (
     as_state,
@@ -67,7 +79,6 @@ from ._network import (
     shown,
     state_grad_form,
     unit_mix,
-    unshown,
 )
 from ._online import BLOCKED_ABOVE, row_blocks, rows_of, update_and_contract
 from .base import Grads, StepOutput, output_grads, readout_step
@@ -333,7 +344,7 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
     X3 = plan.rows  # (B C, G U, P)
     BC, GU, P = X3.shape
     G = GU // U
-    imms = [imm[n] for n in plan.names] if len(plan.names) > 1 else [imm[plan.names[0]]]
+    imms = list(map(imm.__getitem__, plan.names))
     row = _shared_row(imms)
     if qs is None:
         L = None
@@ -377,7 +388,7 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
         for c in range(C):
             X[:, c].view(B, GU, P).baddbmm_(D[:, c].reshape(B, GU, 1), row)
     else:
-        for n, (a, w), d in zip(grp.names, grp.cols, imms):
+        for (a, w), d in zip(grp.cols, imms):
             M = X.narrow(4, a, w)
             if d.inp is None:
                 M.add_(d.D)
@@ -469,7 +480,7 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
         net = bind(model)
         modes = state.modes if state.modes is not None else (mode,) * net.L
         leaky = state.leak is not None
-        h_prev = unshown(state.h) if isinstance(state.h, Tensor) else state.h
+        h_prev = (ElmanState(state.h),) if isinstance(state.h, Tensor) else state.h  # unshown
         x = x_t
         B = x_t.shape[0]
         states, traces, groups, lins, jxs, cs, ins, emits = [], [], [], [], [], [], [], []
@@ -560,7 +571,7 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                     dp, qs, dx = {}, g, None  # the output is the state: the signal is q
                 else:
                     dp, qs, dx = emit_vjp(cell, prm, s, ins[l], g)
-                if torch.is_tensor(traces[l]):  # a dense layer: q^T M over its own columns
+                if isinstance(traces[l], Tensor):  # a dense layer: q^T M over its own columns
                     flat = (qs.reshape(1, -1) @ traces[l].reshape(-1, traces[l].shape[2])
                             ).squeeze(0) if qs is not None else None
                     off = 0
@@ -598,7 +609,7 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                     gp.add_(v.reshape(gp.shape))
                 if state.c is not None:
                     ref = s[0]
-                    if torch.is_tensor(traces[l]):
+                    if isinstance(traces[l], Tensor):
                         S = cs[l].shape[1]
                         dc = (ref.new_zeros(ref.shape[0], S) if qs is None else
                               torch.bmm(qs.unsqueeze(1), cs[l]).squeeze(1))

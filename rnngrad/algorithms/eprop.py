@@ -33,6 +33,13 @@ update in place, one batched outer product accumulated with beta = 1 - alpha
 (``baddbmm_``), and the contraction, one batched GEMV over the units (above 8 MiB block
 by block of rows, each contracted while in cache).
 
+State (decided when the RNN branch went): ``init`` returns the engine's ``NetTraceState``
+on every model. On ``rnngrad.RNN`` ``state.h`` is still the (B, H) tensor h_t and
+``grads["h0"]`` a (B, H) tensor; the trace, once ``EpropState.trace`` (B, H, P) over
+``[W_rec | W_in | b_rec]``, is ``state.traces[0]``: a dict ``W_in``, ``W_rec``, ``b_rec``
+-> (B, 1, 1, H, P_p), views of one (B, 1, 1, H, D + H + 1) tensor over
+``[W_in | W_rec | b_rec]`` (``state.groups``), and empty for alpha = 1.
+
 Approximate (exact only where noted above). Online. Cost per step: time O(B H P),
 memory O(B H P) (alpha < 1) or O(B P) (alpha = 1), constant in T.
 """

@@ -25,6 +25,11 @@ per owned parameter, for the Elman cell ``[W_in | W_rec | b_rec]`` side by side 
 product by ``baddbmm_``), and contracted by one batched GEMV over the units; above 8 MiB
 block by block of rows, so that the second and third pass read from cache.
 
+State: the engine's ``NetTraceState`` on every model; on ``rnngrad.RNN`` ``state.h`` and
+``grads["h0"]`` are (B, H) tensors as before, and the kept M, once ``SnapState.M`` (B, H, P)
+over ``[W_rec | W_in | b_rec]``, is ``state.traces[0]`` (per parameter, views of one
+tensor over ``[W_in | W_rec | b_rec]``, as for e-prop).
+
 Approximate. Online. Cost per step for dense ``W_rec``: time O(B H (H + D + K)),
 memory O(B H (H + D + 1)), constant in T.
 """
