@@ -96,11 +96,14 @@ class Plan:
     """Which parameters share a ``Group``, their columns, and the group's tensor viewed as
     rows (not a tuple, so that the state's stamp of version counters does not walk it)."""
 
-    __slots__ = ("names", "cols", "rows", "owner")
+    __slots__ = ("names", "cols", "widths", "rows", "owner", "whole")
 
     def __init__(self, names: tuple, cols: tuple, rows: Tensor | None = None) -> None:
         self.names = names  # the parameters, in ``named_parameters`` order
         self.cols = cols  # per parameter: (first column, width P) in the group's tensor
+        self.widths = [w for _, w in cols]
+        # the tensor is updated and contracted whole (else block by block of rows)
+        self.whole = rows is None or rows.numel() * rows.element_size() <= BLOCKED_ABOVE
         self.rows = rows  # the group's X viewed as (B C, G U, P_total); None: not formed
         self.owner = None  # the layer's traces dict these views were handed out in
 
@@ -354,7 +357,7 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
         L = _rows_signal(qs.view(-1, C, U), G)
     if row is not None and C == 1:
         Dv = imms[0].D.reshape(BC, GU, 1)
-        if X3.numel() * X3.element_size() <= BLOCKED_ABOVE:  # one block: no closures
+        if plan.whole:  # one block: no closures
             if decay is not None:
                 X3.baddbmm_(Dv, row, beta=decay)
             elif G == 1:
@@ -593,10 +596,12 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                         if gm is None:
                             continue
                         plan = grp.plan
-                        for name, (a, w) in zip(plan.names, plan.cols):  # (G U, P) columns
-                            t, shape = gm.narrow(1, a, w), prm[name].shape
-                            grads[prefix + name] = t if t.shape == shape else t.reshape(shape)
-                        done += len(plan.names)
+                        names = plan.names
+                        parts = gm.split(plan.widths, 1)  # (G U, P) column blocks, views
+                        for i in range(len(names)):
+                            t, shape = parts[i], prm[names[i]].shape
+                            grads[prefix + names[i]] = t if t.shape == shape else t.view(shape)
+                        done += len(names)
                     if done < len(prm):
                         for name, v in prm.items():
                             key = prefix + name

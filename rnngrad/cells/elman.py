@@ -165,7 +165,8 @@ class Elman(Cell):
         B, H = h.shape
         out = {}
         if "local" in need:
-            out["local"] = (d * W_rec.diagonal() + (1.0 - alpha)).view(B, H, 1, 1)
+            loc = d * W_rec.diagonal()
+            out["local"] = (loc if alpha == 1.0 else loc.add_(1.0 - alpha)).view(B, H, 1, 1)
         if "eligibility" in need:
             out["eligibility"] = torch.full((B, H, 1, 1), 1.0 - alpha, dtype=h.dtype,
                                             device=h.device)
