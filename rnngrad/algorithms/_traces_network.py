@@ -361,7 +361,7 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
             if decay is not None:
                 X3.baddbmm_(Dv, row, beta=decay)
             elif G == 1:
-                X3.mul_(J.view(BC, U, 1)).baddbmm_(Dv, row)
+                X3.mul_(J.reshape(BC, U, 1)).baddbmm_(Dv, row)
             else:
                 X3.mul_(_rows_signal(J.reshape(BC, 1, U), G).unsqueeze(2)).baddbmm_(Dv, row)
             if L is None:
@@ -373,7 +373,7 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
             def update(Xb, rows):
                 Xb.baddbmm_(rows_of(Dv, rows), row, beta=decay)
         else:
-            scale = J.view(BC, U, 1) if G == 1 else \
+            scale = J.reshape(BC, U, 1) if G == 1 else \
                 _rows_signal(J.reshape(BC, 1, U), G).unsqueeze(2)  # (B, G U, 1)
 
             def update(Xb, rows):
