@@ -138,8 +138,18 @@ def main():
         for r in rows:
             f.write(f"| {r['algo']} | {r['alpha']} | {r['H']} | {r['B']} | {r['before_us']} | "
                     f"{r['after_us']} | {r['network_us']} | {r['ratio']} |\n")
+        within = [r for r in rows if r["ratio"] <= 1.1]
+        gap = max(r["after_us"] - r["before_us"] for r in rows)
         f.write(f"\nWorst after/before: {worst['ratio']} ({worst['algo']}, alpha = "
-                f"{worst['alpha']}, H = {worst['H']}, B = {worst['B']}).\n")
+                f"{worst['alpha']}, H = {worst['H']}, B = {worst['B']}); {len(within)} of "
+                f"{len(rows)} rows within 1.1; the largest absolute difference "
+                f"{gap:.1f} us/step.\n\n"
+                "Both columns do the same tensor operations per step (the trace updated by one "
+                "batched outer product, contracted by one batched GEMV, e-prop at alpha = 1 by "
+                "one GEMM per parameter without a trace); what remains is the Python of the "
+                "generic step (binding the layers, the cell's linearize, the state's groups), "
+                "a constant tens of microseconds that shows as a ratio where the arithmetic is "
+                "small (H = 64, or B = 1).\n")
 
 
 if __name__ == "__main__":
