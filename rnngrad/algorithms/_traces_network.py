@@ -36,6 +36,17 @@ layer whose units couple the dense influence of its own parameters ("dense")::
 Cost per step: time and memory O(B C sum_p |p|) for per-unit traces, constant in T;
 O(B S_l^2 N_l) time and O(B S_l N_l) memory for a dense layer.
 
+Layout and cost of a step. A layer's owned parameters with the same rows per unit (G)
+keep their traces side by side in one tensor (B, C, G, U, sum P) (``Group``; the per-name
+``traces`` are views of it), so that one step is one pass of the unit blocks, one batched
+outer product where the immediate terms share their factor and their row (the Elman
+cell: ``alpha phi'(a_t)`` times ``[x_t; h_{t-1}; 1]``; ``baddbmm_``, with the decay as its
+beta when the cell declares its eligibility Jacobian a constant, ``eligibility_decay``)
+and one batched GEMV over the rows for the contraction (above 8 MiB block by block of
+rows, each contracted in cache). Where the declared decay is 0 (Elman at alpha = 1) e-prop's
+trace is its immediate term: it is never stored, and the step's gradient is one GEMM per
+parameter, ``(sum_c q D)^T inp`` over the batch.
+
 A leaky readout (``readout_decay`` kappa > 0; one layer whose output is ``output(state)``
 unit by unit) gets Bellec et al.'s filtered eligibility traces: the trace of each unit's
 output, ``e_p[g, i, j] = sum_c dh_i/ds[c, i] M_p[c, g, i, j]``, low-pass filtered,
@@ -58,11 +69,22 @@ from ..cells._derive import (
     verify_ownership,
 )
 from ..cells.base import unflatten_state
+from ..cells.elman import ElmanState
 from . import _leaky_readout as _leak
-from ._network import bind, check_real, emit_vjp, unit_mix
+from ._network import (
+    as_state,
+    bind,
+    check_real,
+    emit_vjp,
+    shown,
+    state_grad_form,
+    unit_mix,
+)
+from ._online import BLOCKED_ABOVE, row_blocks, rows_of, update_and_contract
 from .base import Grads, StepOutput, output_grads, readout_step
 
-__all__ = ["NetTraceState", "init", "step", "check_owned", "MODES"]
+__all__ = ["NetTraceState", "Group", "init", "step", "check_owned", "MODES",
+           "eligibility_decay", "as_given"]
 
 # per layer: per-unit traces through the local Jacobian (SnAp-1; exact RTRL for a
 # diagonal cell) or the eligibility Jacobian (e-prop); or the dense influence of the
@@ -70,14 +92,56 @@ __all__ = ["NetTraceState", "init", "step", "check_owned", "MODES"]
 MODES = ("local", "eligibility", "dense", "dense_generic")
 
 
+class Plan:
+    """Which parameters share a ``Group``, their columns, and the group's tensor viewed as
+    rows (not a tuple, so that the state's stamp of version counters does not walk it)."""
+
+    __slots__ = ("names", "cols", "widths", "rows", "owner", "whole")
+
+    def __init__(self, names: tuple, cols: tuple, rows: Tensor | None = None) -> None:
+        self.names = names  # the parameters, in ``named_parameters`` order
+        self.cols = cols  # per parameter: (first column, width P) in the group's tensor
+        self.widths = [w for _, w in cols]
+        # the tensor is updated and contracted whole (else block by block of rows)
+        self.whole = rows is None or rows.numel() * rows.element_size() <= BLOCKED_ABOVE
+        self.rows = rows  # the group's X viewed as (B C, G U, P_total); None: not formed
+        self.owner = None  # the layer's traces dict these views were handed out in
+
+
+class Group(NamedTuple):
+    """The per-unit traces of a layer's parameters with the same rows per unit (G), side by
+    side in one tensor: each parameter's trace is a view of columns of ``X``, so that one
+    call updates and one batched GEMM contracts them all (Elman: ``[W_in | W_rec | b_rec]``,
+    the presynaptic vector ``[x_t; h_{t-1}; 1]`` as one row)."""
+
+    X: Tensor | None  # (B, C, G, U, P_total); None: not formed (a trace that is its immediate term)
+    plan: Plan
+
+    @property
+    def names(self) -> tuple:
+        return self.plan.names
+
+    @property
+    def cols(self) -> tuple:
+        return self.plan.cols
+
+    @property
+    def rows(self) -> Tensor | None:
+        return self.plan.rows
+
+
 class NetTraceState(NamedTuple):
-    h: tuple  # the network's state, one state per layer
-    traces: list  # per layer: dict owned parameter name -> M_p (B, C, G, U, P); dense: (B, S_l, N_l)
+    h: tuple  # the network's state, one state per layer (as ``shown``: RNN's (B, H) h_t)
+    traces: list  # per layer: dict owned parameter name -> M_p (B, C, G, U, P) (views of
+    #               ``groups``' tensors); empty for a trace never formed; dense: (B, S_l, N_l)
     feedback: Tensor | None  # (K, H) fixed random feedback; None: W_out (the exact signal)
     c: list | None  # per layer (B, U, C, C): d s_t[., i] / d s_0[., i] along the kept paths;
     #                 dense: (B, S_l, S_l) d s^l_t / d s^l_0. None unless h0 is tracked
     modes: tuple | None = None  # per layer, one of MODES; None: the mode step is called with
     leak: _leak.Traces | None = None  # a leaky readout's filtered traces (kappa > 0)
+    groups: list | None = None  # per layer: tuple of Group (None: dense; the list None: to
+    #                             be regrouped from ``traces``, as a chunk leaves them)
+    h0_tensor: bool = False  # h0 came as a tensor: grads["h0"] goes back as one
 
 
 def check_owned(model, who: str) -> None:
@@ -89,15 +153,101 @@ def check_owned(model, who: str) -> None:
         check_units(cell, cell.init_state(1))
         verify_emit_only(cell, who)
         verify_ownership(cell, who)
+        _verify_decay(cell, who)
     _leak.check_traces(model, who)
 
 
-def init(model, batch_size: int, h0: tuple | None, feedback: Tensor | None,
+def eligibility_decay(cell) -> float | None:
+    """The number c a cell declares as ``eligibility_decay``: its ``eligibility_jacobian``
+    is ``c I`` for every example, unit and step (Elman: the leak 1 - alpha). None: not
+    declared (the Jacobian is taken from ``linearize`` at every step)."""
+    c = getattr(cell, "eligibility_decay", None)
+    return None if c is None else float(c)
+
+
+_decay_verified = None
+
+
+def _verify_decay(cell, who: str) -> None:
+    """A user's cell that declares ``eligibility_decay``: its ``eligibility_jacobian`` must
+    be that constant times the identity (checked once per cell, on two probe points)."""
+    global _decay_verified
+    import weakref
+
+    from ..cells._derive import _probe_points
+    from ..cells.base import is_builtin
+
+    c = eligibility_decay(cell)
+    if c is None or is_builtin(type(cell)):
+        return
+    if _decay_verified is None:
+        _decay_verified = weakref.WeakKeyDictionary()
+    if _decay_verified.get(cell):
+        return
+    for params, state, x in _probe_points(cell):
+        J = cell.linearize(params, state, x, need=("eligibility",)).eligibility
+        eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+        err = float((J - c * eye).abs().max())
+        if err > (1e-9 if J.dtype == torch.float64 else 1e-5):
+            raise ValueError(f"{who}: {type(cell).__name__} declares eligibility_decay = {c}, "
+                             f"but its eligibility_jacobian differs from {c} I by {err:.3g}; "
+                             "declare eligibility_decay only for a constant Jacobian (or None)")
+    _decay_verified[cell] = True
+
+
+def _plan(cell) -> list[tuple[int, Plan]]:
+    """The owned parameters grouped by G, in order: ``[(G, Plan)]``."""
+    U = cell.n_units
+    blocks = cell.param_blocks()
+    by_g: dict = {}
+    for name, p in cell.named_parameters():
+        G = blocks[name]
+        if G is not None:
+            by_g.setdefault(G, []).append((name, p.numel() // (G * U)))
+    out = []
+    for G, members in by_g.items():
+        cols, off = [], 0
+        for _, P in members:
+            cols.append((off, P))
+            off += P
+        out.append((G, Plan(tuple(n for n, _ in members), tuple(cols))))
+    return out
+
+
+def _never_formed(cell, mode: str, leaky: bool) -> bool:
+    """e-prop's trace through a zero eligibility Jacobian is the step's immediate term: kept
+    in factored form, never stored (unless a leaky readout filters it)."""
+    return mode == "eligibility" and not leaky and eligibility_decay(cell) == 0.0
+
+
+def _groups(cell, traces: dict, B: int, C: int, U: int, formed: bool, like: Tensor):
+    """A layer's groups, and its traces as views of them (``traces``' values copied in; a
+    trace missing from it starts at zero)."""
+    groups, views = [], {}
+    for G, plan in _plan(cell):
+        if not formed:
+            groups.append(Group(None, plan))
+            continue
+        X = like.new_zeros(B, C, G, U, sum(w for _, w in plan.cols))
+        for n, (a, w) in zip(plan.names, plan.cols):
+            views[n] = X.narrow(4, a, w)
+            if n in traces:
+                views[n].copy_(traces[n])
+        groups.append(Group(X, Plan(plan.names, plan.cols, X.view(B * C, G * U, X.shape[4]))))
+    order = {n: views[n] for n in (n for n, _ in cell.named_parameters()) if n in views}
+    for g in groups:
+        g.plan.owner = order
+    return tuple(groups), order
+
+
+def init(model, batch_size: int, h0, feedback: Tensor | None,
          modes: tuple | None = None) -> NetTraceState:
     _leak.check_traces(model, "rtrl(layers='spatial')" if modes and len(modes) > 1
                        else "the per-unit trace rules")
+    h0, as_tensor = as_state(model, h0, batch_size)
     h = model.init_state(batch_size) if h0 is None else h0
-    traces, cs = [], []
+    leaky = _leak.decay(model) != 0.0
+    traces, cs, groups = [], [], []
     for l, ((_, cell), s) in enumerate(zip(model.layers(), h)):
         C, U = len(s), cell.n_units
         ref = s[0]
@@ -105,25 +255,24 @@ def init(model, batch_size: int, h0: tuple | None, feedback: Tensor | None,
             S = sum(int(c.shape[-1]) for c in s)
             N = sum(p.numel() for p in cell.parameters())
             traces.append(ref.new_zeros(batch_size, S, N))
+            groups.append(None)
             if h0 is not None:
                 cs.append(torch.eye(S, dtype=ref.dtype, device=ref.device)
                           .expand(batch_size, S, S).clone())
             continue
-        blocks = cell.param_blocks()
-        tr = {}
-        for name, p in cell.named_parameters():
-            G = blocks[name]
-            if G is not None:
-                tr[name] = p.new_zeros(batch_size, C, G, U, p.numel() // (G * U)).detach()
+        formed = modes is None or not _never_formed(cell, modes[l], leaky)
+        like = next(iter(cell.parameters())).detach()
+        grp, tr = _groups(cell, {}, batch_size, C, U, formed, like)
         traces.append(tr)
+        groups.append(grp)
         if h0 is not None:
             eye = torch.eye(C, dtype=ref.dtype, device=ref.device)
             cs.append(eye.expand(batch_size, U, C, C).clone())
     leak = None
-    if _leak.decay(model) != 0.0:  # one layer of per-unit traces (check_traces)
+    if leaky:  # one layer of per-unit traces (check_traces)
         leak = _leak.traces_init(model, traces[0], cs[0] if h0 is not None else None)
-    return NetTraceState(h, traces, feedback, cs if h0 is not None else None,
-                         None if modes is None else tuple(modes), leak)
+    return NetTraceState(shown(model, h), traces, feedback, cs if h0 is not None else None,
+                         None if modes is None else tuple(modes), leak, groups, as_tensor)
 
 
 def _dense_layer(cell, p, s, x, M: Tensor, G: Tensor | None, generic: bool, need_jx: bool):
@@ -152,57 +301,237 @@ def _through_unit(J: Tensor, M: Tensor) -> Tensor:
     return unit_mix(J, M, (B, 1, U, 1))
 
 
+def _rows_signal(q: Tensor, G: int) -> Tensor:
+    """q (B, C, U) -> (B C, G U): the signal of every row of a (B C, G U, P) trace view."""
+    B, C, U = q.shape
+    if G == 1:
+        return q.reshape(B * C, U)
+    return q.reshape(B * C, 1, U).expand(B * C, G, U).reshape(B * C, G * U)
+
+
 def _contract(q: Tensor, M: Tensor) -> Tensor:
     """``grad[g, i, j] = sum_b sum_c q[b, c, i] M[b, c, g, i, j]`` (q (B, C, U), M (B, C, G,
-    U, P)). For large traces one multiply-accumulate per (b, c) into a (G, U, P) sum,
-    reading M once (an einsum batches over the units and copies M into that layout, 3x
-    slower at H = 1024); for small ones the einsum (fewer ops)."""
+    U, P), a view of columns of a group's tensor or a tensor of its own): one batched GEMV
+    over the rows ``(g, i)`` (their (B C, P) blocks are strided views, not copies)."""
     B, C, G, U, P = M.shape
-    if G * U * P < 16384:
-        return torch.einsum("bci,bcgij->gij", q, M)
-    acc = torch.mul(M[0, 0], q[0, 0].view(1, U, 1))
-    for b in range(B):
+    return update_and_contract(M.reshape(B * C, G * U, P), _unchanged, _rows_signal(q, G)) \
+        .view(G, U, P)
+
+
+def _unchanged(X, rows) -> None:
+    return None
+
+
+def _shared_row(imms: list) -> Tensor | None:
+    """The group's immediate terms as one factor times one row (B, 1, P_total), when every
+    parameter's term is factored with a row shared by the units, no mask, and the same
+    factor D (Elman: ``alpha phi'(a_t)`` times ``[x_t; h_{t-1}; 1]``); None otherwise."""
+    first = imms[0]
+    D = first.D
+    rows = []
+    for d in imms:
+        inp = d.inp
+        if inp is None or d.mask is not None or inp.shape[1] != 1 or d.D is not D:
+            return None
+        rows.append(inp)
+    return first.inp if len(rows) == 1 else torch.cat(rows, dim=2)
+
+
+def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
+             qs: Tensor | None, C: int, U: int) -> Tensor | None:
+    """One step of a group's traces, ``M <- J M + I`` in place (``decay``: J = decay I), and
+    when the signal qs (B, C U) is given, ``sum_b sum_c q M`` (G U, P_total) of the new M:
+    for one component and a shared row (the Elman cell), each block of rows updated (one
+    batched outer product, with the decay as its beta) and contracted while in cache."""
+    plan = grp.plan
+    X3 = plan.rows  # (B C, G U, P)
+    BC, GU, P = X3.shape
+    G = GU // U
+    imms = list(map(imm.__getitem__, plan.names))
+    row = _shared_row(imms)
+    if qs is None:
+        L = None
+    elif C == 1 and G == 1:
+        L = qs
+    else:
+        L = _rows_signal(qs.view(-1, C, U), G)
+    if row is not None and C == 1:
+        Dv = imms[0].D.reshape(BC, GU, 1)
+        if plan.whole:  # one block: no closures
+            if decay is not None:
+                X3.baddbmm_(Dv, row, beta=decay)
+            elif G == 1:
+                X3.mul_(J.reshape(BC, U, 1)).baddbmm_(Dv, row)
+            else:
+                X3.mul_(_rows_signal(J.reshape(BC, 1, U), G).unsqueeze(2)).baddbmm_(Dv, row)
+            if L is None:
+                return None
+            if BC == 1:  # one example: a row scaling
+                return (X3 * L.unsqueeze(2)).view(GU, P)
+            return torch.bmm(L.T.contiguous().unsqueeze(1), X3.transpose(0, 1)).view(GU, P)
+        if decay is not None:
+            def update(Xb, rows):
+                Xb.baddbmm_(rows_of(Dv, rows), row, beta=decay)
+        else:
+            scale = J.reshape(BC, U, 1) if G == 1 else \
+                _rows_signal(J.reshape(BC, 1, U), G).unsqueeze(2)  # (B, G U, 1)
+
+            def update(Xb, rows):
+                Xb.mul_(rows_of(scale, rows)).baddbmm_(rows_of(Dv, rows), row)
+        return _update_and_contract(X3, update, L)
+    X = grp.X
+    B = X.shape[0]
+    if decay is not None:
+        if decay != 1.0:
+            X.mul_(decay)
+    else:
+        _through_unit(J, X)
+    if row is not None:  # several components: one batched outer product per component
+        D = imms[0].D
         for c in range(C):
-            if b or c:
-                acc.addcmul_(M[b, c], q[b, c].view(1, U, 1))
-    return acc
+            X[:, c].view(B, GU, P).baddbmm_(D[:, c].reshape(B, GU, 1), row)
+    else:
+        for (a, w), d in zip(grp.cols, imms):
+            M = X.narrow(4, a, w)
+            if d.inp is None:
+                M.add_(d.D)
+            else:
+                M.addcmul_(d.D.unsqueeze(-1), d.rows().unsqueeze(1).unsqueeze(1))
+    if L is None:
+        return None
+    return _update_and_contract(X3, _unchanged, L)
+
+
+def _update_and_contract(X: Tensor, update, L: Tensor | None) -> Tensor | None:
+    """``_online.update_and_contract`` (the update block by block of rows above its size
+    limit, each block contracted in cache), with one example contracted as a row scaling."""
+    if L is not None and X.shape[0] == 1 and row_blocks(X) is None:
+        update(X, None)
+        return (X * L.unsqueeze(2)).view(X.shape[1], X.shape[2])
+    return update_and_contract(X, update, L)
+
+
+def _immediate_only(grp: Group, imm: dict, qs: Tensor, C: int, U: int, params: dict,
+                    prefix: str, grads: dict) -> None:
+    """``sum_b sum_c q M`` for a trace that is its immediate term (never formed), into
+    ``grads``: ``M[b, c, g, i, j] = D[b, c, g, i] inp[b, i or 0, j]``, so with w = sum_c q D
+    (B, G U) a parameter whose row is shared by the units takes one GEMM ``w^T inp`` over
+    the batch (Elman: ``(q alpha phi')^T [x_t | h_{t-1} | 1]``), never a (B, H, P) tensor.
+    ``qs`` (B, C U): the signal on the layer's state."""
+    B = qs.shape[0]
+    memo: dict = {}
+    for name in grp.names:
+        d, shape = imm[name], params[name].shape
+        if d.inp is None:
+            g = torch.einsum("bci,bcgij->gij", qs.view(B, C, U), d.D)
+        else:
+            key = id(d.D)
+            w = memo.get(key)
+            if w is None:
+                w = _weighted(qs, d.D, C, U)  # (B, G U)
+                memo[key] = w = (w, w.T)
+            w, wT = w
+            if d.inp.shape[1] == 1:
+                g = torch.mm(wT, d.inp.reshape(B, -1))  # (G U, P)
+                if d.mask is not None:
+                    g = g.view(-1, U, g.shape[1]) * d.mask
+            else:
+                g = torch.einsum("bgi,bij->gij", w.view(B, -1, U), d.rows())
+        grads[prefix + name] = g if g.shape == shape else g.view(shape)
+
+
+def _weighted(qs: Tensor, D: Tensor, C: int, U: int) -> Tensor:
+    """``w[b, g, i] = sum_c q[b, c, i] D[b, c, g, i]`` as (B, G U), from qs (B, C U) and the
+    factor D (B, C, G, U)."""
+    B = qs.shape[0]
+    G = D.shape[2]
+    if C == 1:
+        if G == 1:
+            return D.reshape(B, U) * qs
+        return (D.reshape(B, G, U) * qs.view(B, 1, U)).view(B, G * U)
+    q = qs.view(B, C, U)
+    w = D[:, 0] * q[:, 0].unsqueeze(1)
+    for c in range(1, C):
+        w = w.addcmul_(D[:, c], q[:, c].unsqueeze(1))
+    return w.view(B, G * U)
+
+
+def _current_groups(state: NetTraceState, l: int, cell, C: int, U: int, B: int, leaky: bool,
+                    mode: str, decay: float | None):
+    """Layer l's groups and traces: the state's, or (a state a chunk left, with traces of
+    its own) regrouped from its traces, copied once."""
+    traces = state.traces[l]
+    if state.groups is not None:
+        grp = state.groups[l]
+        if grp and grp[0].plan.owner is traces and (grp[0].X is not None or decay == 0.0):
+            return grp, traces
+    like = next(iter(cell.parameters())).detach()
+    return _groups(cell, traces, B, C, U, not _never_formed(cell, mode, leaky), like)
+
+
+def as_given(model, before: NetTraceState, after: NetTraceState, grads):
+    """A state a chunk left (``_sequence.chunk``: the states as tuples, traces of its own)
+    in the form ``before`` had: ``rnngrad.RNN``'s h as its tensor, grads["h0"] as h0 came."""
+    after = after._replace(h=shown(model, after.h), h0_tensor=before.h0_tensor)
+    if grads is not None and isinstance(grads.get("h0"), tuple):
+        grads["h0"] = state_grad_form(grads["h0"], before.h0_tensor)
+    return after, grads
 
 
 def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh_t):
     with torch.no_grad():
         net = bind(model)
         modes = state.modes if state.modes is not None else (mode,) * net.L
+        leaky = state.leak is not None
+        h_prev = (ElmanState(state.h),) if isinstance(state.h, Tensor) else state.h  # unshown
         x = x_t
-        states, traces, jxs, cs, ins = [], [], [], [], []
+        B = x_t.shape[0]
+        states, traces, groups, lins, jxs, cs, ins, emits = [], [], [], [], [], [], [], []
         for l, (cell, p) in enumerate(zip(net.cells, net.params)):
             m = modes[l]
-            if m.startswith("dense"):
+            if m[0] == "d":  # "dense", "dense_generic"
                 G0 = None if state.c is None else state.c[l]
-                new, tr, c, Jx = _dense_layer(cell, p, state.h[l], x, state.traces[l], G0,
+                new, tr, c, Jx = _dense_layer(cell, p, h_prev[l], x, state.traces[l], G0,
                                               m == "dense_generic", l > 0)
+                traces.append(tr)
+                groups.append(None)
+                lins.append(None)
             else:
-                need = (m, "immediate") + (("input_jacobian",) if l > 0 else ())
-                lin = cell.linearize(p, state.h[l], x, need=need)
+                decay = getattr(cell, "eligibility_decay", None) if m == "eligibility" else None
+                if l:
+                    need = ("immediate", "input_jacobian") if decay is not None else \
+                        ("immediate", m, "input_jacobian")
+                else:
+                    need = ("immediate",) if decay is not None else ("immediate", m)
+                lin = cell.linearize(p, h_prev[l], x, need=need)
                 new, Jx = lin.state, lin.input_jacobian
-                J = lin.local if m == "local" else lin.eligibility
-                tr = {}
-                for name, M in state.traces[l].items():
-                    M = _through_unit(J, M)
-                    d = lin.immediate[name]
-                    if d.inp is None:
-                        M = M.add_(d.D)
-                    else:
-                        M = M.addcmul_(d.D.unsqueeze(-1), d.rows().unsqueeze(1).unsqueeze(1))
-                    tr[name] = M
-                c = None if state.c is None else torch.matmul(J, state.c[l])
-            traces.append(tr)
+                J = None if decay is not None else (lin.local if m == "local" else lin.eligibility)
+                tr = state.traces[l]
+                grp = None if state.groups is None else state.groups[l]
+                if not (grp and grp[0].plan.owner is tr and (grp[0].X is not None
+                                                             or decay == 0.0)):
+                    grp, tr = _current_groups(state, l, cell, len(new), cell.n_units, B, leaky,
+                                              m, decay)
+                traces.append(tr)
+                groups.append(grp)
+                lins.append((lin.immediate, J, decay))
+                c = None
+                if state.c is not None:
+                    c = state.c[l] * decay if J is None else torch.matmul(J, state.c[l])
             jxs.append(Jx)
             cs.append(c)
             states.append(new)
             ins.append(x)
-            x = cell.emit(p, new, x)
+            em = cell.emits
+            emits.append(em)
+            x = cell.emit(p, new, x) if em else cell.output(new)
         h = x
-        if state.leak is not None:  # a leaky readout: Bellec's filtered traces, one layer
+        if leaky:  # a leaky readout: Bellec's filtered traces, one layer
+            for l in range(net.L):
+                if lins[l] is not None:
+                    for grp in groups[l]:
+                        _advance(grp, lins[l][0], lins[l][1], lins[l][2], None, len(states[l]),
+                                     net.cells[l].n_units)
             leak, z, value, g, d0, ro = _leak.traces_step(
                 model, state.leak, net.cells[0], states[0], traces[0], cs[0], h,
                 state.feedback, target_t, mask_t, loss, dh_t)
@@ -212,25 +541,40 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                          else v.new_zeros(v.shape) for n, v in net.params[0].items()}
                 grads.update(ro)
                 if d0 is not None:
-                    grads["h0"] = (type(states[0])(*d0.unbind(1)),)
-            new = NetTraceState(tuple(states), traces, state.feedback,
-                                cs if state.c is not None else None, state.modes, leak)
+                    grads["h0"] = state_grad_form((type(states[0])(*d0.unbind(1)),),
+                                                  state.h0_tensor)
+            new = NetTraceState(shown(model, tuple(states)), traces, state.feedback,
+                                cs if state.c is not None else None, state.modes, leak,
+                                groups, state.h0_tensor)
             return new, StepOutput(h, z, value), grads
         z, value, dz = readout_step(model, h, target_t, mask_t, loss)
-        fb = model.W_out.detach() if state.feedback is None else state.feedback
+        fb = model.W_out if state.feedback is None else state.feedback  # no_grad: no graph
         L = None if dz is None else dz @ fb
         if dh_t is not None:
             L = dh_t if L is None else L + dh_t
         grads: Grads | None = None
-        if L is not None or dz is not None:
+        if L is None and dz is None:  # no signal: the traces move on, nothing is emitted
+            for l in range(net.L):
+                if lins[l] is not None:
+                    for grp in groups[l]:
+                        if grp.X is not None:
+                            _advance(grp, lins[l][0], lins[l][1], lins[l][2], None, len(states[l]),
+                                     net.cells[l].n_units)
+        else:
             grads = {}
-            d0 = [None] * net.L
+            nl = len(states)
+            d0 = [None] * nl
             g = L  # dL/dh^l_t arriving at layer l's output: the signal, then passed down
-            for l in range(net.L - 1, -1, -1):
+            for l in range(nl - 1, -1, -1):
                 cell, s, prm = net.cells[l], states[l], net.params[l]
-                C, U = len(s), cell.n_units
-                dp, qs, dx = ({}, None, None) if g is None else emit_vjp(cell, prm, s, ins[l], g)
-                if torch.is_tensor(traces[l]):  # a dense layer: q^T M over its own columns
+                C, U = len(s), s[0].shape[1]
+                if g is None:
+                    dp, qs, dx = {}, None, None
+                elif not emits[l] and len(s) == 1 and cell.output(s) is s[0]:
+                    dp, qs, dx = {}, g, None  # the output is the state: the signal is q
+                else:
+                    dp, qs, dx = emit_vjp(cell, prm, s, ins[l], g)
+                if isinstance(traces[l], Tensor):  # a dense layer: q^T M over its own columns
                     flat = (qs.reshape(1, -1) @ traces[l].reshape(-1, traces[l].shape[2])
                             ).squeeze(0) if qs is not None else None
                     off = 0
@@ -240,28 +584,48 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
                                                          else flat[off:off + k].view(v.shape))
                         off += k
                 else:
-                    for name, v in prm.items():
-                        M = traces[l].get(name)
-                        if M is None or qs is None:  # owned by no unit: emit's term alone
-                            d = dp.pop(name, None)
-                            grads[net.prefixes[l] + name] = v.new_zeros(v.shape) if d is None \
-                                else d.reshape(v.shape)
-                        else:
-                            grads[net.prefixes[l] + name] = _contract(qs.view(-1, C, U), M) \
-                                .reshape(v.shape)
+                    imm, J, decay = lins[l]
+                    prefix, done = net.prefixes[l], 0
+                    for grp in groups[l]:
+                        if grp.X is None:  # never formed: the immediate term alone
+                            if qs is not None:
+                                _immediate_only(grp, imm, qs, C, U, prm, prefix, grads)
+                                done += len(grp.names)
+                            continue
+                        gm = _advance(grp, imm, J, decay, qs, C, U)
+                        if gm is None:
+                            continue
+                        plan = grp.plan
+                        names = plan.names
+                        parts = gm.split(plan.widths, 1)  # (G U, P) column blocks, views
+                        for i in range(len(names)):
+                            t, shape = parts[i], prm[names[i]].shape
+                            grads[prefix + names[i]] = t if t.shape == shape else t.view(shape)
+                        done += len(names)
+                    if done < len(prm):
+                        for name, v in prm.items():
+                            key = prefix + name
+                            if key not in grads:  # owned by no unit: emit's term alone
+                                d = dp.pop(name, None)
+                                grads[key] = v.new_zeros(v.shape) if d is None \
+                                    else d.reshape(v.shape)
                 for name, v in dp.items():  # emit's same-step term, of owned parameters
                     gp = grads[net.prefixes[l] + name]
                     gp.add_(v.reshape(gp.shape))
                 if state.c is not None:
                     ref = s[0]
-                    if torch.is_tensor(traces[l]):
+                    if isinstance(traces[l], Tensor):
                         S = cs[l].shape[1]
                         dc = (ref.new_zeros(ref.shape[0], S) if qs is None else
                               torch.bmm(qs.unsqueeze(1), cs[l]).squeeze(1))
                         d0[l] = unflatten_state(dc, s)
                     else:
-                        dc = (ref.new_zeros(ref.shape[0], C, U) if qs is None else
-                              torch.einsum("bci,bicd->bdi", qs.view(-1, C, U), cs[l]))
+                        if qs is None:
+                            dc = ref.new_zeros(ref.shape[0], C, U)
+                        elif C == 1:
+                            dc = (qs * cs[l].view(-1, U)).unsqueeze(1)
+                        else:
+                            dc = torch.einsum("bci,bicd->bdi", qs.view(-1, C, U), cs[l])
                         d0[l] = type(s)(*dc.unbind(1))
                 if l > 0 and qs is not None:  # the same step's error, passed down
                     g = torch.bmm(qs.unsqueeze(1), jxs[l]).squeeze(1)
@@ -273,7 +637,10 @@ def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh
             else:
                 grads.update(output_grads(dz, h))
             if state.c is not None:
-                grads["h0"] = tuple(d0)
-        new = NetTraceState(tuple(states), traces, state.feedback,
-                            cs if state.c is not None else None, state.modes)
+                grads["h0"] = state_grad_form(tuple(d0), state.h0_tensor)
+        hs = tuple(states)
+        new = NetTraceState(hs[0].h if getattr(model, "flat_state", False) else hs, traces,
+                            state.feedback, cs if state.c is not None else None, state.modes,
+                            None, groups,
+                            state.h0_tensor)
     return new, StepOutput(h, z, value), grads

@@ -421,9 +421,7 @@ def _checked(name: str, init, step, flush):
         _check_model(model, name)
         B = check_batch_size(batch_size)
         if h0 is not None:
-            from ._network import is_rnn
-
-            if is_rnn(model):  # the RNN paths of e-prop, SnAp-1, UORO, KF-RTRL take a tensor
+            if getattr(model, "flat_state", False):  # rnngrad.RNN: h0 is its (B, H) tensor
                 if isinstance(h0, tuple):  # the network's state, as rnngrad.gradient gives it
                     h0 = model.coerce_state(h0, B)[0][0].h
                 if not isinstance(h0, Tensor):

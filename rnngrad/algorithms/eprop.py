@@ -20,14 +20,25 @@ is cut where it enters ``a_t`` through ``W_rec`` (Bellec's stop-gradient), while
 leak ``(1 - alpha) h_{t-1}`` keeps its path. For ``alpha = 1`` the trace is the
 immediate ``phi'(a_t) pre_t^T`` and e-prop is truncated BPTT with k = 1.
 
-Storage: for alpha = 1 the trace is never formed: the step's gradient is one GEMM
-``(L_t * phi'(a_t))^T pre_t`` over the batch. For alpha < 1 the low-pass filter of
-``phi'(a_s^i) pre_s^j`` over s does not factor (phi' changes with s), so the trace is
-kept whole, (B, H, P). On ``rnngrad.RNN`` a step touches it twice: the update in
-place, one batched outer product accumulated with beta = 1 - alpha (``baddbmm_``), and
-the contraction, one batched GEMV over the units (``_online.update_and_contract``; above
-8 MiB block by block of rows, each contracted while in cache). ``pre_t`` lives in the
-state's workspace; nothing of the trace's size is allocated per step.
+Storage (``_traces_network``, for every cell; ``rnngrad.RNN`` is the one-Elman-layer
+network): the Elman cell declares its eligibility Jacobian the constant ``1 - alpha``
+(``eligibility_decay``). For alpha = 1 the trace is then its immediate term, never
+formed: the step's gradient is one GEMM per parameter, ``(L_t * phi'(a_t))^T x_t`` (and
+``h_{t-1}``, 1) over the batch. For alpha < 1 the low-pass filter of
+``alpha phi'(a_s^i) pre_s^j`` over s does not factor (phi' changes with s: unlike a LIF
+neuron's membrane, whose immediate term is the presynaptic vector alone, the filtered
+trace is not one (B, P) vector shared by the units), so the trace is kept whole,
+(B, H, P), the three parameters side by side in one tensor. A step touches it twice: the
+update in place, one batched outer product accumulated with beta = 1 - alpha
+(``baddbmm_``), and the contraction, one batched GEMV over the units (above 8 MiB block
+by block of rows, each contracted while in cache).
+
+State (decided when the RNN branch went): ``init`` returns the engine's ``NetTraceState``
+on every model. On ``rnngrad.RNN`` ``state.h`` is still the (B, H) tensor h_t and
+``grads["h0"]`` a (B, H) tensor; the trace, once ``EpropState.trace`` (B, H, P) over
+``[W_rec | W_in | b_rec]``, is ``state.traces[0]``: a dict ``W_in``, ``W_rec``, ``b_rec``
+-> (B, 1, 1, H, P_p), views of one (B, 1, 1, H, D + H + 1) tensor over
+``[W_in | W_rec | b_rec]`` (``state.groups``), and empty for alpha = 1.
 
 Approximate (exact only where noted above). Online. Cost per step: time O(B H P),
 memory O(B H P) (alpha < 1) or O(B P) (alpha = 1), constant in T.
@@ -36,37 +47,19 @@ memory O(B H P) (alpha < 1) or O(B P) (alpha = 1), constant in T.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _sequence as _seq
 from . import _traces_network as _net
-from ._network import check_network, is_rnn
-from ._online import (
-    Work,
-    check_seed,
-    emit,
-    forward,
-    learning_signal,
-    rows_of,
-    update_and_contract,
-    workspace,
-)
-from .base import Algorithm, StepOutput
+from ._network import check_network
+from ._online import check_seed
+from .base import Algorithm
 
-__all__ = ["eprop", "EpropState", "FEEDBACKS"]
+__all__ = ["eprop", "FEEDBACKS"]
 
 FEEDBACKS = ("symmetric", "random")
-
-
-class EpropState(NamedTuple):
-    h: Tensor  # (B, H) h_t
-    trace: Tensor | None  # (B, H, P) e_t; None for alpha = 1 (never formed)
-    feedback: Tensor | None  # (K, H) fixed random B^T; None: symmetric (the current W_out)
-    c: float | None  # (1 - alpha)^t = dh_t/dh_0 along the leak; None unless h0 is tracked
-    work: Work | None = None  # buffers reused by every step (rnngrad.RNN only)
 
 
 def random_feedback(model, seed: int) -> Tensor:
@@ -94,62 +87,27 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
 
     def check(model) -> Tensor | None:
         """Refuse a model the rule is not defined for; the feedback matrix (None: W_out)."""
-        if not is_rnn(model):
-            check_network(model, f"{name}()")
-            if cells is not None:
-                other = [type(c).__name__ for _, c in model.layers() if not isinstance(c, cells)]
-                if other:
-                    raise ValueError(
-                        f"{name}() is defined for the Elman form phi(W_in x + W_rec h + b): "
-                        f"rnngrad.RNN or a Network of {', '.join(c.__name__ for c in cells)} "
-                        f"layers; got cells {', '.join(other)}. eprop() and snap1() take any "
-                        "cell")
-            _net.check_owned(model, f"{name}()")
+        check_network(model, f"{name}()")
+        if cells is not None:
+            other = [type(c).__name__ for _, c in model.layers() if not isinstance(c, cells)]
+            if other:
+                raise ValueError(
+                    f"{name}() is defined for the Elman form phi(W_in x + W_rec h + b): "
+                    f"rnngrad.RNN or a Network of {', '.join(c.__name__ for c in cells)} "
+                    f"layers; got cells {', '.join(other)}. eprop() and snap1() take any "
+                    "cell")
+        _net.check_owned(model, f"{name}()")
         return random_feedback(model, seed) if feedback == "random" else None
 
-    def init(model, batch_size: int, *, h0: Tensor | None = None) -> EpropState:
-        if not is_rnn(model):
-            fb = check(model)
-            return _net.init(model, batch_size, h0, fb, ("eligibility",) * model.num_layers)
-        p = model.W_rec
-        H, D = model.hidden_size, model.input_size
-        h = (torch.zeros(batch_size, H, dtype=p.dtype, device=p.device) if h0 is None
-             else h0)
-        trace = None
-        if model.alpha != 1.0:
-            trace = torch.zeros(batch_size, H, H + D + 1, dtype=p.dtype, device=p.device)
-        fb = random_feedback(model, seed) if feedback == "random" else None
-        return EpropState(h, trace, fb, None if h0 is None else 1.0, workspace(model, batch_size))
+    def init(model, batch_size: int, *, h0=None) -> _net.NetTraceState:
+        fb = check(model)
+        return _net.init(model, batch_size, h0, fb, ("eligibility",) * model.num_layers)
 
-    def step(model, state: EpropState, x_t: Tensor, target_t: Tensor | None = None, *,
+    def step(model, state: _net.NetTraceState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
-        if not is_rnn(model):
-            return _net.step(model, "eligibility", state, x_t, target_t, mask_t, loss, dh_t)
-        alpha = model.alpha
-        with torch.no_grad():
-            f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
-            fb = model.W_out if state.feedback is None else state.feedback
-            L = learning_signal(f.dz, fb, dh_t)
-            trace = state.trace
-            G = None
-            if trace is not None:
-                d3, pre3 = f.dphi.unsqueeze(2), f.pre.unsqueeze(1)
+        return _net.step(model, "eligibility", state, x_t, target_t, mask_t, loss, dh_t)
 
-                def update(X, rows):
-                    # trace_t = (1 - alpha) trace_{t-1} + (alpha phi'(a_t)) pre_t^T, in place: a
-                    # batched outer product accumulated with beta, one pass over the trace
-                    X.baddbmm_(rows_of(d3, rows), pre3, beta=1.0 - alpha, alpha=alpha)
-
-                G = update_and_contract(trace, update, L)  # sum_b L_t^i trace_t[i, j]
-            elif L is not None:
-                G = (L * f.dphi).T @ f.pre  # sum_b L_t^i phi'(a_t^i) pre_t^j: one GEMM
-            c = None if state.c is None else state.c * (1.0 - alpha)
-            grads = emit(model, f, G)
-            if grads is not None and c is not None:
-                grads["h0"] = L * c if L is not None else torch.zeros_like(f.h)
-        return state._replace(h=f.h, trace=trace, c=c), StepOutput(f.h, f.z, f.loss), grads
-
-    def flush(model, state: EpropState):
+    def flush(model, state: _net.NetTraceState):
         return state, None
 
     def sequence(model, inputs, targets, mask, h0, loss, reward):
@@ -158,7 +116,8 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
         return _seq.sequence(model, ("eligibility",) * model.num_layers, fb, inputs, targets,
                              mask, h0, loss, reward)
 
-    mem = "O(B H (H + D + 1)) for alpha < 1, O(B (H + D)) for alpha = 1"
+    mem = ("O(B H (H + D + 1)) for alpha < 1, O(B (H + D)) for alpha = 1 (Elman; any cell: "
+           "O(B C |owned parameters|), none where it declares a zero eligibility_decay)")
     return Algorithm(
         name=f"{name}(feedback={feedback!r}, seed={seed})" if feedback == "random"
         else f"{name}(feedback={feedback!r})",

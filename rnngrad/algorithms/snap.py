@@ -19,9 +19,16 @@ and the exact gradient for ``W_out``, ``b_out``. Where ``W_rec`` is diagonal, ``
 diagonal, the dropped entries are zero, and SnAp-1 equals RTRL. Compared with e-prop,
 SnAp-1 keeps ``alpha phi' W_rec[i, i]`` in the self-path and uses the exact signal.
 
-On ``rnngrad.RNN`` M is updated in place, two passes (the row scaling by Jd_t, then the
-outer product by ``baddbmm_``), and contracted by one batched GEMV over the units; above
-8 MiB block by block of rows, so that the second and third pass read from cache.
+Any cell (``_traces_network``; ``rnngrad.RNN`` is the one-Elman-layer network): M is kept
+per owned parameter, for the Elman cell ``[W_in | W_rec | b_rec]`` side by side in one
+(B, H, P) tensor, updated in place, two passes (the row scaling by Jd_t, then the outer
+product by ``baddbmm_``), and contracted by one batched GEMV over the units; above 8 MiB
+block by block of rows, so that the second and third pass read from cache.
+
+State: the engine's ``NetTraceState`` on every model; on ``rnngrad.RNN`` ``state.h`` and
+``grads["h0"]`` are (B, H) tensors as before, and the kept M, once ``SnapState.M`` (B, H, P)
+over ``[W_rec | W_in | b_rec]``, is ``state.traces[0]`` (per parameter, views of one
+tensor over ``[W_in | W_rec | b_rec]``, as for e-prop).
 
 Approximate. Online. Cost per step for dense ``W_rec``: time O(B H (H + D + K)),
 memory O(B H (H + D + 1)), constant in T.
@@ -29,33 +36,14 @@ memory O(B H (H + D + 1)), constant in T.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import torch
 from torch import Tensor
 
 from . import _sequence as _seq
 from . import _traces_network as _net
-from ._network import check_network, is_rnn
-from ._online import (
-    Work,
-    emit,
-    forward,
-    learning_signal,
-    rows_of,
-    update_and_contract,
-    workspace,
-)
-from .base import Algorithm, StepOutput
+from ._network import check_network
+from .base import Algorithm
 
-__all__ = ["snap1", "SnapState"]
-
-
-class SnapState(NamedTuple):
-    h: Tensor  # (B, H) h_t
-    M: Tensor  # (B, H, P) M_t[b, i, j] = dh_t^i / dtheta_ij (the kept entries)
-    c: Tensor | None  # (B, H) dh_t^i / dh_0^i (same sparsity); None unless h0 is tracked
-    work: Work | None = None  # buffers reused by every step (rnngrad.RNN only)
+__all__ = ["snap1"]
 
 
 def snap1() -> Algorithm:
@@ -70,53 +58,22 @@ def snap1() -> Algorithm:
     unit i owns, through the cell's ``local_jacobian`` (``_traces_network``).
     """
 
-    def init(model, batch_size: int, *, h0: Tensor | None = None) -> SnapState:
-        if not is_rnn(model):
-            check_network(model, "snap1()")
-            _net.check_owned(model, "snap1()")
-            return _net.init(model, batch_size, h0, None, ("local",) * model.num_layers)
-        p = model.W_rec
-        H, D = model.hidden_size, model.input_size
-        kw = {"dtype": p.dtype, "device": p.device}
-        h = torch.zeros(batch_size, H, **kw) if h0 is None else h0
-        M = torch.zeros(batch_size, H, H + D + 1, **kw)
-        c = None if h0 is None else torch.ones(batch_size, H, **kw)
-        return SnapState(h, M, c, workspace(model, batch_size))
+    def init(model, batch_size: int, *, h0=None) -> _net.NetTraceState:
+        check_network(model, "snap1()")
+        _net.check_owned(model, "snap1()")
+        return _net.init(model, batch_size, h0, None, ("local",) * model.num_layers)
 
-    def step(model, state: SnapState, x_t: Tensor, target_t: Tensor | None = None, *,
+    def step(model, state: _net.NetTraceState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
-        if not is_rnn(model):
-            return _net.step(model, "local", state, x_t, target_t, mask_t, loss, dh_t)
-        alpha = model.alpha
-        with torch.no_grad():
-            f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
-            d = f.dphi if alpha == 1.0 else f.dphi * alpha
-            Jd = d * model.W_rec.diagonal()  # alpha phi'(a_t^i) W_rec[i, i]
-            if alpha != 1.0:
-                Jd = Jd.add_(1.0 - alpha)
-            c = None if state.c is None else state.c * Jd
-            q = learning_signal(f.dz, model.W_out, dh_t)
-            Jd3, d3, pre3 = Jd.unsqueeze(2), d.unsqueeze(2), f.pre.unsqueeze(1)
+        return _net.step(model, "local", state, x_t, target_t, mask_t, loss, dh_t)
 
-            def update(X, rows):
-                # M_t = Jd_t M_{t-1} + (alpha phi'(a_t)) pre_t^T, in place; the row scaling
-                # differs per example and unit, so it is a pass of its own (over a cached block)
-                X.mul_(rows_of(Jd3, rows)).baddbmm_(rows_of(d3, rows), pre3)
-
-            G = update_and_contract(state.M, update, q)  # sum_b q_t^i M_t[i, j]
-            grads = emit(model, f, G)
-            if grads is not None and c is not None:
-                grads["h0"] = q * c if q is not None else torch.zeros_like(f.h)
-        return state._replace(h=f.h, c=c), StepOutput(f.h, f.z, f.loss), grads
-
-    def flush(model, state: SnapState):
+    def flush(model, state: _net.NetTraceState):
         return state, None
 
     def sequence(model, inputs, targets, mask, h0, loss, reward):
         # the adjoint of the traces' recursion (_sequence): the same sum, at BPTT's cost
-        if not is_rnn(model):
-            check_network(model, "snap1()")
-            _net.check_owned(model, "snap1()")
+        check_network(model, "snap1()")
+        _net.check_owned(model, "snap1()")
         return _seq.sequence(model, ("local",) * model.num_layers, None, inputs, targets, mask,
                              h0, loss, reward)
 

@@ -19,7 +19,9 @@ parameter is owned row by row, G = 1)::
     immediate     d h_t^i / d W[i, j] = alpha phi'(a_t^i) pre_t^j,  pre = x_t | h_{t-1} | 1
     local         d h_t^i / d h_{t-1}^i = (1 - alpha) + alpha phi'(a_t^i) W_rec[i, i]   (SnAp-1)
     eligibility   (1 - alpha): the leak only; h_{t-1} entering through W_rec, the unit's own
-                  output included, is held fixed (Bellec et al. 2020's e-prop)
+                  output included, is held fixed (Bellec et al. 2020's e-prop). A constant,
+                  declared as ``eligibility_decay``: e-prop's trace is then updated in one
+                  pass, and for alpha = 1 it is the immediate term itself, never stored
     jacobian      (1 - alpha) I + alpha diag(phi'(a_t)) W_rec,  input_jacobian alpha diag(phi') W_in
 """
 
@@ -144,6 +146,12 @@ class Elman(Cell):
     def param_blocks(self) -> dict[str, int | None]:
         return {"W_in": 1, "W_rec": 1, "b_rec": 1}
 
+    @property
+    def eligibility_decay(self) -> float:
+        """``eligibility_jacobian`` is this number times the identity at every step: the
+        leak 1 - alpha."""
+        return 1.0 - self.alpha
+
     def linearize(self, params, state: ElmanState, x: Tensor, *, need=()) -> Linearization:
         act = get_activation(self.activation)
         alpha = self.alpha
@@ -157,7 +165,8 @@ class Elman(Cell):
         B, H = h.shape
         out = {}
         if "local" in need:
-            out["local"] = (d * W_rec.diagonal() + (1.0 - alpha)).view(B, H, 1, 1)
+            loc = d * W_rec.diagonal()
+            out["local"] = (loc if alpha == 1.0 else loc.add_(1.0 - alpha)).view(B, H, 1, 1)
         if "eligibility" in need:
             out["eligibility"] = torch.full((B, H, 1, 1), 1.0 - alpha, dtype=h.dtype,
                                             device=h.device)
