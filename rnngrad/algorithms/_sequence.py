@@ -123,13 +123,16 @@ def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None) -> Tensor:
         for t in range(T - 2, -1, -1):
             lam[t].addcmul_(Jv[t + 1], lam[t + 1])
         return lam
-    # C^2 fused multiply-adds a step on (B, U) views of the blocks' entries: no temporary
-    # of the blocks' size, no copy of them
+    # the blocks' entries as contiguous (T, B, U) tensors (a view where the cell built them
+    # so, one copy otherwise); an entry that is zero at every step (e-prop's held-fixed
+    # paths) is skipped: at most C^2 fused multiply-adds a step on (B, U) rows
+    Je = Js.permute(3, 4, 0, 1, 2).contiguous()
+    terms = [(c, d, Je[c, d].unbind(0)) for d in range(C) for c in range(C)
+             if bool(Je[c, d].any())]
+    lams = [lam[:, :, c].unbind(0) for c in range(C)]
     for t in range(T - 2, -1, -1):
-        nxt, cur, J = lam[t + 1], lam[t], Js[t + 1]
-        for d in range(C):
-            for c in range(C):
-                cur[:, d].addcmul_(J[:, :, c, d], nxt[:, c])
+        for c, d, J in terms:
+            lams[d][t].addcmul_(J[t + 1], lams[c][t + 1])
     return lam
 
 
@@ -148,7 +151,8 @@ def _param_grad(lam: Tensor, imm, shape, memo: dict) -> Tensor:
     weighted signal of a factor D that several parameters share (a gate's W, U and b)."""
     if imm.inp is None:  # dense (N, C, G, U, P)
         return torch.einsum("nci,ncgij->gij", lam, imm.D).reshape(shape)
-    key = (id(imm.D), id(imm.inp), id(imm.mask))  # two biases of one gate: one product
+    src = imm.D if imm.weigh is None else imm.weigh
+    key = (id(src), id(imm.inp), id(imm.mask))  # two biases of one gate: one product
     if key in memo:
         return memo[key].reshape(shape)
     memo[key] = g = _factored_grad(lam, imm, memo)
@@ -156,9 +160,10 @@ def _param_grad(lam: Tensor, imm, shape, memo: dict) -> Tensor:
 
 
 def _factored_grad(lam: Tensor, imm, memo: dict) -> Tensor:
-    w = memo.get(id(imm.D))
-    if w is None:
-        w = memo[id(imm.D)] = _weighted(lam, imm.D)  # (N, G, U)
+    src = imm.D if imm.weigh is None else imm.weigh
+    w = memo.get(id(src))
+    if w is None:  # (N, G, U)
+        w = memo[id(src)] = _weighted(lam, imm.D) if imm.weigh is None else imm.weigh(lam)
     N, G, U = w.shape
     inp = imm.inp
     if inp.shape[1] == 1:
@@ -260,7 +265,9 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
         for cell, p, s0, mode in zip(net.cells, net.params, h0, modes):
             both = getattr(cell, "linearize_sequence", None)
             if both is not None and not mode.startswith("dense"):  # declared: forward + lin
-                prev, new, out, lin = both(p, x, s0, need=(mode, "immediate"))
+                # a whole segment: the immediate term is only ever weighed by lambda
+                need = (mode, "immediate") if carry is not None else (mode, "immediate", "weigh")
+                prev, new, out, lin = both(p, x, s0, need=need)
             else:
                 (prev, new, out), lin = trajectory_states(cell, p, x, s0), None
             layers.append((prev, new, x, lin))
