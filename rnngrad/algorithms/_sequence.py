@@ -109,10 +109,12 @@ def _transpose_apply(J: Tensor, lam: Tensor) -> Tensor:
     return (J.permute(0, 3, 2, 1) * lam.unsqueeze(1)).sum(2)
 
 
-def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None) -> Tensor:
+def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None, zeros=()) -> Tensor:
     """``lambda_t = q_t + D_{t+1}^T lambda_{t+1}`` backwards over the segment: Js (T, B, U, C, C)
     with Js[t] the step-t transition, q (T, B, C, U); ``lam_end`` is ``D_{T+1}^T lambda_{T+1}``
-    arriving from after the segment (None: zero). Returns lambda (T, B, C, U), a new tensor."""
+    arriving from after the segment (None: zero); ``zeros`` the block entries (c, d) that
+    the cell declares zero at every step (``block_zeros``), skipped. Returns lambda
+    (T, B, C, U), a new tensor."""
     T = q.shape[0]
     lam = q.clone()
     if lam_end is not None:
@@ -124,11 +126,11 @@ def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None) -> Tensor:
             lam[t].addcmul_(Jv[t + 1], lam[t + 1])
         return lam
     # the blocks' entries as contiguous (T, B, U) tensors (a view where the cell built them
-    # so, one copy otherwise); an entry that is zero at every step (e-prop's held-fixed
-    # paths) is skipped: at most C^2 fused multiply-adds a step on (B, U) rows
+    # so, one copy otherwise); the entries declared zero (e-prop's held-fixed paths) are
+    # skipped: at most C^2 fused multiply-adds a step on (B, U) rows
     Je = Js.permute(3, 4, 0, 1, 2).contiguous()
     terms = [(c, d, Je[c, d].unbind(0)) for d in range(C) for c in range(C)
-             if bool(Je[c, d].any())]
+             if (c, d) not in zeros]
     lams = [lam[:, :, c].unbind(0) for c in range(C)]
     for t in range(T - 2, -1, -1):
         for c, d, J in terms:
@@ -328,7 +330,9 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
                 if qs is None:
                     lam = None
                 else:
-                    lam = _adjoint(Js, qs.view(T, B, C, U))
+                    declared = getattr(cell, "block_zeros", None)
+                    zeros = () if declared is None else declared(mode, C)
+                    lam = _adjoint(Js, qs.view(T, B, C, U), zeros=zeros)
                 memo: dict = {}
                 for name, v in p.items():
                     imm = lin.immediate.get(name)

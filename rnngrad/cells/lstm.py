@@ -222,6 +222,11 @@ class LSTM(Cell):
                 "b_hh": Immediate(None, ones, None, weigh)}
         return prev, new, hf[1:], Linearization(new, **out)
 
+    def block_zeros(self, field: str, C: int) -> frozenset:
+        """The entries (c, d) of the per-unit blocks that are zero at every step: e-prop's
+        h_{t-1} columns (what the sequence forms skip in their lambda recursion)."""
+        return frozenset({(0, 0), (1, 0)}) if field == "eligibility" else frozenset()
+
     def _linearize_sequence_dense(self, params, inputs: Tensor, state0: LSTMState, need):
         A, cs, hs, _ = self._forward(params, inputs, state0)
         T, B, H = hs.shape
