@@ -26,6 +26,8 @@ NETS = {
     "lstm": lambda: [LSTM(D, 4, **f64)],
     "lif": lambda: [LIF(D, 4, v_th=0.3, **f64)],
     "alif": lambda: [ALIF(D, 4, v_th=0.3, beta=0.2, t_ref=2.0, **f64)],
+    "lif_refractory": lambda: [LIF(D, 4, v_th=0.3, t_ref=3.0, surrogate="arctan", **f64)],
+    "alif_beta_per_unit": lambda: [ALIF(D, 4, v_th=0.3, beta=[0.0, 0.1, 0.3, 0.5], **f64)],
     "lru": lambda: [LRU(D, 4, **f64)],
     "elstm": lambda: [ELSTM(D, 4, **f64)],
     "user_mgu": lambda: [MGU(D, 5)],
