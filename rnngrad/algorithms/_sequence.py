@@ -64,7 +64,11 @@ def trajectory_states(cell, params: dict, inputs: Tensor, s0) -> tuple[Any, Any,
 
     (A cell that declares ``linearize_sequence(params, inputs, s0, need=...) -> (prev, new,
     outputs, Linearization on the (T B) rows)`` gives the forward and the linearization
-    together: the LSTM's from the gates its forward keeps.)
+    together: the LSTM's from the gates its forward keeps. ``sequence`` adds to ``need``
+    "weigh" (the immediate terms may come as ``Immediate.weigh``, D never built) and
+    "output_vjp": the cell may then return a fifth item, a function g (T B, H) ->
+    ``(d output / d state)^T g`` (T B, S) from what its forward kept, the spiking cells'
+    slopes.)
     A cell may declare ``forward_states(params, inputs, s0) -> (state of (T + 1, B, n_c)
     components, outputs (T, B, H))`` (LSTM, LIF/ALIF: their fast forward, keeping every
     state); a cell whose state is its output (Elman, GRU) runs its own ``forward_sequence``
@@ -269,10 +273,11 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
             if both is not None and not mode.startswith("dense"):  # declared: forward + lin
                 # a whole segment: the immediate term is only ever weighed by lambda
                 need = (mode, "immediate") if carry is not None else (mode, "immediate", "weigh")
-                prev, new, out, lin = both(p, x, s0, need=need)
+                res = both(p, x, s0, need=(*need, "output_vjp"))
+                (prev, new, out, lin), ovjp = res[:4], (res[4] if len(res) > 4 else None)
             else:
-                (prev, new, out), lin = trajectory_states(cell, p, x, s0), None
-            layers.append((prev, new, x, lin))
+                (prev, new, out), lin, ovjp = trajectory_states(cell, p, x, s0), None, None
+            layers.append((prev, new, x, lin, ovjp))
             x = out
         hs = x  # (T, B, H) the top layer's outputs
         H = hs.shape[2]
@@ -300,13 +305,15 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
         g = None if sig is None else sig.reshape(T * B, H)  # dL/dh^l rows of layer l's output
         for l in range(net.L - 1, -1, -1):
             cell, p = net.cells[l], net.params[l]
-            prev, new, X, lin = layers[l]
+            prev, new, X, lin, ovjp = layers[l]
             mode = modes[l]
             Xr = X.reshape(T * B, -1)
             pr, nr = _rows(prev), _rows(new)
             C, U = len(new), cell.n_units
             if g is None:  # no signal reaches this layer
                 dp, qs, dx = {}, None, None
+            elif ovjp is not None:  # from what the cell's forward kept
+                dp, qs, dx = {}, ovjp(g), None
             elif not cell.emits and hasattr(cell, "output_vjp"):  # declared in closed form
                 dp, qs, dx = {}, cell.output_vjp(nr, g), None
             else:
@@ -378,7 +385,7 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
         grads["h0"] = tuple(d0)
     if carry is None:
         return value, grads
-    states_T = tuple(type(new)(*(c[-1] for c in new)) for _, new, _, _ in layers)
+    states_T = tuple(type(new)(*(c[-1] for c in new)) for _, new, _, _, _ in layers)
     return value, grads, states_T, traces_out, c_out if carry[1] is not None else None, (hs, zT)
 
 
