@@ -66,9 +66,9 @@ def trajectory_states(cell, params: dict, inputs: Tensor, s0) -> tuple[Any, Any,
     outputs, Linearization on the (T B) rows)`` gives the forward and the linearization
     together: the LSTM's from the gates its forward keeps. ``sequence`` adds to ``need``
     "weigh" (the immediate terms may come as ``Immediate.weigh``, D never built) and
-    "output_vjp": the cell may then return a fifth item, a function g (T B, H) ->
-    ``(d output / d state)^T g`` (T B, S) from what its forward kept, the spiking cells'
-    slopes.)
+    "emit_vjp": the cell may then return a fifth item, ``emit_vjp`` on the (T B) rows from
+    what its forward kept, a function g (T B, H) -> ``(d_params, d_state (T B, S), d_x or
+    None)``: the spiking cells' slopes, the LRU's output layer.)
     A cell may declare ``forward_states(params, inputs, s0) -> (state of (T + 1, B, n_c)
     components, outputs (T, B, H))`` (LSTM, LIF/ALIF: their fast forward, keeping every
     state); a cell whose state is its output (Elman, GRU) runs its own ``forward_sequence``
@@ -124,6 +124,8 @@ def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None, zeros=()) -> 
     if lam_end is not None:
         lam[T - 1] += lam_end
     B, U, C, _ = Js.shape[1:]
+    if (0, 0) in zeros and C == 1:  # nothing carries lambda back: lambda = q
+        return lam
     if C == 1:
         Jv = Js.view(T, B, 1, U)
         for t in range(T - 2, -1, -1):
@@ -132,7 +134,9 @@ def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None, zeros=()) -> 
     # the blocks' entries as contiguous (T, B, U) tensors (a view where the cell built them
     # so, one copy otherwise); the entries declared zero (e-prop's held-fixed paths) are
     # skipped: at most C^2 fused multiply-adds a step on (B, U) rows
-    Je = Js.permute(3, 4, 0, 1, 2).contiguous()
+    Je = Js.permute(3, 4, 0, 1, 2)
+    if 0 not in Je.stride()[2:]:  # (a block shared over steps or examples stays a view)
+        Je = Je.contiguous()
     terms = [(c, d, Je[c, d].unbind(0)) for d in range(C) for c in range(C)
              if (c, d) not in zeros]
     lams = [lam[:, :, c].unbind(0) for c in range(C)]
@@ -273,7 +277,7 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
             if both is not None and not mode.startswith("dense"):  # declared: forward + lin
                 # a whole segment: the immediate term is only ever weighed by lambda
                 need = (mode, "immediate") if carry is not None else (mode, "immediate", "weigh")
-                res = both(p, x, s0, need=(*need, "output_vjp"))
+                res = both(p, x, s0, need=(*need, "emit_vjp"))
                 (prev, new, out, lin), ovjp = res[:4], (res[4] if len(res) > 4 else None)
             else:
                 (prev, new, out), lin, ovjp = trajectory_states(cell, p, x, s0), None, None
@@ -313,7 +317,7 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
             if g is None:  # no signal reaches this layer
                 dp, qs, dx = {}, None, None
             elif ovjp is not None:  # from what the cell's forward kept
-                dp, qs, dx = {}, ovjp(g), None
+                dp, qs, dx = ovjp(g)
             elif not cell.emits and hasattr(cell, "output_vjp"):  # declared in closed form
                 dp, qs, dx = {}, cell.output_vjp(nr, g), None
             else:

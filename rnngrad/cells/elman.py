@@ -175,6 +175,12 @@ class Elman(Cell):
             out["input_jacobian"] = d.unsqueeze(2) * params["W_in"]
         return Linearization(ElmanState(h), **out)
 
+    def block_zeros(self, field: str, C: int) -> frozenset:
+        """e-prop's and RFLO's block ``1 - alpha`` is zero at alpha = 1: the sequence forms'
+        lambda recursion then has nothing to carry."""
+        return frozenset({(0, 0)}) if field == "eligibility" and self.alpha == 1.0 \
+            else frozenset()
+
     def linearize_sequence(self, params, inputs: Tensor, state0: ElmanState, *, need=()):
         """The forward pass (one GEMM for every step's input) and ``linearize`` at every
         step from phi'(a_t) it keeps (from h_t for tanh and sigmoid): ``(prev, new,

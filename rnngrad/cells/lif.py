@@ -297,11 +297,11 @@ class _Spiking(Cell):
                 out["immediate"] = {"W_in": Immediate(D, x),
                                     "W_rec": Immediate(D, z, self.offdiag)}
         lin = Linearization(new, **out)
-        if "output_vjp" not in need:
+        if "emit_vjp" not in need:
             return prev, new, Z[1:], lin
         ps_new = psi[1:].reshape(N, U)  # the slopes of the outputs z_1..z_T
 
-        def output_vjp(g: Tensor) -> Tensor:
+        def emit_vjp(g: Tensor):
             """As ``output_vjp`` on the new states, from the slopes the forward kept."""
             q = g.new_empty(N, C, U)
             gv = torch.mul(g, ps_new, out=q[:, 0])
@@ -309,9 +309,9 @@ class _Spiking(Cell):
                 torch.mul(gv, -self.beta, out=q[:, 1])
             if self.refractory:
                 q[:, -1].zero_()
-            return q.view(N, C * U)
+            return {}, q.view(N, C * U), None
 
-        return prev, new, Z[1:], lin, output_vjp
+        return prev, new, Z[1:], lin, emit_vjp
 
     def block_zeros(self, field: str, C: int) -> frozenset:
         """The entries (c, d) of the per-unit blocks that are zero at every step (what the
