@@ -118,14 +118,14 @@ def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None, zeros=()) -> 
     with Js[t] the step-t transition, q (T, B, C, U); ``lam_end`` is ``D_{T+1}^T lambda_{T+1}``
     arriving from after the segment (None: zero); ``zeros`` the block entries (c, d) that
     the cell declares zero at every step (``block_zeros``), skipped. Returns lambda
-    (T, B, C, U), a new tensor."""
+    (T, B, C, U), a new tensor (q itself where every entry is declared zero: only read)."""
     T = q.shape[0]
+    B, U, C, _ = Js.shape[1:]
+    if lam_end is None and len(zeros) == C * C:  # nothing carries lambda back: q itself
+        return q
     lam = q.clone()
     if lam_end is not None:
         lam[T - 1] += lam_end
-    B, U, C, _ = Js.shape[1:]
-    if (0, 0) in zeros and C == 1:  # nothing carries lambda back: lambda = q
-        return lam
     if C == 1:
         Jv = Js.view(T, B, 1, U)
         for t in range(T - 2, -1, -1):

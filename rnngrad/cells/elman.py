@@ -189,13 +189,22 @@ class Elman(Cell):
         act = get_activation(self.activation)
         alpha = self.alpha
         per_step = alpha == 1.0 and act.deriv_from_output
-        hs, dphi = unroll(_View(params, self), inputs, state0.h, need_deriv=not per_step)
-        T, B, H = hs.shape
+        T, B, _ = inputs.shape
+        H = self.hidden_size
         N = T * B
+        if per_step:  # h_1..h_T written in place after h_0: prev and new are views
+            full = inputs.new_empty(T + 1, B, H)
+            full[0] = state0.h
+            with torch.no_grad():
+                hs, dphi = unroll(_View(params, self), inputs, state0.h, need_deriv=False,
+                                  out=full[1:])
+            prev = full[:-1]
+        else:
+            hs, dphi = unroll(_View(params, self), inputs, state0.h, need_deriv=True)
+            prev = torch.cat((state0.h.unsqueeze(0), hs[:-1]))
         d = (act.deriv(None, hs) if per_step else dphi).reshape(N, H)
         if alpha != 1.0:
             d = d * alpha  # alpha phi'(a_t): dh_t/da_t
-        prev = torch.cat((state0.h.unsqueeze(0), hs[:-1]))
         out = {}
         if "local" in need:
             out["local"] = (d * params["W_rec"].diagonal() + (1.0 - alpha)).view(N, H, 1, 1)
@@ -203,9 +212,17 @@ class Elman(Cell):
             out["eligibility"] = d.new_full((N, H, 1, 1), 1.0 - alpha)
         if "immediate" in need:
             D = d.view(N, 1, 1, H)
-            out["immediate"] = {"W_in": Immediate(D, inputs.reshape(N, 1, -1)),
-                                "W_rec": Immediate(D, prev.view(N, 1, H)),
-                                "b_rec": Immediate(D, d.new_ones(N, 1, 1))}
+            xs, hp, ones = inputs.reshape(N, 1, -1), prev.reshape(N, 1, H), d.new_ones(N, 1, 1)
+            if "weigh" in need:  # lambda phi'(a_t), over phi'(a_t)
+                def weigh(lam: Tensor) -> Tensor:
+                    return d.view(N, 1, H).mul_(lam)
+
+                out["immediate"] = {"W_in": Immediate(None, xs, None, weigh),
+                                    "W_rec": Immediate(None, hp, None, weigh),
+                                    "b_rec": Immediate(None, ones, None, weigh)}
+            else:
+                out["immediate"] = {"W_in": Immediate(D, xs), "W_rec": Immediate(D, hp),
+                                    "b_rec": Immediate(D, ones)}
         new = ElmanState(hs)
         return ElmanState(prev), new, hs, Linearization(ElmanState(hs.view(N, H)), **out)
 
