@@ -113,17 +113,19 @@ def _transpose_apply(J: Tensor, lam: Tensor) -> Tensor:
     return (J.permute(0, 3, 2, 1) * lam.unsqueeze(1)).sum(2)
 
 
-def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None, zeros=()) -> Tensor:
+def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None, zeros=(),
+             owned: bool = False) -> Tensor:
     """``lambda_t = q_t + D_{t+1}^T lambda_{t+1}`` backwards over the segment: Js (T, B, U, C, C)
     with Js[t] the step-t transition, q (T, B, C, U); ``lam_end`` is ``D_{T+1}^T lambda_{T+1}``
     arriving from after the segment (None: zero); ``zeros`` the block entries (c, d) that
     the cell declares zero at every step (``block_zeros``), skipped. Returns lambda
-    (T, B, C, U), a new tensor (q itself where every entry is declared zero: only read)."""
+    (T, B, C, U), a new tensor (q itself where every entry is declared zero: only read;
+    written over q where the caller ``owned`` it)."""
     T = q.shape[0]
     B, U, C, _ = Js.shape[1:]
     if lam_end is None and len(zeros) == C * C:  # nothing carries lambda back: q itself
         return q
-    lam = q.clone()
+    lam = q if owned else q.clone()
     if lam_end is not None:
         lam[T - 1] += lam_end
     if C == 1:
@@ -135,7 +137,8 @@ def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None, zeros=()) -> 
     # so, one copy otherwise); the entries declared zero (e-prop's held-fixed paths) are
     # skipped: at most C^2 fused multiply-adds a step on (B, U) rows
     Je = Js.permute(3, 4, 0, 1, 2)
-    if 0 not in Je.stride()[2:]:  # (a block shared over steps or examples stays a view)
+    # (a block shared over steps or examples stays a view)
+    if 0 not in Je.stride()[2:] and Je.stride()[2:] != (B * U, U, 1):
         Je = Je.contiguous()
     terms = [(c, d, Je[c, d].unbind(0)) for d in range(C) for c in range(C)
              if (c, d) not in zeros]
@@ -343,7 +346,10 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
                 else:
                     declared = getattr(cell, "block_zeros", None)
                     zeros = () if declared is None else declared(mode, C)
-                    lam = _adjoint(Js, qs.view(T, B, C, U), zeros=zeros)
+                    # the signal from the cell's own emit_vjp, not passed down: lambda
+                    # may take its place
+                    lam = _adjoint(Js, qs.view(T, B, C, U), zeros=zeros,
+                                   owned=ovjp is not None and l == 0)
                 memo: dict = {}
                 for name, v in p.items():
                     imm = lin.immediate.get(name)

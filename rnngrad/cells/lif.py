@@ -255,32 +255,38 @@ class _Spiking(Cell):
         (ones on v) is folded as lambda's v row, no product."""
         if "jacobian" in need or "input_jacobian" in need:
             return self._linearize_sequence_steps(params, inputs, state0, need)
-        full, Z, psi = self._forward_kept(params, inputs, state0)
         T, B, U = inputs.shape[0], inputs.shape[1], self.hidden_size
         N = T * B
+        C = len(state0)
+        fields = [f for f in ("local", "eligibility") if f in need]
+        # the blocks' entries, each (T + 1, B, U) (the last step unused); every entry is
+        # written below but the counter's (zero). ALIF's (1, 0) entry is psi itself: the
+        # forward computes the slopes there
+        Jb = None
+        if fields:
+            Jb = (inputs.new_zeros if self.refractory else inputs.new_empty)(C, C, T + 1, B, U)
+        full, Z, psi = self._forward_kept(params, inputs, state0,
+                                          Jb[1, 0] if Jb is not None and self.adaptive else None)
         St = type(state0)
         prev, new = St(*(f[:-1] for f in full)), St(*(f[1:] for f in full))
-        C = len(full)
-        ps = psi[:-1].reshape(N, U)  # psi_{t-1}: the slope of the spike entering step t
+        ps = psi[:-1]  # psi_{t-1}: the slope of the spike entering step t
         out = {}
-        for field in ("local", "eligibility"):
-            if field not in need:
-                continue
-            # every entry written below but the counter's (zero)
-            Jb = psi.new_zeros(C, C, N, U) if self.refractory else psi.new_empty(C, C, N, U)
+        for n, field in enumerate(fields):
+            if n:
+                Jb = Jb.clone()
+            J = Jb[:, :, :T]
             if field == "local":  # the reset's -v_th psi (and W_rec[i, i] = 0)
-                torch.mul(ps, -self.v_th, out=Jb[0, 0]).add_(self.alpha)
+                torch.mul(ps, -self.v_th, out=J[0, 0]).add_(self.alpha)
             else:
-                Jb[0, 0].fill_(self.alpha)
+                J[0, 0].fill_(self.alpha)
             if self.adaptive:
-                bpsi = torch.mul(ps, self.beta, out=Jb[1, 1])
+                bpsi = torch.mul(ps, self.beta, out=J[1, 1])
                 if field == "local":
-                    torch.mul(bpsi, self.v_th, out=Jb[0, 1])
+                    torch.mul(bpsi, self.v_th, out=J[0, 1])
                 elif not self.refractory:
-                    Jb[0, 1].zero_()
-                Jb[1, 0].copy_(ps)
-                torch.sub(self.rho, bpsi, out=Jb[1, 1])
-            out[field] = Jb.permute(2, 3, 0, 1)
+                    J[0, 1].zero_()
+                torch.sub(self.rho, bpsi, out=J[1, 1])
+            out[field] = J.permute(2, 3, 4, 0, 1).reshape(N, U, C, C)
         if "immediate" in need:
             x = inputs.reshape(N, 1, -1)
             z = Z[:-1].reshape(N, 1, U)
@@ -299,7 +305,7 @@ class _Spiking(Cell):
         lin = Linearization(new, **out)
         if "emit_vjp" not in need:
             return prev, new, Z[1:], lin
-        ps_new = psi[1:].reshape(N, U)  # the slopes of the outputs z_1..z_T
+        ps_new = psi[1:].view(N, U)  # the slopes of the outputs z_1..z_T
 
         def emit_vjp(g: Tensor):
             """As ``output_vjp`` on the new states, from the slopes the forward kept."""
@@ -324,11 +330,12 @@ class _Spiking(Cell):
         return frozenset(out)
 
     @torch.no_grad()
-    def _forward_kept(self, params, inputs: Tensor, state0):
+    def _forward_kept(self, params, inputs: Tensor, state0, num: Tensor | None = None):
         """The forward pass into preallocated buffers: ``(components (T + 1, B, U) each:
         the states s_0..s_T, Z (T + 1, B, U) the spikes z_0..z_T, psi (T + 1, B, U) their
         slopes)``. Per step: u's numerator v - v_th - beta a, the spike (u > 0 as
-        numerator > 0, v_th > 0), the new state; u and psi after the loop."""
+        numerator > 0, v_th > 0), the new state; u and psi after the loop, in place in
+        ``num`` (a (T + 1, B, U) buffer, or a new one)."""
         T, B, _ = inputs.shape
         U = self.hidden_size
         I_in = (inputs.reshape(-1, self.input_size) @ params["W_in"].detach().T).view(T, B, U)
@@ -339,7 +346,8 @@ class _Spiking(Cell):
         V = full[0].unbind(0)
         A_ = full[1].unbind(0) if self.adaptive else None
         Q = full[-1].unbind(0) if self.refractory else None
-        num = I_in.new_empty(T + 1, B, U)  # (v - v_th - beta a)
+        if num is None:
+            num = I_in.new_empty(T + 1, B, U)  # (v - v_th - beta a)
         Z = I_in.new_empty(T + 1, B, U)
         Ns, Zs = num.unbind(0), Z.unbind(0)
         free = I_in.new_empty(T + 1, B, U) if self.refractory else None
@@ -361,8 +369,7 @@ class _Spiking(Cell):
                 torch.mul(A_[t], self.rho, out=A_[t + 1]).add_(z)
             if Q is not None:
                 torch.sub(Q[t], 1.0, out=Q[t + 1]).clamp_(min=0.0).add_(z, alpha=self.n_ref - 1)
-        u = num.div_(v_th)
-        psi = self.surrogate.derivative(u).div_(v_th)
+        psi = self.surrogate.derivative_(num.div_(v_th)).div_(v_th)  # over u
         if free is not None:
             psi.mul_(free)
         return full, Z, psi
