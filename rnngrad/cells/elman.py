@@ -207,7 +207,8 @@ class Elman(Cell):
             d = d * alpha  # alpha phi'(a_t): dh_t/da_t
         out = {}
         if "local" in need:
-            out["local"] = (d * params["W_rec"].diagonal() + (1.0 - alpha)).view(N, H, 1, 1)
+            loc = d * params["W_rec"].diagonal()
+            out["local"] = (loc if alpha == 1.0 else loc.add_(1.0 - alpha)).view(N, H, 1, 1)
         if "eligibility" in need:
             out["eligibility"] = d.new_full((N, H, 1, 1), 1.0 - alpha)
         if "immediate" in need:
