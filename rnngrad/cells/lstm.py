@@ -220,7 +220,18 @@ class LSTM(Cell):
                 "W_hh": Immediate(None, hf[:-1].reshape(N, 1, H), None, weigh),
                 "b_ih": Immediate(None, ones, None, weigh),
                 "b_hh": Immediate(None, ones, None, weigh)}
-        return prev, new, hf[1:], Linearization(new, **out)
+        lin = Linearization(new, **out)
+        if "emit_vjp" not in need:
+            return prev, new, hf[1:], lin
+
+        def emit_vjp(g: Tensor):
+            """The output is h: the signal on (h, c) is (g, 0), in a buffer of its own."""
+            q = g.new_empty(N, 2, H)
+            q[:, 0] = g
+            q[:, 1].zero_()
+            return {}, q.view(N, 2 * H), None
+
+        return prev, new, hf[1:], lin, emit_vjp
 
     def block_zeros(self, field: str, C: int) -> frozenset:
         """The entries (c, d) of the per-unit blocks that are zero at every step: e-prop's
