@@ -57,6 +57,7 @@ def cpu(fn) -> float:
 
 
 def measure(cell: str, H: int, repeats: int, old_steps: int) -> list[dict]:
+    load = round(os.getloadavg()[0], 1)  # the 1-minute load average as this cell starts
     torch.manual_seed(0)
     net = rnngrad.Network(CELLS[cell](H), K)
     g = torch.Generator().manual_seed(1)
@@ -90,7 +91,7 @@ def measure(cell: str, H: int, repeats: int, old_steps: int) -> list[dict]:
         rows.append({"cell": cell, "H": H, "rule": n, "bptt_s": round(bp, 4),
                      "rule_s": round(t, 4), "ratio": round(t / bp, 3),
                      "old_ratio": round(old[n], 2) if n in old else "",
-                     "repeats": repeats, "old_steps": old_steps or ""})
+                     "repeats": repeats, "old_steps": old_steps or "", "load": load})
     return rows
 
 
@@ -180,14 +181,15 @@ def main() -> None:
         "\"old\": the online step loop (`algo._replace(sequence=None)`), timed on the first "
         f"{args.old_steps} steps and scaled to T. Load average at start "
         f"{tuple(round(v, 2) for v in load0)}, at end {tuple(round(v, 2) for v in load1)} "
-        "(2 shared cores).",
+        f"(2 shared cores); \"load\": the 1-minute load average as the cell's rows began. "
+        f"Repeats: {args.repeats} (H = 1024: {args.repeats_large}).",
         "",
-        "| cell | H | rule | BPTT (s) | rule (s) | new / BPTT | old / BPTT |",
-        "|---|---|---|---|---|---|---|",
+        "| cell | H | rule | BPTT (s) | rule (s) | new / BPTT | old / BPTT | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['H']} | {r['rule']} | {r['bptt_s']} | {r['rule_s']} "
-                     f"| {r['ratio']} | {r['old_ratio'] or '-'} |")
+                     f"| {r['ratio']} | {r['old_ratio'] or '-'} | {r['load']} |")
     bellec_csv = Path(args.out + "_bellec.csv")
     if bellec_csv.exists():  # the evidence-accumulation iteration, from --bellec
         lines += ["", "## The evidence-accumulation e-prop iteration (docs/spiking.md)", "",

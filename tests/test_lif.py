@@ -98,6 +98,9 @@ def test_spike_is_heaviside_with_the_documented_slope(name):
     assert torch.allclose(fn(t)[0], slope * t, rtol=1e-12, atol=1e-15)
     per = vmap(jacrev(lambda x: s.spike(x.unsqueeze(0)).squeeze(0)))(u)
     assert torch.allclose(per, slope, rtol=1e-12, atol=1e-15)
+    # the in-place form the sequence forms use: the same numbers, over its argument
+    w = u.clone()
+    assert s.derivative_(w) is w and torch.equal(w, s.derivative(u))
 
 
 @pytest.mark.parametrize("name", ["triangle", "superspike", "arctan"])

@@ -26,7 +26,10 @@ NETS = {
     "lstm": lambda: [LSTM(D, 4, **f64)],
     "lif": lambda: [LIF(D, 4, v_th=0.3, **f64)],
     "alif": lambda: [ALIF(D, 4, v_th=0.3, beta=0.2, t_ref=2.0, **f64)],
+    "lif_refractory": lambda: [LIF(D, 4, v_th=0.3, t_ref=3.0, surrogate="arctan", **f64)],
+    "alif_beta_per_unit": lambda: [ALIF(D, 4, v_th=0.3, beta=[0.0, 0.1, 0.3, 0.5], **f64)],
     "lru": lambda: [LRU(D, 4, **f64)],
+    "lru_glu": lambda: [LRU(D, D, state_size=5, norm=True, glu=True, residual=True, **f64)],
     "elstm": lambda: [ELSTM(D, 4, **f64)],
     "user_mgu": lambda: [MGU(D, 5)],
     "user_adaptive": lambda: [Adaptive(D, 4)],
@@ -36,7 +39,7 @@ NETS = {
     "stack_lru_alif": lambda: [LRU(D, 4, **f64), ALIF(4, 3, v_th=0.3, **f64)],
     "stack_user": lambda: [Elman(D, 4, **f64), MGU(4, 5)],
 }
-DIAGONAL = {"lru", "elstm", "user_diagonal"}
+DIAGONAL = {"lru", "lru_glu", "elstm", "user_diagonal"}
 ELMAN = {"elman", "elman_leaky", "stack_elman", "rnn"}
 
 

@@ -64,7 +64,11 @@ def trajectory_states(cell, params: dict, inputs: Tensor, s0) -> tuple[Any, Any,
 
     (A cell that declares ``linearize_sequence(params, inputs, s0, need=...) -> (prev, new,
     outputs, Linearization on the (T B) rows)`` gives the forward and the linearization
-    together: the LSTM's from the gates its forward keeps.)
+    together: the LSTM's from the gates its forward keeps. ``sequence`` adds to ``need``
+    "weigh" (the immediate terms may come as ``Immediate.weigh``, D never built) and
+    "emit_vjp": the cell may then return a fifth item, ``emit_vjp`` on the (T B) rows from
+    what its forward kept, a function g (T B, H) -> ``(d_params, d_state (T B, S), d_x or
+    None)``: the spiking cells' slopes, the LRU's output layer.)
     A cell may declare ``forward_states(params, inputs, s0) -> (state of (T + 1, B, n_c)
     components, outputs (T, B, H))`` (LSTM, LIF/ALIF: their fast forward, keeping every
     state); a cell whose state is its output (Elman, GRU) runs its own ``forward_sequence``
@@ -109,27 +113,39 @@ def _transpose_apply(J: Tensor, lam: Tensor) -> Tensor:
     return (J.permute(0, 3, 2, 1) * lam.unsqueeze(1)).sum(2)
 
 
-def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None) -> Tensor:
+def _adjoint(Js: Tensor, q: Tensor, lam_end: Tensor | None = None, zeros=(),
+             owned: bool = False) -> Tensor:
     """``lambda_t = q_t + D_{t+1}^T lambda_{t+1}`` backwards over the segment: Js (T, B, U, C, C)
     with Js[t] the step-t transition, q (T, B, C, U); ``lam_end`` is ``D_{T+1}^T lambda_{T+1}``
-    arriving from after the segment (None: zero). Returns lambda (T, B, C, U), a new tensor."""
+    arriving from after the segment (None: zero); ``zeros`` the block entries (c, d) that
+    the cell declares zero at every step (``block_zeros``), skipped. Returns lambda
+    (T, B, C, U), a new tensor (q itself where every entry is declared zero: only read;
+    written over q where the caller ``owned`` it)."""
     T = q.shape[0]
-    lam = q.clone()
+    B, U, C, _ = Js.shape[1:]
+    if lam_end is None and len(zeros) == C * C:  # nothing carries lambda back: q itself
+        return q
+    lam = q if owned else q.clone()
     if lam_end is not None:
         lam[T - 1] += lam_end
-    B, U, C, _ = Js.shape[1:]
     if C == 1:
         Jv = Js.view(T, B, 1, U)
         for t in range(T - 2, -1, -1):
             lam[t].addcmul_(Jv[t + 1], lam[t + 1])
         return lam
-    # C^2 fused multiply-adds a step on (B, U) views of the blocks' entries: no temporary
-    # of the blocks' size, no copy of them
+    # the blocks' entries as contiguous (T, B, U) tensors (a view where the cell built them
+    # so, one copy otherwise); the entries declared zero (e-prop's held-fixed paths) are
+    # skipped: at most C^2 fused multiply-adds a step on (B, U) rows
+    Je = Js.permute(3, 4, 0, 1, 2)
+    # (a block shared over steps or examples stays a view)
+    if 0 not in Je.stride()[2:] and Je.stride()[2:] != (B * U, U, 1):
+        Je = Je.contiguous()
+    terms = [(c, d, Je[c, d].unbind(0)) for d in range(C) for c in range(C)
+             if (c, d) not in zeros]
+    lams = [lam[:, :, c].unbind(0) for c in range(C)]
     for t in range(T - 2, -1, -1):
-        nxt, cur, J = lam[t + 1], lam[t], Js[t + 1]
-        for d in range(C):
-            for c in range(C):
-                cur[:, d].addcmul_(J[:, :, c, d], nxt[:, c])
+        for c, d, J in terms:
+            lams[d][t].addcmul_(J[t + 1], lams[c][t + 1])
     return lam
 
 
@@ -148,7 +164,8 @@ def _param_grad(lam: Tensor, imm, shape, memo: dict) -> Tensor:
     weighted signal of a factor D that several parameters share (a gate's W, U and b)."""
     if imm.inp is None:  # dense (N, C, G, U, P)
         return torch.einsum("nci,ncgij->gij", lam, imm.D).reshape(shape)
-    key = (id(imm.D), id(imm.inp), id(imm.mask))  # two biases of one gate: one product
+    src = imm.D if imm.weigh is None else imm.weigh
+    key = (id(src), id(imm.inp), id(imm.mask))  # two biases of one gate: one product
     if key in memo:
         return memo[key].reshape(shape)
     memo[key] = g = _factored_grad(lam, imm, memo)
@@ -156,9 +173,10 @@ def _param_grad(lam: Tensor, imm, shape, memo: dict) -> Tensor:
 
 
 def _factored_grad(lam: Tensor, imm, memo: dict) -> Tensor:
-    w = memo.get(id(imm.D))
-    if w is None:
-        w = memo[id(imm.D)] = _weighted(lam, imm.D)  # (N, G, U)
+    src = imm.D if imm.weigh is None else imm.weigh
+    w = memo.get(id(src))
+    if w is None:  # (N, G, U)
+        w = memo[id(src)] = _weighted(lam, imm.D) if imm.weigh is None else imm.weigh(lam)
     N, G, U = w.shape
     inp = imm.inp
     if inp.shape[1] == 1:
@@ -260,10 +278,13 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
         for cell, p, s0, mode in zip(net.cells, net.params, h0, modes):
             both = getattr(cell, "linearize_sequence", None)
             if both is not None and not mode.startswith("dense"):  # declared: forward + lin
-                prev, new, out, lin = both(p, x, s0, need=(mode, "immediate"))
+                # a whole segment: the immediate term is only ever weighed by lambda
+                need = (mode, "immediate") if carry is not None else (mode, "immediate", "weigh")
+                res = both(p, x, s0, need=(*need, "emit_vjp"))
+                (prev, new, out, lin), ovjp = res[:4], (res[4] if len(res) > 4 else None)
             else:
-                (prev, new, out), lin = trajectory_states(cell, p, x, s0), None
-            layers.append((prev, new, x, lin))
+                (prev, new, out), lin, ovjp = trajectory_states(cell, p, x, s0), None, None
+            layers.append((prev, new, x, lin, ovjp))
             x = out
         hs = x  # (T, B, H) the top layer's outputs
         H = hs.shape[2]
@@ -291,13 +312,15 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
         g = None if sig is None else sig.reshape(T * B, H)  # dL/dh^l rows of layer l's output
         for l in range(net.L - 1, -1, -1):
             cell, p = net.cells[l], net.params[l]
-            prev, new, X, lin = layers[l]
+            prev, new, X, lin, ovjp = layers[l]
             mode = modes[l]
             Xr = X.reshape(T * B, -1)
             pr, nr = _rows(prev), _rows(new)
             C, U = len(new), cell.n_units
             if g is None:  # no signal reaches this layer
                 dp, qs, dx = {}, None, None
+            elif ovjp is not None:  # from what the cell's forward kept
+                dp, qs, dx = ovjp(g)
             elif not cell.emits and hasattr(cell, "output_vjp"):  # declared in closed form
                 dp, qs, dx = {}, cell.output_vjp(nr, g), None
             else:
@@ -321,7 +344,12 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
                 if qs is None:
                     lam = None
                 else:
-                    lam = _adjoint(Js, qs.view(T, B, C, U))
+                    declared = getattr(cell, "block_zeros", None)
+                    zeros = () if declared is None else declared(mode, C)
+                    # the signal from the cell's own emit_vjp, not passed down: lambda
+                    # may take its place
+                    lam = _adjoint(Js, qs.view(T, B, C, U), zeros=zeros,
+                                   owned=ovjp is not None and l == 0)
                 memo: dict = {}
                 for name, v in p.items():
                     imm = lin.immediate.get(name)
@@ -367,7 +395,7 @@ def sequence(model, modes: tuple, feedback: Tensor | None, inputs: Tensor, targe
         grads["h0"] = tuple(d0)
     if carry is None:
         return value, grads
-    states_T = tuple(type(new)(*(c[-1] for c in new)) for _, new, _, _ in layers)
+    states_T = tuple(type(new)(*(c[-1] for c in new)) for _, new, _, _, _ in layers)
     return value, grads, states_T, traces_out, c_out if carry[1] is not None else None, (hs, zT)
 
 

@@ -85,11 +85,16 @@ class Immediate(NamedTuple):
     ``mask`` (U, P), optional with a factored term: structural zeros shared by every
     example, multiplying ``inp`` (LIF's missing self-connections), so that ``inp`` can stay
     one row (B, 1, P) shared by the units: the sequence forms then take one GEMM for it.
+    ``weigh``, optional, only from ``linearize_sequence`` asked for ``"weigh"``: a function
+    lam (B, C, U) -> ``sum_c lam[:, c] D[:, c]`` (B, G, U), from factors the cell kept (D
+    then None: never built); the parameters that share D share the function, which may
+    write over the cell's buffers and so is called once.
     """
 
-    D: Tensor
+    D: Tensor | None
     inp: Tensor | None = None
     mask: Tensor | None = None
+    weigh: Any = None
 
     def rows(self) -> Tensor | None:
         """``inp`` with the mask applied: (B, U or 1, P); None for a dense term."""

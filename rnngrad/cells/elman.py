@@ -184,6 +184,12 @@ class Elman(Cell):
             out["input_jacobian"] = d.unsqueeze(2) * params["W_in"]
         return Linearization(ElmanState(h), **out)
 
+    def block_zeros(self, field: str, C: int) -> frozenset:
+        """e-prop's and RFLO's block ``1 - alpha`` is zero at alpha = 1: the sequence forms'
+        lambda recursion then has nothing to carry."""
+        return frozenset({(0, 0)}) if field == "eligibility" and self.alpha == 1.0 \
+            else frozenset()
+
     def linearize_sequence(self, params, inputs: Tensor, state0: ElmanState, *, need=()):
         """The forward pass (one GEMM for every step's input) and ``linearize`` at every
         step from phi'(a_t) it keeps (from h_t for tanh and sigmoid): ``(prev, new,
@@ -192,23 +198,41 @@ class Elman(Cell):
         act = get_activation(self.activation)
         alpha = self.alpha
         per_step = alpha == 1.0 and act.deriv_from_output
-        hs, dphi = unroll(_View(params, self), inputs, state0.h, need_deriv=not per_step)
-        T, B, H = hs.shape
+        T, B, _ = inputs.shape
+        H = self.hidden_size
         N = T * B
+        if per_step:  # h_1..h_T written in place after h_0: prev and new are views
+            full = inputs.new_empty(T + 1, B, H)
+            full[0] = state0.h
+            with torch.no_grad():
+                hs, dphi = unroll(_View(params, self), inputs, state0.h, need_deriv=False,
+                                  out=full[1:])
+            prev = full[:-1]
+        else:
+            hs, dphi = unroll(_View(params, self), inputs, state0.h, need_deriv=True)
+            prev = torch.cat((state0.h.unsqueeze(0), hs[:-1]))
         d = (act.deriv(None, hs) if per_step else dphi).reshape(N, H)
         if alpha != 1.0:
             d = d * alpha  # alpha phi'(a_t): dh_t/da_t
-        prev = torch.cat((state0.h.unsqueeze(0), hs[:-1]))
         out = {}
         if "local" in need:
-            out["local"] = (d * params["W_rec"].diagonal() + (1.0 - alpha)).view(N, H, 1, 1)
+            loc = d * params["W_rec"].diagonal()
+            out["local"] = (loc if alpha == 1.0 else loc.add_(1.0 - alpha)).view(N, H, 1, 1)
         if "eligibility" in need:
             out["eligibility"] = d.new_full((N, H, 1, 1), 1.0 - alpha)
         if "immediate" in need:
             D = d.view(N, 1, 1, H)
-            out["immediate"] = {"W_in": Immediate(D, inputs.reshape(N, 1, -1)),
-                                "W_rec": Immediate(D, prev.view(N, 1, H)),
-                                "b_rec": Immediate(D, d.new_ones(N, 1, 1))}
+            xs, hp, ones = inputs.reshape(N, 1, -1), prev.reshape(N, 1, H), d.new_ones(N, 1, 1)
+            if "weigh" in need:  # lambda phi'(a_t), over phi'(a_t)
+                def weigh(lam: Tensor) -> Tensor:
+                    return d.view(N, 1, H).mul_(lam)
+
+                out["immediate"] = {"W_in": Immediate(None, xs, None, weigh),
+                                    "W_rec": Immediate(None, hp, None, weigh),
+                                    "b_rec": Immediate(None, ones, None, weigh)}
+            else:
+                out["immediate"] = {"W_in": Immediate(D, xs), "W_rec": Immediate(D, hp),
+                                    "b_rec": Immediate(D, ones)}
         new = ElmanState(hs)
         return ElmanState(prev), new, hs, Linearization(ElmanState(hs.view(N, H)), **out)
 

@@ -177,6 +177,8 @@ class GRU(Cell):
         gates the forward keeps (no second evaluation of the step): ``(prev, new, outputs,
         Linearization on the (T B) rows)`` (what the sequence forms of the truncated rules
         use)."""
+        if "weigh" in need and "jacobian" not in need and "input_jacobian" not in need:
+            return self._linearize_sequence_weigh(params, inputs, state0, need)
         G, HN, hs = self._forward(params, inputs, state0.h)
         T, B, H = hs.shape
         N = T * B
@@ -186,6 +188,61 @@ class GRU(Cell):
         lin = self._linearization(params, prev.view(N, H), inputs.reshape(N, -1), r, z, n,
                                   HN.view(N, H), hs.view(N, H), need)
         return GRUState(prev), GRUState(hs), hs, lin
+
+    @torch.no_grad()
+    def _linearize_sequence_weigh(self, params, inputs: Tensor, state0: GRUState, need):
+        """``linearize_sequence`` for the sequence forms (``"weigh"``): h_0..h_T in one
+        buffer (prev and new are views), the gate buffer turned in place into
+        ``Dh = [d_r, d_z, r d_n]`` (as ``backward_sequence`` turns it into dgh_t), ``Di`` one
+        (T B, 3, H) buffer, each weighed by lambda in place (``Immediate.weigh``)."""
+        T, B, _ = inputs.shape
+        H = self.hidden_size
+        N = T * B
+        full = inputs.new_empty(T + 1, B, H)
+        full[0] = state0.h
+        G, HN, hs = self._forward(params, inputs, state0.h, hs=full[1:])
+        Gv = G.view(N, 3, H)
+        r, z, n = Gv.unbind(1)
+        hn, hp = HN.view(N, H), full[:-1].reshape(N, H)
+        out = {}
+        J = z.clone() if ("local" in need or "eligibility" in need) else None  # z_t
+        Di = G.new_empty(N, 3, H)
+        A = torch.mul(z, -1.0).add_(1.0)                                   # 1 - z
+        dn = torch.mul(n, n, out=Di[:, 2]).neg_().add_(1.0).mul_(A)       # d_n
+        t1 = torch.sub(hp, n)
+        torch.mul(t1, z, out=z).mul_(A)                                   # d_z, over z
+        torch.mul(r, -1.0, out=A).add_(1.0)                               # 1 - r
+        torch.mul(dn, hn, out=t1).mul_(r)
+        torch.mul(dn, r, out=n)                                           # r d_n, over n
+        torch.mul(t1, A, out=r)                                           # d_r, over r
+        del A, t1
+        Di[:, :2] = Gv[:, :2]
+        if "local" in need:
+            dW = _diag_blocks(params["W_hh"], 3)                           # (3, H)
+            J.addcmul_(r, dW[0]).addcmul_(z, dW[1]).addcmul_(n, dW[2])
+            out["local"] = J.view(N, H, 1, 1)
+        if "eligibility" in need:
+            out["eligibility"] = J.view(N, H, 1, 1)
+        if "immediate" in need:
+            done = []
+
+            def once(D):
+                def weigh(lam: Tensor) -> Tensor:
+                    if id(D) in done:
+                        raise RuntimeError("GRU.linearize_sequence's weigh is called once")
+                    done.append(id(D))
+                    return D.mul_(lam)                                    # lam (N, 1, H)
+                return weigh
+
+            wi, wh = once(Di), once(Gv)
+            ones = G.new_ones(N, 1, 1)
+            out["immediate"] = {"W_ih": Immediate(None, inputs.reshape(N, 1, -1), None, wi),
+                                "W_hh": Immediate(None, hp.view(N, 1, H), None, wh),
+                                "b_ih": Immediate(None, ones, None, wi),
+                                "b_hh": Immediate(None, ones, None, wh)}
+        new = GRUState(full[1:])
+        return GRUState(full[:-1]), new, full[1:], Linearization(
+            GRUState(full[1:].reshape(N, H)), **out)
 
     def _linearization(self, params, h_prev, x, r, z, n, h_n, h, need) -> Linearization:
         out = {}
@@ -239,7 +296,7 @@ class GRU(Cell):
         return hs, GRUState(hs[-1]), (SequenceCache(c) if cache else None)
 
     @torch.no_grad()
-    def _forward(self, params, inputs: Tensor, h0: Tensor):
+    def _forward(self, params, inputs: Tensor, h0: Tensor, hs: Tensor | None = None):
         T, B, D = inputs.shape
         H = self.hidden_size
         W_ih, W_hh, b_ih, b_hh = params["W_ih"], params["W_hh"], params["b_ih"], params["b_hh"]
@@ -250,7 +307,8 @@ class GRU(Cell):
         G = torch.addmm(bias, inputs.reshape(T * B, D), W_ih.T).view(T, B, 3 * H)
         W_rz_T, W_n_T, b_hn = W_hh[:2 * H].T, W_hh[2 * H:].T, b_hh[2 * H:]
         HN = torch.empty(T, B, H, dtype=G.dtype, device=G.device)     # gh_n
-        hs = torch.empty(T, B, H, dtype=G.dtype, device=G.device)
+        if hs is None:  # (or the caller's (T, B, H) buffer)
+            hs = torch.empty(T, B, H, dtype=G.dtype, device=G.device)
         # views made once; G[t] turns from pre-activations into [r, z, n] in place
         RZ, Rs, Zs, Ns = (G[..., :2 * H].unbind(0), G[..., :H].unbind(0),
                           G[..., H:2 * H].unbind(0), G[..., 2 * H:].unbind(0))

@@ -248,7 +248,133 @@ class _Spiking(Cell):
         """The forward pass over the sequence and ``linearize`` at every step from the
         spikes and slopes it keeps (no second evaluation of the step): ``(prev, new,
         outputs, Linearization on the (T B) rows)`` (what the sequence forms of the
-        truncated rules use)."""
+        truncated rules use). The states, spikes and slopes of every step are written
+        into (T + 1, B, U) buffers (prev and new are views of them); the slopes are
+        computed after the loop, on every step at once; the per-unit blocks are built
+        with their entries contiguous. ``"weigh"`` in ``need``: the immediate factor
+        (ones on v) is folded as lambda's v row, no product."""
+        if "jacobian" in need or "input_jacobian" in need:
+            return self._linearize_sequence_steps(params, inputs, state0, need)
+        T, B, U = inputs.shape[0], inputs.shape[1], self.hidden_size
+        N = T * B
+        C = len(state0)
+        fields = [f for f in ("local", "eligibility") if f in need]
+        # the blocks' entries, each (T + 1, B, U) (the last step unused); every entry is
+        # written below but the counter's (zero). ALIF's (1, 0) entry is psi itself: the
+        # forward computes the slopes there
+        Jb = None
+        if fields:
+            Jb = (inputs.new_zeros if self.refractory else inputs.new_empty)(C, C, T + 1, B, U)
+        full, Z, psi = self._forward_kept(params, inputs, state0,
+                                          Jb[1, 0] if Jb is not None and self.adaptive else None)
+        St = type(state0)
+        prev, new = St(*(f[:-1] for f in full)), St(*(f[1:] for f in full))
+        ps = psi[:-1]  # psi_{t-1}: the slope of the spike entering step t
+        out = {}
+        for n, field in enumerate(fields):
+            if n:
+                Jb = Jb.clone()
+            J = Jb[:, :, :T]
+            if field == "local":  # the reset's -v_th psi (and W_rec[i, i] = 0)
+                torch.mul(ps, -self.v_th, out=J[0, 0]).add_(self.alpha)
+            else:
+                J[0, 0].fill_(self.alpha)
+            if self.adaptive:
+                bpsi = torch.mul(ps, self.beta, out=J[1, 1])
+                if field == "local":
+                    torch.mul(bpsi, self.v_th, out=J[0, 1])
+                elif not self.refractory:
+                    J[0, 1].zero_()
+                torch.sub(self.rho, bpsi, out=J[1, 1])
+            out[field] = J.permute(2, 3, 4, 0, 1).reshape(N, U, C, C)
+        if "immediate" in need:
+            x = inputs.reshape(N, 1, -1)
+            z = Z[:-1].reshape(N, 1, U)
+            if "weigh" in need:
+                def weigh(lam: Tensor) -> Tensor:
+                    return lam[:, :1]  # D: ones on v, zero elsewhere
+
+                out["immediate"] = {"W_in": Immediate(None, x, None, weigh),
+                                    "W_rec": Immediate(None, z, self.offdiag, weigh)}
+            else:
+                D = psi.new_zeros(1, C, 1, U)
+                D[:, 0] = 1.0
+                D = D.expand(N, C, 1, U)
+                out["immediate"] = {"W_in": Immediate(D, x),
+                                    "W_rec": Immediate(D, z, self.offdiag)}
+        lin = Linearization(new, **out)
+        if "emit_vjp" not in need:
+            return prev, new, Z[1:], lin
+        ps_new = psi[1:].view(N, U)  # the slopes of the outputs z_1..z_T
+
+        def emit_vjp(g: Tensor):
+            """As ``output_vjp`` on the new states, from the slopes the forward kept."""
+            q = g.new_empty(N, C, U)
+            gv = torch.mul(g, ps_new, out=q[:, 0])
+            if self.adaptive:
+                torch.mul(gv, -self.beta, out=q[:, 1])
+            if self.refractory:
+                q[:, -1].zero_()
+            return {}, q.view(N, C * U), None
+
+        return prev, new, Z[1:], lin, emit_vjp
+
+    def block_zeros(self, field: str, C: int) -> frozenset:
+        """The entries (c, d) of the per-unit blocks that are zero at every step (what the
+        sequence forms skip in their lambda recursion): the refractory counter's row and
+        column, and in e-prop's block the membrane's dependence on a (Bellec's)."""
+        q = C - 1 if self.refractory else -1
+        out = {(c, d) for c in range(C) for d in range(C) if q in (c, d)}
+        if self.adaptive and field == "eligibility":
+            out.add((0, 1))
+        return frozenset(out)
+
+    @torch.no_grad()
+    def _forward_kept(self, params, inputs: Tensor, state0, num: Tensor | None = None):
+        """The forward pass into preallocated buffers: ``(components (T + 1, B, U) each:
+        the states s_0..s_T, Z (T + 1, B, U) the spikes z_0..z_T, psi (T + 1, B, U) their
+        slopes)``. Per step: u's numerator v - v_th - beta a, the spike (u > 0 as
+        numerator > 0, v_th > 0), the new state; u and psi after the loop, in place in
+        ``num`` (a (T + 1, B, U) buffer, or a new one)."""
+        T, B, _ = inputs.shape
+        U = self.hidden_size
+        I_in = (inputs.reshape(-1, self.input_size) @ params["W_in"].detach().T).view(T, B, U)
+        W_rec_T = (params["W_rec"].detach() * self.offdiag).T
+        full = [I_in.new_empty(T + 1, B, U) for _ in state0]
+        for f, c in zip(full, state0):
+            f[0] = c
+        V = full[0].unbind(0)
+        A_ = full[1].unbind(0) if self.adaptive else None
+        Q = full[-1].unbind(0) if self.refractory else None
+        if num is None:
+            num = I_in.new_empty(T + 1, B, U)  # (v - v_th - beta a)
+        Z = I_in.new_empty(T + 1, B, U)
+        Ns, Zs = num.unbind(0), Z.unbind(0)
+        free = I_in.new_empty(T + 1, B, U) if self.refractory else None
+        Fr = free.unbind(0) if free is not None else None
+        tmp = I_in.new_empty(B, U)
+        beta, v_th, alpha = self._beta(), self.v_th, self.alpha
+        for t in range(T + 1):
+            n = torch.sub(V[t], v_th, out=Ns[t])
+            if self.adaptive:
+                n.sub_(torch.mul(A_[t], beta, out=tmp))
+            z = torch.gt(n, 0.0, out=Zs[t])
+            if Fr is not None:
+                z.mul_(torch.le(Q[t], 0.0, out=Fr[t]))
+            if t == T:
+                break
+            v = torch.mul(V[t], alpha, out=V[t + 1])
+            v.sub_(torch.mul(z, v_th, out=tmp)).add_(I_in[t]).addmm_(z, W_rec_T)
+            if self.adaptive:
+                torch.mul(A_[t], self.rho, out=A_[t + 1]).add_(z)
+            if Q is not None:
+                torch.sub(Q[t], 1.0, out=Q[t + 1]).clamp_(min=0.0).add_(z, alpha=self.n_ref - 1)
+        psi = self.surrogate.derivative_(num.div_(v_th)).div_(v_th)  # over u
+        if free is not None:
+            psi.mul_(free)
+        return full, Z, psi
+
+    def _linearize_sequence_steps(self, params, inputs: Tensor, state0, need):
         kept: list = []
         zs, _, (z_prev, psis) = self._forward(params, inputs, state0, kept)
         full = type(state0)(*(torch.stack(c) for c in zip(*kept)))

@@ -376,6 +376,112 @@ class LRU(Cell):
                 out["input_jacobian"] = gB.expand(B, 2 * N, self.input_size)
         return Linearization(new, **out)
 
+    def linearize_sequence(self, params, inputs: Tensor, state0: LRUState, *, need=()):
+        """The forward pass over the sequence (``forward_sequence``'s, the states written
+        into (T + 1, B, N) buffers) and ``linearize`` at every step from what it keeps, the
+        input projections ``B u_t`` included: ``(prev, new, outputs, Linearization on the
+        (T B) rows)``, and with ``"emit_vjp"`` in ``need`` a fifth item, ``emit_vjp`` on
+        the rows from the output layer's forward values (no second evaluation of it).
+        ``"weigh"``: each immediate term as ``Immediate.weigh`` (per unit, lambda's two
+        rows folded: ``nu``: ``-e^nu (lam_re a_re + lam_im a_im)``, and so on)."""
+        T, B, Dn = inputs.shape
+        N = self.state_size
+        NR = T * B
+        with torch.no_grad():
+            lr, li, e_nu, e_th = self.eigenvalues(params)
+            gamma = torch.exp(params["gamma_log"])
+            x2 = inputs.reshape(NR, Dn)
+            u = self._input(x2)
+            V = (u @ torch.cat((params["B_re"], params["B_im"])).T).view(T, B, 2 * N)
+            RE, IM = V.new_empty(T + 1, B, N), V.new_empty(T + 1, B, N)
+            RE[0], IM[0] = state0.re, state0.im
+            GV = V * gamma.repeat(2)                                      # gamma B u_t, all t
+            Rs, Is = RE.unbind(0), IM.unbind(0)
+            for t in range(T):
+                re, im = Rs[t], Is[t]
+                torch.addcmul(GV[t, :, :N], lr, re, out=Rs[t + 1]).addcmul_(li, im, value=-1.0)
+                torch.addcmul(GV[t, :, N:], li, re, out=Is[t + 1]).addcmul_(lr, im)
+            del GV
+            pre, pim = RE[:-1].reshape(NR, N), IM[:-1].reshape(NR, N)
+            nre, nim = RE[1:].reshape(NR, N), IM[1:].reshape(NR, N)
+            out, ecache = self._out(params, nre, nim, u, x2)
+        prev, new = LRUState(RE[:-1], IM[:-1]), LRUState(RE[1:], IM[1:])
+        rows_new = LRUState(nre, nim)
+        if "jacobian" in need or "input_jacobian" in need:
+            lin = self.linearize(params, LRUState(pre, pim), x2, need=need)
+        else:
+            lin = self._sequence_linearization(params, pre, pim, u, V.view(NR, 2 * N), lr, li,
+                                               e_nu, e_th, gamma, rows_new, need)
+        if "emit_vjp" not in need:
+            return prev, new, out.view(T, B, -1), lin
+
+        def emit_vjp(g: Tensor):
+            """``emit_vjp`` on the (T B) rows, from the output layer's kept values."""
+            with torch.no_grad():
+                grads, _, d_re, d_im, du = self._out_backward(params, nre, nim, u, ecache, g)
+                dx = self._input_backward(x2, du)
+                if self.residual:
+                    dx = dx + g
+            return grads, torch.cat((d_re, d_im), 1), dx
+
+        return prev, new, out.view(T, B, -1), lin, emit_vjp
+
+    @torch.no_grad()
+    def _sequence_linearization(self, params, pre, pim, u, V, lr, li, e_nu, e_th, gamma, new,
+                                need) -> Linearization:
+        NR, N = pre.shape
+        out = {}
+        if "local" in need or "eligibility" in need:
+            blk = torch.stack((torch.stack((lr, -li), -1), torch.stack((li, lr), -1)), -2)
+            blk = blk.expand(NR, N, 2, 2)  # the same for every row
+            for field in ("local", "eligibility"):
+                if field in need:
+                    out[field] = blk
+        if "immediate" in need:
+            a_re = lr * pre - li * pim                                      # lambda h_{t-1}
+            a_im = li * pre + lr * pim
+            v_re, v_im = V[:, :N], V[:, N:]
+            ones = u.new_ones(NR, 1, 1)
+            uu = u.unsqueeze(1)
+            if "weigh" in need:
+                def w_nu(lam):                      # -e^nu (lam_re a_re + lam_im a_im)
+                    w = torch.mul(lam[:, 0], a_re)
+                    return w.addcmul_(lam[:, 1], a_im).mul_(-e_nu).unsqueeze(1)
+
+                def w_theta(lam):                   # e^theta (lam_im a_re - lam_re a_im)
+                    w = torch.mul(lam[:, 1], a_re)
+                    return w.addcmul_(lam[:, 0], a_im, value=-1.0).mul_(e_th).unsqueeze(1)
+
+                def w_gamma(lam):                   # gamma (lam_re v_re + lam_im v_im)
+                    w = torch.mul(lam[:, 0], v_re)
+                    return w.addcmul_(lam[:, 1], v_im).mul_(gamma).unsqueeze(1)
+
+                def w_re(lam):
+                    return (lam[:, 0] * gamma).unsqueeze(1)
+
+                def w_im(lam):
+                    return (lam[:, 1] * gamma).unsqueeze(1)
+
+                out["immediate"] = {"nu": Immediate(None, ones, None, w_nu),
+                                    "theta": Immediate(None, ones, None, w_theta),
+                                    "gamma_log": Immediate(None, ones, None, w_gamma),
+                                    "B_re": Immediate(None, uu, None, w_re),
+                                    "B_im": Immediate(None, uu, None, w_im)}
+            else:
+                zero = torch.zeros_like(gamma)
+                g_re = torch.stack((gamma, zero)).view(1, 2, 1, N).expand(NR, 2, 1, N)
+                g_im = torch.stack((zero, gamma)).view(1, 2, 1, N).expand(NR, 2, 1, N)
+                out["immediate"] = {
+                    "nu": Immediate(torch.stack((a_re, a_im), 1).mul_(-e_nu).unsqueeze(2), ones),
+                    "theta": Immediate(torch.stack((-a_im, a_re), 1).mul_(e_th).unsqueeze(2),
+                                       ones),
+                    "gamma_log": Immediate(torch.stack((v_re, v_im), 1).mul_(gamma).unsqueeze(2),
+                                           ones),
+                    "B_re": Immediate(g_re, uu),
+                    "B_im": Immediate(g_im, uu),
+                }
+        return Linearization(new, **out)
+
     # ---- whole-sequence BPTT ----------------------------------------------------------
 
     def forward_sequence(self, params, inputs: Tensor, state0: LRUState, *, cache: bool = False):

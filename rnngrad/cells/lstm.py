@@ -156,8 +156,89 @@ class LSTM(Cell):
         """The forward pass over the sequence and ``linearize`` at every step, from the
         gates the forward keeps (no second evaluation of the step): ``(prev, new, outputs,
         Linearization)``, prev and new the states before and after each step ((T, B, H)
-        components), the linearization on the (T B) rows (what the sequence forms of the
-        truncated rules use)."""
+        components, views of one (T + 1, B, H) buffer each), the linearization on the
+        (T B) rows (what the sequence forms of the truncated rules use).
+
+        With ``"weigh"`` in ``need`` (and no jacobian asked) the immediate factor D is
+        never built: the gate buffer is turned in place into the per-gate factors (as
+        ``backward_sequence`` turns it into da_t), and ``Immediate.weigh`` folds D's two
+        rows, ``w = lam_h Dh + lam_c Dc = [m Dc_i, m Dc_f, m Dc_g, lam_h tc o (1 - o)]``
+        with ``m = lam_c + k lam_h``, into that buffer."""
+        if "weigh" not in need or "jacobian" in need or "input_jacobian" in need:
+            return self._linearize_sequence_dense(params, inputs, state0, need)
+        A, cf, hf = self._forward_kept(params, inputs, state0)
+        T, B, H = A.shape[0], A.shape[1], self.hidden_size
+        N = T * B
+        prev, new = LSTMState(hf[:-1], cf[:-1]), LSTMState(hf[1:], cf[1:])
+        G = A.view(N, 4, H)  # post-activation, PyTorch's order i, f, g, o
+        i, f, g, o = G.unbind(1)
+        c_prev = cf[:-1].reshape(N, H)
+        tc = torch.tanh(cf[1:].reshape(N, H))
+        k = torch.mul(tc, tc)
+        torch.addcmul(o, o, k, value=-1.0, out=k)                         # k = o (1 - tc^2)
+        # the per-unit blocks, entries contiguous: Jb[c, d] (N, H); J (N, H, 2, 2) a view
+        Jb = A.new_empty(2, 2, N, H)
+        torch.mul(k, f, out=Jb[0, 1])                                     # d h / d c_prev
+        Jb[1, 1].copy_(f)                                                 # d c / d c_prev
+        # the gate buffer, in place, becomes [Dc_i, Dc_f, Dc_g, Dh_o]
+        p = torch.mul(g, i)
+        torch.addcmul(i, p, g, value=-1.0, out=g)                         # Dc_g = i (1 - g^2)
+        torch.addcmul(p, p, i, value=-1.0, out=i)                         # Dc_i = g i (1 - i)
+        f.addcmul_(f, f, value=-1.0).mul_(c_prev)                         # Dc_f = c f (1 - f)
+        o.addcmul_(o, o, value=-1.0).mul_(tc)                             # Dh_o = tc o (1 - o)
+        del p, tc
+        out = {}
+        if "local" in need:
+            dW = _diag_blocks(params["W_hh"], 4)                          # (4, H)
+            own_c = torch.mul(i, dW[0], out=Jb[1, 0])
+            own_c.addcmul_(f, dW[1]).addcmul_(g, dW[2])
+            torch.mul(own_c, k, out=Jb[0, 0]).addcmul_(o, dW[3])
+            out["local"] = Jb.permute(2, 3, 0, 1)
+        if "eligibility" in need:
+            if "local" in need:
+                E = Jb.clone()
+            else:
+                E = Jb
+            E[:, 0].zero_()
+            out["eligibility"] = E.permute(2, 3, 0, 1)
+        if "immediate" in need:
+            done = []
+
+            def weigh(lam: Tensor) -> Tensor:
+                if done:
+                    raise RuntimeError("LSTM.linearize_sequence's weigh is called once")
+                done.append(True)
+                lam_h, lam_c = lam[:, 0], lam[:, 1]
+                m = torch.addcmul(lam_c, lam_h, k, out=k)                 # lam_c + k lam_h
+                G[:, :3].mul_(m.unsqueeze(1))
+                o.mul_(lam_h)
+                return G
+
+            ones = A.new_ones(N, 1, 1)
+            out["immediate"] = {
+                "W_ih": Immediate(None, inputs.reshape(N, 1, -1), None, weigh),
+                "W_hh": Immediate(None, hf[:-1].reshape(N, 1, H), None, weigh),
+                "b_ih": Immediate(None, ones, None, weigh),
+                "b_hh": Immediate(None, ones, None, weigh)}
+        lin = Linearization(new, **out)
+        if "emit_vjp" not in need:
+            return prev, new, hf[1:], lin
+
+        def emit_vjp(g: Tensor):
+            """The output is h: the signal on (h, c) is (g, 0), in a buffer of its own."""
+            q = g.new_empty(N, 2, H)
+            q[:, 0] = g
+            q[:, 1].zero_()
+            return {}, q.view(N, 2 * H), None
+
+        return prev, new, hf[1:], lin, emit_vjp
+
+    def block_zeros(self, field: str, C: int) -> frozenset:
+        """The entries (c, d) of the per-unit blocks that are zero at every step: e-prop's
+        h_{t-1} columns (what the sequence forms skip in their lambda recursion)."""
+        return frozenset({(0, 0), (1, 0)}) if field == "eligibility" else frozenset()
+
+    def _linearize_sequence_dense(self, params, inputs: Tensor, state0: LSTMState, need):
         A, cs, hs, _ = self._forward(params, inputs, state0)
         T, B, H = hs.shape
         N = T * B
@@ -173,6 +254,31 @@ class LSTM(Cell):
         lin = self._linearization(params, rows(prev), inputs.reshape(N, -1), i, f, g, o,
                                   torch.tanh(cs.view(N, H)), rows(new), need)
         return prev, new, hs, lin
+
+    @torch.no_grad()
+    def _forward_kept(self, params, inputs: Tensor, state0: LSTMState):
+        """The forward pass in PyTorch's gate order: ``(A (T, B, 4H) the post-activation
+        gates i, f, g, o, c (T + 1, B, H) = c_0..c_T, h (T + 1, B, H) = h_0..h_T)``."""
+        T, B, D = inputs.shape
+        H = self.hidden_size
+        A = torch.addmm(params["b_ih"] + params["b_hh"], inputs.reshape(T * B, D),
+                        params["W_ih"].T).view(T, B, 4 * H)
+        W_hh_T = params["W_hh"].T
+        cf = A.new_empty(T + 1, B, H)
+        hf = A.new_empty(T + 1, B, H)
+        cf[0], hf[0] = state0.c, state0.h
+        tc = A.new_empty(B, H)
+        Cs, Hs, As = cf.unbind(0), hf.unbind(0), A.unbind(0)
+        IF, Gs, Os = A[..., :2 * H].unbind(0), A[..., 2 * H:3 * H].unbind(0), A[..., 3 * H:].unbind(0)
+        Is, Fs = A[..., :H].unbind(0), A[..., H:2 * H].unbind(0)
+        for t in range(T):
+            As[t].addmm_(Hs[t], W_hh_T)
+            IF[t].sigmoid_()                                              # i, f
+            Gs[t].tanh_()                                                 # g
+            Os[t].sigmoid_()                                              # o
+            c = torch.mul(Fs[t], Cs[t], out=Cs[t + 1]).addcmul_(Is[t], Gs[t])
+            torch.mul(Os[t], torch.tanh(c, out=tc), out=Hs[t + 1])
+        return A, cf, hf
 
     def _linearization(self, params, state, x, i, f, g, o, tc, new, need) -> Linearization:
         B, H = tc.shape
