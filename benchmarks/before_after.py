@@ -10,7 +10,9 @@ table reports (``cells_bptt``: time / the nn.GRU or nn.LSTM anchor; ``rtrl_cells
 run's [lowest, highest] over its runs where the CSV has them, and a verdict: "within
 noise" where the two ranges overlap or the ratio moved by less than 10%, "faster" /
 "slower" otherwise, "REGRESSION" where the after ratio is more than 20% above the
-before one and its range lies wholly above the before range.
+before one and its range lies wholly above the before range ("anchor faster" instead where
+the row's own median time did not grow by 20%: the anchor, not rnngrad, moved). For
+``cells_bptt`` the row's and the anchor's median milliseconds are shown too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ SPECS = {  # kind -> (key fields, ratio field, min field, max field)
     "rtrl_cells": (("cell", "H"), "ratio_rtrl_over_generic", "ratio_min", "ratio_max"),
 }
 HEADER = "## Before vs after"
+ANCHOR = {"gru": "nn.GRU + autograd", "lstm": "nn.LSTM + autograd"}
 
 
 def verdict(o: float, n: float, orng, nrng) -> str:
@@ -45,9 +48,12 @@ def rows_of(path: str, kind: str) -> dict:
 def section(kind: str, old: dict, new: dict, note: str) -> str:
     key, rf, lo, hi = SPECS[kind]
     extra = kind == "rtrl_cells"
+    anchored = kind == "cells_bptt"
     head = "| " + " | ".join(key) + " | before [range] | after [range] | after / before | verdict |"
     if extra:
         head += " rtrl() / bptt() before | after |"
+    if anchored:
+        head += " ms before -> after | anchor ms before -> after |"
     out = [HEADER, "", note, "", head, "|" + "---|" * (head.count("|") - 1)]
     worst = []
     for k, r in new.items():
@@ -57,10 +63,18 @@ def section(kind: str, old: dict, new: dict, note: str) -> str:
         orng = (float(old[k][lo]), float(old[k][hi])) if old[k].get(lo) else None
         nrng = (float(r[lo]), float(r[hi])) if r.get(lo) else None
         v = verdict(o, n, orng, nrng)
+        if anchored:
+            ak = k[:3] + (ANCHOR[k[0]],)
+            oms, nms = float(old[k]["median_ms"]), float(r["median_ms"])
+            oa, na = float(old[ak]["median_ms"]), float(new[ak]["median_ms"])
+            if v == "REGRESSION" and nms < 1.2 * oms:
+                v = "anchor faster (own time not up)"
         worst.append((n / o, k, v))
         rng = lambda x: f" [{x[0]:.2f}, {x[1]:.2f}]" if x else ""  # noqa: E731
         line = (f"| " + " | ".join(k) + f" | {o:.2f}{rng(orng)} | {n:.2f}{rng(nrng)} "
                 f"| {n / o:.2f} | {v} |")
+        if anchored:
+            line += f" {oms:.1f} -> {nms:.1f} | {oa:.1f} -> {na:.1f} |"
         if extra:
             ob = float(old[k]["rtrl_ms"]) / float(old[k]["bptt_ms"])
             nb = float(r["rtrl_ms"]) / float(r["bptt_ms"])
@@ -70,7 +84,8 @@ def section(kind: str, old: dict, new: dict, note: str) -> str:
         m = max(worst)
         out += ["", f"Largest after / before: {m[0]:.2f} ({', '.join(m[1])}: {m[2]}); "
                 f"regressions flagged: {sum(v == 'REGRESSION' for *_, v in worst)} of "
-                f"{len(worst)} rows."]
+                f"{len(worst)} rows; rows where only the anchor moved: "
+                f"{sum(v.startswith('anchor') for *_, v in worst)}."]
     return "\n".join(out) + "\n"
 
 
