@@ -71,7 +71,7 @@ def section(kind: str, old: dict, new: dict, note: str) -> str:
                 v = "anchor faster (own time not up)"
         worst.append((n / o, k, v))
         rng = lambda x: f" [{x[0]:.2f}, {x[1]:.2f}]" if x else ""  # noqa: E731
-        line = (f"| " + " | ".join(k) + f" | {o:.2f}{rng(orng)} | {n:.2f}{rng(nrng)} "
+        line = ("| " + " | ".join(k) + f" | {o:.2f}{rng(orng)} | {n:.2f}{rng(nrng)} "
                 f"| {n / o:.2f} | {v} |")
         if anchored:
             line += f" {oms:.1f} -> {nms:.1f} | {oa:.1f} -> {na:.1f} |"
