@@ -10,15 +10,22 @@ immediate term is formed; ``rtrl(generic=True)`` takes J_t and the immediate ter
 the same ``M_t = J_t M_{t-1} + Mbar_t`` GEMM, O(B S^2 N) per step, so the structured
 path saves the Jacobians' cost: most at small H, where the GEMM is small.
 
-Setting: one layer, B = 4, T = 10, D = 8, K = 2, float32, 2 threads; each time the
-median of REPEATS runs of ``rnngrad.gradient`` (the two paths' gradients checked equal
-first), timed round-robin; the whole measurement repeated RUNS times, the median ratio
-reported with its range. Also ``bptt()`` (hand-derived) on the same network, for scale.
+Setting: one layer, B = 4, T = 10, D = 8, K = 2, float32, ``--threads`` (default 1) and
+``--clock`` (default ``cpu``: ``time.thread_time``, which other processes' load barely
+moves; ``wall``: ``time.perf_counter``, what the tables before issue 17 used, with 2
+threads); each time the median of REPEATS runs of ``rnngrad.gradient`` (the two paths'
+gradients checked equal first), timed round-robin; the whole measurement repeated RUNS
+times, the median ratio reported with its range. Also ``bptt()`` (hand-derived) on the
+same network, for scale. The md records the load average at the start and the end.
+
+    python benchmarks/rtrl_cells.py [--threads 1] [--clock cpu|wall] [--csv PATH]
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import os
 import statistics
 import sys
 import time
@@ -46,10 +53,13 @@ def problem(cell_cls, H):
     return net, x, y
 
 
+CLOCK = time.thread_time
+
+
 def timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def measure(cell_cls, H) -> dict:
@@ -83,7 +93,18 @@ def measure(cell_cls, H) -> dict:
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    global CLOCK
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--csv", type=Path, default=HERE / "rtrl_cells.csv",
+                    help="the CSV (the md is written beside it, same name)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("--clock cpu times this thread only: use it with --threads 1")
+    load0 = os.getloadavg()
     rows = []
     for cell_cls in (GRU, LSTM):
         for H in HS:
@@ -93,7 +114,7 @@ def main() -> None:
                   f"{r['generic_ms']:8.1f} ms  ratio {r['ratio_rtrl_over_generic']:.2f} "
                   f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]  bptt {r['bptt_ms']:.1f} ms",
                   flush=True)
-    with open(HERE / "rtrl_cells.csv", "w", newline="") as f:
+    with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
@@ -104,10 +125,15 @@ def main() -> None:
         lines.append(f"| {r['cell']} | {r['H']} | {r['S']} | {r['N']} | {r['rtrl_ms']:.1f} | "
                      f"{r['generic_ms']:.1f} | {r['ratio_rtrl_over_generic']:.2f} "
                      f"({r['ratio_min']:.2f} to {r['ratio_max']:.2f}) | {r['bptt_ms']:.1f} |")
-    (HERE / "rtrl_cells.md").write_text(
+    clock = ("CPU time of the thread (time.thread_time)" if args.clock == "cpu"
+             else "wall time")
+    load1 = os.getloadavg()
+    args.csv.with_suffix(".md").write_text(
         f"RTRL on GRU and LSTM, structured vs torch.func (`benchmarks/rtrl_cells.py`; B={B}, "
-        f"T={T}, D={D}, K={K}, float32, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}). Ratio < 1: the structured path is faster.\n\n"
+        f"T={T}, D={D}, K={K}, float32, {torch.get_num_threads()} thread(s), {clock}, torch "
+        f"{torch.__version__}). Ratio < 1: the structured path is faster. Load average "
+        f"at the start {load0[0]:.2f}, {load0[1]:.2f}, {load0[2]:.2f}; at the end "
+        f"{load1[0]:.2f}, {load1[1]:.2f}, {load1[2]:.2f} (2 shared cores).\n\n"
         + "\n".join(lines) + "\n")
 
 
