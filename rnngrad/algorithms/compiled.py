@@ -39,12 +39,13 @@ import itertools
 import time
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .base import Algorithm
+from .base import Algorithm, _stamp
 
 __all__ = ["compile", "CompileInfo", "CompileWarning", "is_compiled"]
 
@@ -65,6 +66,10 @@ class CompileInfo:
     graphs:   graphs the backend compiled so far (the recompilation count is graphs minus
               the graphs of the first key).
     keys:     the input keys compiled for, in order.
+    wrapper:  how inductor calls its kernels: "cpp" (the C++ wrapper, the default: a
+              graph call costs less Python), "python" (asked for, or where the C++
+              wrapper failed to build), None (no inductor graph yet, or another backend).
+    wrapper_reason: why the C++ wrapper was not used where it was the default (one line).
     """
 
     backend: str
@@ -73,9 +78,12 @@ class CompileInfo:
     seconds: float = 0.0
     graphs: int = 0
     keys: list = field(default_factory=list)
+    wrapper: str | None = None
+    wrapper_reason: str | None = None
 
 
 _counter = itertools.count()
+
 
 
 def _fresh_pure(raw_step):
@@ -99,20 +107,39 @@ def _fresh_pure(raw_step):
                               pure.__closure__)
 
 
-def _key(x_t: Tensor, target_t, mask_t, dh_t, loss: str) -> tuple:
-    def sig(t):
-        return None if t is None else (tuple(t.shape), t.dtype)
+def _sig(t):
+    return None if t is None else (t.shape, t.dtype)
 
-    return (tuple(x_t.shape), x_t.dtype, x_t.device.type, x_t.device.index, sig(target_t),
-            sig(mask_t), sig(dh_t), loss)
+
+def _key(x_t: Tensor, target_t, mask_t, dh_t, loss: str) -> tuple:
+    """What a compilation is specialised to: x_t's shape, dtype and device, the shapes and
+    dtypes of target/mask/dh (None where not given), and the loss."""
+    return (x_t.shape, x_t.dtype, x_t.device, _sig(target_t), _sig(mask_t), _sig(dh_t), loss)
 
 
 def _describe(key: tuple) -> str:
-    shape, dtype, dev, idx, tgt, mask, dh, loss = key
-    where = dev if idx is None else f"{dev}:{idx}"
+    shape, dtype, dev, tgt, mask, dh, loss = key
     extra = ", ".join(n for n, v in (("target", tgt), ("mask", mask), ("dh", dh)) if v is not None)
-    return (f"x_t {tuple(shape)} {str(dtype).replace('torch.', '')} on {where}, loss {loss!r}"
+    return (f"x_t {tuple(shape)} {str(dtype).replace('torch.', '')} on {dev}, loss {loss!r}"
             + (f", with {extra}" if extra else ", no target"))
+
+
+# Guards that dynamo keeps on the library's own globals (its functions, classes, modules and
+# the NamedTuple classes' internals): they change only if the library itself is patched at
+# run time, and checking them at every call cost more than the rest of the guards
+# (benchmarks/compiled_step.md). Kept: the guards on the tensors (shapes, strides, dtypes,
+# devices), on the arguments (the model's type and constant attributes, the state's
+# structure, loss, which of target/mask/dh are given), on scalar globals, and the global
+# state (grad mode, default device, ...).
+_DROPPED_GLOBAL_GUARDS = frozenset({"CLOSURE_MATCH", "MODULE_MATCH", "CLASS_MATCH",
+                                    "BUILTIN_MATCH", "ID_MATCH", "TYPE_MATCH",
+                                    "SEQUENCE_LENGTH", "DUPLICATE_INPUT", "DICT_KEYS_MATCH",
+                                    "DICT_VERSION", "FUNCTION_MATCH"})
+
+
+def _guard_filter(entries) -> list[bool]:
+    return [not ((e.is_global and e.guard_type in _DROPPED_GLOBAL_GUARDS)
+                 or e.name.startswith("dict(type(")) for e in entries]
 
 
 def _first_line(e: BaseException) -> str:
@@ -143,6 +170,14 @@ class CompiledStep:
         self._fn = None
         self._eager = _fresh_pure(raw_step)  # same flag, no compiler
         self._seen: set = set()
+        # the C++ wrapper unless the options say otherwise (then as they say, no fallback)
+        self._cpp = options is None or "cpp_wrapper" not in options
+        # the validation's fast path (see trusts): the last state this step returned, by id
+        # and a weak reference to its h (a NamedTuple takes no weak reference; a strong one
+        # would keep a dropped state's buffers alive), the version stamp of its other tensors,
+        # its model (weakly) and the input keys validated in full for that model
+        self._last = (None,) * 5
+        self._trusted: set = set()
 
     def _counting_backend(self):
         inner = self._backend
@@ -152,27 +187,79 @@ class CompiledStep:
 
         def backend(gm, example_inputs, **kw):
             info.graphs += 1
-            if self._options and inner is torch._dynamo.lookup_backend("inductor"):
-                from torch._inductor.compile_fx import compile_fx
+            if inner is not torch._dynamo.lookup_backend("inductor"):
+                return inner(gm, example_inputs, **kw)
+            from torch._inductor.compile_fx import compile_fx
 
-                return compile_fx(gm, example_inputs, config_patches=self._options)
-            return inner(gm, example_inputs, **kw)
+            patches = dict(self._options or {})
+            if self._cpp:
+                try:
+                    fn = compile_fx(gm, example_inputs,
+                                    config_patches={**patches, "cpp_wrapper": True})
+                    info.wrapper = "cpp"
+                    return fn
+                except Exception as e:  # noqa: BLE001 -- the python wrapper may still build
+                    self._cpp = False
+                    info.wrapper_reason = f"the C++ wrapper failed: {_first_line(e)}"
+            info.wrapper = "cpp" if patches.get("cpp_wrapper") else "python"
+            return compile_fx(gm, example_inputs, config_patches=patches or None)
 
         return backend
 
     def _build(self, fullgraph: bool):
         return torch.compile(_fresh_pure(self.raw), backend=self._counting_backend(),
-                             fullgraph=fullgraph, dynamic=False)
+                             fullgraph=fullgraph, dynamic=False,
+                             options={"guard_filter_fn": _guard_filter})
 
-    def __call__(self, model, state, x_t, target_t, mask_t, dh_t, loss):
+    # ---- the validation's fast path (used by base._checked) ---------------------------------
+
+    def key(self, x_t, target_t, mask_t, dh_t, loss):
+        return _key(x_t, target_t, mask_t, dh_t, loss)
+
+    def trusts(self, model, state, key) -> bool:
+        """True when ``state`` is, untouched, the state this step last returned for ``model``
+        and ``key`` was validated in full with that model: the checks of the model, of the
+        state (owner, shapes, dtype, device) and of the inputs' shapes, dtypes and devices
+        cannot fail then, and are skipped (the finiteness flag is still read)."""
+        sid, href, mref, stamp, param = self._last
+        if sid != id(state) or mref() is not model or key not in self._trusted:
+            return False
+        h = state[0]
+        while type(h) is not Tensor:  # a network's state: tuples of per-layer states
+            if not (isinstance(h, tuple) and h):
+                return False
+            h = h[0]
+        # not changed in place (a consumed state's buffers moved on), and the model not moved
+        # to another dtype or device in place since
+        return (href() is h and _stamp(state) == stamp and param.dtype == key[1]
+                and param.device == key[2])
+
+    def remember(self, model, state, key, record) -> None:
+        """``state`` is what this step returned for ``model`` (``record``: the version stamp
+        and the weak reference to its h that ``base._record`` returned), after a full
+        validation of ``key`` or on the fast path."""
+        if record is None:
+            self._last = (None,) * 5
+            return
+        last = self._last
+        mref = last[2]
+        if mref is None or mref() is not model:
+            self._trusted = set()
+            mref = weakref.ref(model)
+            last = (None, None, mref, None, model.W_out)
+        self._trusted.add(key)
+        self._last = (id(state), record[1], mref, record[0], last[4])
+
+    def __call__(self, model, state, x_t, target_t, mask_t, dh_t, loss, key=None):
         info = self.info
         args = (model, state, x_t, target_t, mask_t, dh_t, loss)
         if info.mode == "eager":
             return self._eager(*args)
-        key = _key(x_t, target_t, mask_t, dh_t, loss)
+        if key is None:
+            key = _key(x_t, target_t, mask_t, dh_t, loss)
         first = key not in self._seen
         if first:
-            if info.keys and all(k[:4] != key[:4] for k in info.keys):  # new shape/dtype/device
+            if info.keys and all(k[:3] != key[:3] for k in info.keys):  # new shape/dtype/device
                 warnings.warn(f"{self.name}: the compiled step recompiles for {_describe(key)} "
                               f"(it was compiled for {_describe(info.keys[0])})",
                               CompileWarning, stacklevel=3)
