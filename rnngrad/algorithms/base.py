@@ -477,7 +477,8 @@ def _checked(name: str, init, step, flush):
         if isinstance(loss, str) and isinstance(x_t, Tensor):
             key = step.key(x_t, target_t, mask_t, dh_t, loss)
         floats = None
-        if key is None or not step.trusts(model, state, key):
+        trusted = key is not None and step.trusts(model, state, key)
+        if not trusted:
             _check_model(model, name)
             B = _check_state(name, init, model, state)
             if loss is None:
@@ -490,7 +491,8 @@ def _checked(name: str, init, step, flush):
                                        dh_t)  # the class range: a value, not in the key
         if mask_t is not None and mask_t.dtype != x_t.dtype:
             mask_t = mask_t.to(x_t.dtype)  # bool / integer: in the model's dtype (= x_t's)
-        new, out, grads, flag = step(model, state, x_t, target_t, mask_t, dh_t, loss, key)
+        new, out, grads, flag = step(model, state, x_t, target_t, mask_t, dh_t, loss, key,
+                                     trusted)
         if not math.isfinite(flag.item()):
             if floats is None:
                 floats = check_step_inputs(model, x_t.shape[0], x_t, target_t, mask_t, loss,

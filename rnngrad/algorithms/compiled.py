@@ -70,6 +70,8 @@ class CompileInfo:
               graph call costs less Python), "python" (asked for, or where the C++
               wrapper failed to build), None (no inductor graph yet, or another backend).
     wrapper_reason: why the C++ wrapper was not used where it was the default (one line).
+    direct:   the keys whose graph the step calls directly, without dynamo's per-call frame
+              (after one step of the key through dynamo; see ``CompiledStep._learn``).
     """
 
     backend: str
@@ -80,6 +82,7 @@ class CompileInfo:
     keys: list = field(default_factory=list)
     wrapper: str | None = None
     wrapper_reason: str | None = None
+    direct: list = field(default_factory=list)
 
 
 _counter = itertools.count()
@@ -178,6 +181,10 @@ class CompiledStep:
         # its model (weakly) and the input keys validated in full for that model
         self._last = (None,) * 5
         self._trusted: set = set()
+        # direct calls of the compiled graph (see _learn), per key, for the trusted model
+        self._direct: dict = {}
+        self._probe = None
+        self.direct = True
 
     def _counting_backend(self):
         inner = self._backend
@@ -187,6 +194,9 @@ class CompiledStep:
 
         def backend(gm, example_inputs, **kw):
             info.graphs += 1
+            return self._recorder(compile_graph(gm, example_inputs, **kw))
+
+        def compile_graph(gm, example_inputs, **kw):
             if inner is not torch._dynamo.lookup_backend("inductor"):
                 return inner(gm, example_inputs, **kw)
             from torch._inductor.compile_fx import compile_fx
@@ -205,6 +215,17 @@ class CompiledStep:
             return compile_fx(gm, example_inputs, config_patches=patches or None)
 
         return backend
+
+    def _recorder(self, fn):
+        # the compiled graph as dynamo calls it (flat tensors in, flat tensors out); while a
+        # direct call is being learned (see _learn), each call is noted
+        def graph(*args):
+            out = fn(*args)
+            if self._probe is not None:
+                self._probe.append((fn, args, out))
+            return out
+
+        return graph
 
     def _build(self, fullgraph: bool):
         return torch.compile(_fresh_pure(self.raw), backend=self._counting_backend(),
@@ -245,18 +266,29 @@ class CompiledStep:
         mref = last[2]
         if mref is None or mref() is not model:
             self._trusted = set()
+            self._direct = {}
             mref = weakref.ref(model)
             last = (None, None, mref, None, model.W_out)
         self._trusted.add(key)
         self._last = (id(state), record[1], mref, record[0], last[4])
 
-    def __call__(self, model, state, x_t, target_t, mask_t, dh_t, loss, key=None):
+    def __call__(self, model, state, x_t, target_t, mask_t, dh_t, loss, key=None,
+                 trusted=False):
         info = self.info
         args = (model, state, x_t, target_t, mask_t, dh_t, loss)
         if info.mode == "eager":
             return self._eager(*args)
         if key is None:
             key = _key(x_t, target_t, mask_t, dh_t, loss)
+        if trusted and info.mode == "whole" and self.direct:
+            direct = self._direct.get(key)
+            if direct is not None:
+                if direct is not False:
+                    result = direct(model, state, x_t, target_t, mask_t, dh_t)
+                    if result is not None:
+                        return result
+            elif key in self._seen:
+                return self._learn(key, args)
         first = key not in self._seen
         if first:
             if info.keys and all(k[:3] != key[:3] for k in info.keys):  # new shape/dtype/device
@@ -275,6 +307,33 @@ class CompiledStep:
         if first:
             info.keys.append(key)
             self._seen.add(key)
+        return result
+
+    def _learn(self, key, args):
+        """One step through dynamo that also learns to call its graph directly: where the
+        step ran exactly one graph, every input of which is a parameter or buffer of the
+        model, a tensor of the state or one of x_t/target_t/mask_t/dh_t, and whose result is
+        made of the graph's outputs, its inputs and constants, later trusted steps of this
+        key call the graph without dynamo's frame (its guards are then ours: the trusted
+        state and model, the key, the layouts of the inputs and the grad mode)."""
+        self._probe = probe = []
+        grad = torch.is_grad_enabled()
+        before = _layout(args[1])
+        try:
+            result = self._run(False, args)
+        finally:
+            self._probe = None
+        direct = False
+        # a step that changed the state's lists or dicts in place (TBPTT's pending steps):
+        # dynamo replays such changes after its graph; a direct call would not
+        if len(probe) == 1 and _layout(args[1]) == before:
+            try:
+                direct = _Direct.make(probe[0], args, result, grad)
+            except _NoDirect:
+                direct = False
+        self._direct[key] = direct or False
+        if direct and key not in self.info.direct:
+            self.info.direct.append(key)
         return result
 
     def _run(self, quiet: bool, args):
@@ -312,6 +371,128 @@ class CompiledStep:
         warnings.warn(f"{self.name}: compilation failed, the step runs eagerly ({info.reason})",
                       CompileWarning, stacklevel=4)
         return result
+
+
+class _NoDirect(Exception):
+    pass
+
+
+def _layout(v):
+    """The containers of a state and what they hold, by identity (to see in-place changes)."""
+    if isinstance(v, (tuple, list)):
+        return (type(v), id(v), tuple(_layout(x) for x in v))
+    if isinstance(v, dict):
+        return (dict, id(v), tuple((k, _layout(x)) for k, x in v.items()))
+    return id(v)
+
+
+class _Direct:
+    """A compiled graph called without dynamo: ``(model, state, x_t, target_t, mask_t, dh_t)
+    -> result`` or None where an input's layout is not the one the graph was compiled for
+    (the caller then goes through dynamo). Built from one call seen through dynamo: where
+    each graph input came from, and how the result was made of the graph's outputs."""
+
+    __slots__ = ("fn", "inputs", "skeleton", "check", "build", "consts", "grad")
+
+    @staticmethod
+    def make(call, args, result, grad):
+        fn, graph_args, outs = call
+        model, state, x_t, target_t, mask_t, dh_t, _ = args
+        where: dict = {}  # id(tensor) -> expression over the step's arguments
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+            expr = "model" + "".join(f".{n}" if n.isidentifier() else f"._modules[{n!r}]"
+                                     for n in name.split(".")[:-1])
+            leaf = name.rsplit(".", 1)[-1]
+            kind = "_parameters" if isinstance(t, torch.nn.Parameter) else "_buffers"
+            where.setdefault(id(t), (f"{expr}.{kind}[{leaf!r}]", True))
+
+        consts: list = []
+
+        def const(v):
+            consts.append(v)
+            return f"c[{len(consts) - 1}]"
+
+        # the state's structure is checked at every direct call (what dynamo guards on: the
+        # containers' types and lengths, the constants it holds; its tensors' layouts below)
+        skeleton = []
+
+        def walk(v, expr):
+            if isinstance(v, Tensor):
+                where.setdefault(id(v), (expr, False))
+                skeleton.append(f"type({expr}) is {const(type(v))}")
+            elif isinstance(v, (tuple, list)):
+                skeleton.append(f"type({expr}) is {const(type(v))} and len({expr}) == {len(v)}")
+                for i, x in enumerate(v):
+                    walk(x, f"{expr}[{i}]")
+            elif type(v) is dict and all(type(k) is str for k in v):
+                skeleton.append(f"type({expr}) is dict and list({expr}) == {const(list(v))}")
+                for k, x in v.items():
+                    walk(x, f"{expr}[{k!r}]")
+            elif v is None or type(v) in (bool, int, float, str):
+                skeleton.append(f"{expr} is None" if v is None else
+                                f"type({expr}) is {const(type(v))} and {expr} == {const(v)}")
+            else:
+                raise _NoDirect
+        walk(state, "state")
+        for name, t in (("x_t", x_t), ("target_t", target_t), ("mask_t", mask_t),
+                        ("dh_t", dh_t)):
+            if t is not None:
+                where.setdefault(id(t), (name, False))
+        inputs, checks = [], []
+        for i, a in enumerate(graph_args):
+            if not isinstance(a, Tensor) or id(a) not in where:
+                raise _NoDirect  # a tensor from elsewhere (a global, a module attribute)
+            expr, is_param = where[id(a)]
+            inputs.append(expr)
+            # the layout the graph was compiled for (a state's, x_t's: the key and the trusted
+            # state fix dtype and device; a parameter may have been replaced by any tensor)
+            checks.append(f"a[{i}].stride() == {tuple(a.stride())!r} and "
+                          f"a[{i}].shape == {tuple(a.shape)!r}"
+                          + (f" and a[{i}].dtype == {const(a.dtype)} and "
+                             f"a[{i}].device == {const(a.device)}" if is_param else ""))
+        out_ids = {id(o): i for i, o in enumerate(outs)}
+        in_ids = {id(a): i for i, a in enumerate(graph_args)}
+
+        def build(v):
+            if isinstance(v, Tensor):
+                if id(v) in out_ids:
+                    return f"o[{out_ids[id(v)]}]"
+                if id(v) in in_ids:
+                    return f"a[{in_ids[id(v)]}]"
+                raise _NoDirect  # a tensor made outside the graph
+            if v is None or isinstance(v, (bool, int, float, str)):
+                return const(v)
+            if isinstance(v, tuple):
+                items = ", ".join(build(x) for x in v)
+                if type(v) is tuple:
+                    return f"({items},)"
+                if hasattr(v, "_fields"):
+                    return f"{const(type(v))}({items})"
+            if type(v) is list:
+                return "[" + ", ".join(build(x) for x in v) + "]"
+            if type(v) is dict:
+                return "{" + ", ".join(f"{const(k)}: {build(x)}" for k, x in v.items()) + "}"
+            raise _NoDirect
+
+        d = _Direct()
+        d.fn, d.consts, d.grad = fn, consts, grad
+        d.build = eval(f"lambda o, a, c: {build(result)}")  # noqa: S307 -- our own expressions
+        d.inputs = eval("lambda model, state, x_t, target_t, mask_t, dh_t: ("  # noqa: S307
+                        + "".join(e + ", " for e in inputs) + ")")
+        d.skeleton = eval("lambda state, c: " + " and ".join(skeleton))  # noqa: S307
+        d.check = eval("lambda a, c: " + (" and ".join(checks) or "True"))  # noqa: S307
+        return d
+
+    def __call__(self, model, state, x_t, target_t, mask_t, dh_t):
+        try:
+            if not self.skeleton(state, self.consts):
+                return None
+            a = self.inputs(model, state, x_t, target_t, mask_t, dh_t)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None  # a parameter removed or renamed: through dynamo
+        if torch.is_grad_enabled() is not self.grad or not self.check(a, self.consts):
+            return None
+        return self.build(self.fn(*a), a, self.consts)
 
 
 def compile(algorithm: Algorithm, *, backend="inductor", options: dict | None = None,
