@@ -140,6 +140,14 @@ _DROPPED_GLOBAL_GUARDS = frozenset({"CLOSURE_MATCH", "MODULE_MATCH", "CLASS_MATC
                                     "DICT_VERSION", "FUNCTION_MATCH"})
 
 
+# later compilations of keys already compiled before a compiled step gives up and runs eagerly
+# (TBPTT compiles its emission step once, late; UORO's position in its buffer of random signs
+# is a Python number, a new graph at every step)
+_LATE_LIMIT = 3
+
+_MODEL_GUARDS = frozenset({"CONSTANT_MATCH", "EQUALS_MATCH", "ID_MATCH"})
+
+
 def _guard_filter(entries) -> list[bool]:
     return [not ((e.is_global and e.guard_type in _DROPPED_GLOBAL_GUARDS)
                  or e.name.startswith("dict(type(")) for e in entries]
@@ -184,6 +192,8 @@ class CompiledStep:
         # direct calls of the compiled graph (see _learn), per key, for the trusted model
         self._direct: dict = {}
         self._probe = None
+        self._model_guards: dict = {}
+        self._late = 0  # calls of keys already compiled that compiled again
         self.direct = True
 
     def _counting_backend(self):
@@ -227,10 +237,26 @@ class CompiledStep:
 
         return graph
 
+    def _filter(self, entries) -> list[bool]:
+        # dynamo's guards on the model's constants and on the identity of its parameters (a
+        # network's, which dynamo may hold as attributes of the graph): a direct call checks
+        # those of them that hold when it is learned (see _Direct)
+        for e in entries:
+            if (e.guard_type in _MODEL_GUARDS and e.has_value and not e.is_global
+                    and e.name.startswith("model")):
+                v = e.value
+                if e.guard_type == "ID_MATCH":  # (not kept alive by this record)
+                    try:
+                        v = weakref.ref(v)
+                    except TypeError:
+                        continue
+                self._model_guards[(e.guard_type, e.name)] = v
+        return _guard_filter(entries)
+
     def _build(self, fullgraph: bool):
         return torch.compile(_fresh_pure(self.raw), backend=self._counting_backend(),
                              fullgraph=fullgraph, dynamic=False,
-                             options={"guard_filter_fn": _guard_filter})
+                             options={"guard_filter_fn": self._filter})
 
     # ---- the validation's fast path (used by base._checked) ---------------------------------
 
@@ -304,6 +330,19 @@ class CompiledStep:
             result = self._retry(e, args)
         if info.graphs != graphs or first:  # this call compiled (a rule may compile late, e.g.
             info.seconds += time.perf_counter() - t0  # TBPTT's emission step)
+            if not first and info.mode != "eager":
+                self._late += 1
+                if self._late > _LATE_LIMIT:
+                    # a Python number in the state that changes from step to step (a position
+                    # in a buffer of random draws, say): each value is a new graph, each
+                    # compile costs seconds, and past dynamo's recompile limit the frames run
+                    # eagerly under dynamo, slower than the eager step; the eager step from now
+                    info.mode = "eager"
+                    info.reason = (f"the step recompiled at {self._late} later steps of keys "
+                                   "already compiled (a Python number in the state that "
+                                   "changes from step to step)")
+                    warnings.warn(f"{self.name}: the step runs eagerly from now: {info.reason}",
+                                  CompileWarning, stacklevel=3)
         if first:
             info.keys.append(key)
             self._seen.add(key)
@@ -328,7 +367,7 @@ class CompiledStep:
         # dynamo replays such changes after its graph; a direct call would not
         if len(probe) == 1 and _layout(args[1]) == before:
             try:
-                direct = _Direct.make(probe[0], args, result, grad)
+                direct = _Direct.make(probe[0], args, result, grad, self._model_guards)
             except _NoDirect:
                 direct = False
         self._direct[key] = direct or False
@@ -395,7 +434,7 @@ class _Direct:
     __slots__ = ("fn", "inputs", "skeleton", "check", "build", "consts", "grad")
 
     @staticmethod
-    def make(call, args, result, grad):
+    def make(call, args, result, grad, model_guards):
         fn, graph_args, outs = call
         model, state, x_t, target_t, mask_t, dh_t, _ = args
         where: dict = {}  # id(tensor) -> expression over the step's arguments
@@ -413,8 +452,21 @@ class _Direct:
             return f"c[{len(consts) - 1}]"
 
         # the state's structure is checked at every direct call (what dynamo guards on: the
-        # containers' types and lengths, the constants it holds; its tensors' layouts below)
+        # containers' types and lengths, the constants it holds; its tensors' layouts below),
+        # and so are dynamo's guards on the model's constants and parameters that hold now
         skeleton = []
+        for (kind, name), value in model_guards.items():
+            try:
+                now = eval(name, {}, {"model": model})  # noqa: S307 -- dynamo's source names
+            except Exception:  # noqa: BLE001 -- a guard of another model's layout
+                continue
+            if kind == "ID_MATCH":
+                value = value()
+                if value is not None and now is value:
+                    skeleton.append(f"{name} is {const(value)}")
+            elif type(now) is type(value) and now == value and (
+                    value is None or type(value) in (bool, int, float, str)):
+                skeleton.append(f"{name} is None" if value is None else f"{name} == {const(value)}")
 
         def walk(v, expr):
             if isinstance(v, Tensor):
@@ -479,13 +531,13 @@ class _Direct:
         d.build = eval(f"lambda o, a, c: {build(result)}")  # noqa: S307 -- our own expressions
         d.inputs = eval("lambda model, state, x_t, target_t, mask_t, dh_t: ("  # noqa: S307
                         + "".join(e + ", " for e in inputs) + ")")
-        d.skeleton = eval("lambda state, c: " + " and ".join(skeleton))  # noqa: S307
+        d.skeleton = eval("lambda model, state, c: " + " and ".join(skeleton))  # noqa: S307
         d.check = eval("lambda a, c: " + (" and ".join(checks) or "True"))  # noqa: S307
         return d
 
     def __call__(self, model, state, x_t, target_t, mask_t, dh_t):
         try:
-            if not self.skeleton(state, self.consts):
+            if not self.skeleton(model, state, self.consts):
                 return None
             a = self.inputs(model, state, x_t, target_t, mask_t, dh_t)
         except (AttributeError, KeyError, IndexError, TypeError):
