@@ -194,6 +194,7 @@ class CompiledStep:
         self._probe = None
         self._model_guards: dict = {}
         self._late = 0  # calls of keys already compiled that compiled again
+        self._producer = None  # the direct call that returned the last state, if one did
         self.direct = True
 
     def _counting_backend(self):
@@ -310,11 +311,15 @@ class CompiledStep:
             direct = self._direct.get(key)
             if direct is not None:
                 if direct is not False:
-                    result = direct(model, state, x_t, target_t, mask_t, dh_t)
+                    result = direct(model, state, x_t, target_t, mask_t, dh_t,
+                                    self._producer is direct)
                     if result is not None:
+                        self._producer = direct
                         return result
             elif key in self._seen:
+                self._producer = None
                 return self._learn(key, args)
+        self._producer = None
         first = key not in self._seen
         if first:
             if info.keys and all(k[:3] != key[:3] for k in info.keys):  # new shape/dtype/device
@@ -431,7 +436,8 @@ class _Direct:
     (the caller then goes through dynamo). Built from one call seen through dynamo: where
     each graph input came from, and how the result was made of the graph's outputs."""
 
-    __slots__ = ("fn", "inputs", "skeleton", "check", "build", "consts", "grad")
+    __slots__ = ("fn", "inputs", "skeleton", "check", "state_check", "build", "consts",
+                 "grad")
 
     @staticmethod
     def make(call, args, result, grad, model_guards):
@@ -439,11 +445,11 @@ class _Direct:
         model, state, x_t, target_t, mask_t, dh_t, _ = args
         where: dict = {}  # id(tensor) -> expression over the step's arguments
         for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-            expr = "model" + "".join(f".{n}" if n.isidentifier() else f"._modules[{n!r}]"
-                                     for n in name.split(".")[:-1])
+            # through the modules' own dicts (nn.Module.__getattr__ costs a microsecond)
+            expr = "model" + "".join(f"._modules[{n!r}]" for n in name.split(".")[:-1])
             leaf = name.rsplit(".", 1)[-1]
             kind = "_parameters" if isinstance(t, torch.nn.Parameter) else "_buffers"
-            where.setdefault(id(t), (f"{expr}.{kind}[{leaf!r}]", True))
+            where.setdefault(id(t), (f"{expr}.{kind}[{leaf!r}]", "param"))
 
         consts: list = []
 
@@ -470,8 +476,7 @@ class _Direct:
 
         def walk(v, expr):
             if isinstance(v, Tensor):
-                where.setdefault(id(v), (expr, False))
-                skeleton.append(f"type({expr}) is {const(type(v))}")
+                where.setdefault(id(v), (expr, "state"))
             elif isinstance(v, (tuple, list)):
                 skeleton.append(f"type({expr}) is {const(type(v))} and len({expr}) == {len(v)}")
                 for i, x in enumerate(v):
@@ -489,19 +494,24 @@ class _Direct:
         for name, t in (("x_t", x_t), ("target_t", target_t), ("mask_t", mask_t),
                         ("dh_t", dh_t)):
             if t is not None:
-                where.setdefault(id(t), (name, False))
-        inputs, checks = [], []
+                where.setdefault(id(t), (name, "input"))
+        inputs, checks, state_checks = [], [], []
         for i, a in enumerate(graph_args):
             if not isinstance(a, Tensor) or id(a) not in where:
                 raise _NoDirect  # a tensor from elsewhere (a global, a module attribute)
-            expr, is_param = where[id(a)]
+            expr, kind = where[id(a)]
             inputs.append(expr)
-            # the layout the graph was compiled for (a state's, x_t's: the key and the trusted
-            # state fix dtype and device; a parameter may have been replaced by any tensor)
-            checks.append(f"a[{i}].stride() == {tuple(a.stride())!r} and "
-                          f"a[{i}].shape == {tuple(a.shape)!r}"
-                          + (f" and a[{i}].dtype == {const(a.dtype)} and "
-                             f"a[{i}].device == {const(a.device)}" if is_param else ""))
+            # the layout the graph was compiled for: x_t's stride (the key fixes the rest); a
+            # parameter's, unless it is the very tensor seen (the trusted model's dtype and
+            # device are checked by trusts); the state's, unless this graph made it
+            layout = f"a[{i}].stride() == {tuple(a.stride())!r} and a[{i}].shape == {tuple(a.shape)!r}"
+            if kind == "param":
+                checks.append(f"(a[{i}] is {const(a)} or ({layout} and a[{i}].dtype == "
+                              f"{const(a.dtype)} and a[{i}].device == {const(a.device)}))")
+            elif kind == "input":
+                checks.append(f"a[{i}].stride() == {tuple(a.stride())!r}")
+            else:
+                state_checks.append(layout)
         out_ids = {id(o): i for i, o in enumerate(outs)}
         in_ids = {id(a): i for i, a in enumerate(graph_args)}
 
@@ -533,17 +543,21 @@ class _Direct:
                         + "".join(e + ", " for e in inputs) + ")")
         d.skeleton = eval("lambda model, state, c: " + " and ".join(skeleton))  # noqa: S307
         d.check = eval("lambda a, c: " + (" and ".join(checks) or "True"))  # noqa: S307
+        d.state_check = eval("lambda a, c: " + (" and ".join(state_checks) or "True"))  # noqa: S307
         return d
 
-    def __call__(self, model, state, x_t, target_t, mask_t, dh_t):
+    def __call__(self, model, state, x_t, target_t, mask_t, dh_t, own: bool):
+        """``own``: the state is what this graph returned last (its layouts are the graph's)."""
+        c = self.consts
         try:
-            if not self.skeleton(model, state, self.consts):
+            if not self.skeleton(model, state, c):
                 return None
             a = self.inputs(model, state, x_t, target_t, mask_t, dh_t)
+            if torch.is_grad_enabled() is not self.grad or not self.check(a, c) or not (
+                    own or self.state_check(a, c)):
+                return None
         except (AttributeError, KeyError, IndexError, TypeError):
-            return None  # a parameter removed or renamed: through dynamo
-        if torch.is_grad_enabled() is not self.grad or not self.check(a, self.consts):
-            return None
+            return None  # a module or parameter removed or renamed: through dynamo
         return self.build(self.fn(*a), a, self.consts)
 
 
