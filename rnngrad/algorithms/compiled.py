@@ -21,6 +21,14 @@ guarded as constants. Each compiled function gets its own code object, so the co
 cache (``torch._dynamo.config.recompile_limit`` entries per code object) is not shared
 between algorithms.
 
+The per-call cost, not the arithmetic, set a compiled step at B = 1, so: inductor's C++
+wrapper is the default (the Python wrapper where it fails to build, said in
+``compiled.wrapper_reason``); dynamo's guards on the library's own globals are dropped
+(``_guard_filter``); the validation skips what cannot have changed when the state handed in
+is the one this step last returned (``CompiledStep.trusts``); and after one such step of a
+key through dynamo, the step calls the compiled graph directly, without dynamo's frame,
+checking what dynamo's guards would (``_Direct``; ``compiled.direct`` lists the keys).
+
 Compilation is per (batch size, dtype, device, which of target/mask/dh are given, loss):
 the first step with a new such key compiles (``dynamic=False``: every shape is
 specialised, as a stream keeps its shape); a later key with a new input shape, dtype or
@@ -305,6 +313,7 @@ class CompiledStep:
         args = (model, state, x_t, target_t, mask_t, dh_t, loss)
         if info.mode == "eager":
             return self._eager(*args)
+        learn = None
         if key is None:
             key = _key(x_t, target_t, mask_t, dh_t, loss)
         if trusted and info.mode == "whole" and self.direct:
@@ -317,8 +326,7 @@ class CompiledStep:
                         self._producer = direct
                         return result
             elif key in self._seen:
-                self._producer = None
-                return self._learn(key, args)
+                learn = (torch.is_grad_enabled(), _layout(state))
         self._producer = None
         first = key not in self._seen
         if first:
@@ -329,10 +337,16 @@ class CompiledStep:
             if self._fn is None:
                 self._fn, info.mode = self._build(True), "whole"
         graphs, t0 = info.graphs, time.perf_counter()
+        if learn is not None:
+            self._probe = []
         try:
             result = self._run(first, args)
         except torch._dynamo.exc.TorchDynamoException as e:  # the compiler failed, not the step
             result = self._retry(e, args)
+        finally:
+            probe, self._probe = self._probe, None
+        if learn is not None and info.mode == "whole":
+            self._learn(key, args, result, probe, *learn)
         if info.graphs != graphs or first:  # this call compiled (a rule may compile late, e.g.
             info.seconds += time.perf_counter() - t0  # TBPTT's emission step)
             if not first and info.mode != "eager":
@@ -353,20 +367,14 @@ class CompiledStep:
             self._seen.add(key)
         return result
 
-    def _learn(self, key, args):
-        """One step through dynamo that also learns to call its graph directly: where the
-        step ran exactly one graph, every input of which is a parameter or buffer of the
-        model, a tensor of the state or one of x_t/target_t/mask_t/dh_t, and whose result is
-        made of the graph's outputs, its inputs and constants, later trusted steps of this
-        key call the graph without dynamo's frame (its guards are then ours: the trusted
-        state and model, the key, the layouts of the inputs and the grad mode)."""
-        self._probe = probe = []
-        grad = torch.is_grad_enabled()
-        before = _layout(args[1])
-        try:
-            result = self._run(False, args)
-        finally:
-            self._probe = None
+    def _learn(self, key, args, result, probe, grad, before) -> None:
+        """After a trusted step of a key through dynamo: learn to call its graph directly.
+        Where the step ran exactly one graph, every input of which is a parameter or buffer
+        of the model, a tensor of the state or one of x_t/target_t/mask_t/dh_t, and whose
+        result is made of the graph's outputs, its inputs and constants, later trusted steps
+        of this key call the graph without dynamo's frame (its guards are then ours: the
+        trusted state and model, the key, dynamo's guards on the model's constants, the
+        state's structure, the inputs' layouts and the grad mode; see _Direct)."""
         direct = False
         # a step that changed the state's lists or dicts in place (TBPTT's pending steps):
         # dynamo replays such changes after its graph; a direct call would not
@@ -378,7 +386,6 @@ class CompiledStep:
         self._direct[key] = direct or False
         if direct and key not in self.info.direct:
             self.info.direct.append(key)
-        return result
 
     def _run(self, quiet: bool, args):
         if not (quiet or self.info.mode == "pieces"):
@@ -569,11 +576,14 @@ def compile(algorithm: Algorithm, *, backend="inductor", options: dict | None = 
         algorithm: any online algorithm (``rnngrad.eprop()``, ``rtrl(layers="spatial")``,
             ``tbptt(k)``, ...), on any model its eager step takes.
         backend: a ``torch.compile`` backend, "inductor" (default) or a callable.
-        options: inductor config patches (e.g. ``{"cpp_wrapper": True}``); None: defaults.
+        options: inductor config patches; None: inductor's defaults with its C++ wrapper
+            (``{"cpp_wrapper": False}`` for the Python one; a ``cpp_wrapper`` given here is
+            used as given, without the fallback to the Python wrapper).
         pieces: where the step cannot be traced whole, compile the pieces between what the
             compiler cannot trace (``fullgraph=False``) instead of running the step eagerly.
             Off by default: measured here, a step in pieces was slower than the eager step
-            (UORO at B = 1, H = 64: 764 us against 487 us; benchmarks/compiled_step.md).
+            (UORO at B = 1, H = 64: 745 us against 649 us), and a step that keeps compiling
+            new graphs for keys it has compiled runs eagerly after a few (docs/compiled.md).
 
     Returns an ``Algorithm`` with the same name, init, flush and whole-sequence path, whose
     step emits what the eager step emits (to round-off: 1e-6 relative in float32, 1e-10 in
