@@ -138,8 +138,9 @@ def trace_rule(name: str, feedback: str, seed: int, *, cost_note: str = "",
                 def update(X, rows):
                     # trace_t = (1 - alpha) trace_{t-1} + (alpha phi'(a_t)) pre_t^T, in place: a
                     # batched outer product accumulated with beta, one pass over the trace
-                    if torch.compiler.is_compiling():  # rnngrad.compile: one fused pass
-                        X.mul_(1.0 - alpha).addcmul_(rows_of(d3, rows), pre3, value=alpha)
+                    if torch.compiler.is_compiling() and rows is None and X.shape[0] > 1:
+                        # rnngrad.compile: one fused pass, as in snap1()
+                        X.mul_(1.0 - alpha).addcmul_(d3, pre3, value=alpha)
                         return
                     X.baddbmm_(rows_of(d3, rows), pre3, beta=1.0 - alpha, alpha=alpha)
 

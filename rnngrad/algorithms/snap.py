@@ -101,10 +101,11 @@ def snap1() -> Algorithm:
             def update(X, rows):
                 # M_t = Jd_t M_{t-1} + (alpha phi'(a_t)) pre_t^T, in place; the row scaling
                 # differs per example and unit, so it is a pass of its own (over a cached block)
-                if torch.compiler.is_compiling():
+                if torch.compiler.is_compiling() and rows is None and X.shape[0] > 1:
                     # rnngrad.compile: one fused in-place pass (inductor leaves baddbmm_ an
-                    # extern call into a new buffer, copied back)
-                    X.mul_(rows_of(Jd3, rows)).addcmul_(rows_of(d3, rows), pre3)
+                    # extern call into a new buffer, copied back); at B = 1 and for a blocked
+                    # trace the extern call measured faster (benchmarks/compiled_step.md)
+                    X.mul_(Jd3).addcmul_(d3, pre3)
                     return
                 X.mul_(rows_of(Jd3, rows)).baddbmm_(rows_of(d3, rows), pre3)
 
