@@ -77,7 +77,6 @@ class RNN(Network):
                          init=init, dtype=dtype, device=device)
         self.activation = cell.activation
         self.readout = check_readout(readout)
-        self.alpha = cell.alpha
         self.init = init
         # the cell is not a submodule: its parameters are this module's, under flat names
         object.__setattr__(self, "_cell", cell)
@@ -87,6 +86,19 @@ class RNN(Network):
         self.W_out = nn.Parameter(torch.empty(K, H, **kw))
         self.b_out = nn.Parameter(torch.empty(K, **kw))
         self.reset_parameters()
+
+    @property
+    def alpha(self) -> float:
+        """The leak in (0, 1], the cell's own: setting it changes what every algorithm
+        computes from the next call on."""
+        return self._cell.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and 0.0 < float(value) <= 1.0):
+            raise ValueError(f"alpha must be a float in (0, 1], got {value!r}")
+        self._cell.alpha = float(value)
 
     def layers(self) -> list[tuple[str, Elman]]:
         cell = self._cell

@@ -40,6 +40,7 @@ input projection of all steps into one GEMM); a test checks that the two agree.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -360,23 +361,25 @@ def _forget(key: int, ref) -> None:
         del _RECORDS[key]
 
 
-def _record(name: str, model, state) -> None:
+def _record(name: str, model, state) -> tuple | None:
+    """Record ``state`` as returned by ``name`` for ``model``; returns its version stamp and
+    the weak reference to its h that keys the record (None where nothing was recorded)."""
     if torch.compiler.is_compiling():  # a rule calling another's checked step (TBPTT: BPTT's)
-        return  # inside a compiled step: the outer, eager validation records
+        return None  # inside a compiled step: the outer, eager validation records
     leaf = _h_leaf(state)
     if leaf is None:
-        return
+        return None
     key = id(leaf)
     entry = _RECORDS.get(key)
     if entry is None or entry[0]() is not leaf:
-        import weakref
-
         entry = (weakref.ref(leaf, lambda r, k=key: _forget(k, r)), {})
         _RECORDS[key] = entry
     per = entry[1]
     if len(per) >= 8:  # the same h0 handed to many inits: keep the newest
         del per[next(iter(per))]
-    per[id(state)] = (name, id(model), _stamp(state))
+    stamp = _stamp(state)
+    per[id(state)] = (name, id(model), stamp)
+    return stamp, entry[0]
 
 
 def _recorded(name: str, model, state) -> bool:
@@ -447,6 +450,8 @@ def _checked(name: str, init, step, flush):
             if mask_t is not None:
                 mask_t = mask_t.to(model.W_out.dtype)
             return step(model, state, x_t, target_t, mask_t=mask_t, loss=loss, dh_t=dh_t)
+        if fused:
+            return fused_step(model, state, x_t, target_t, mask_t, loss, dh_t)
         _check_model(model, name)
         B = _check_state(name, init, model, state)
         if loss is None:
@@ -454,15 +459,48 @@ def _checked(name: str, init, step, flush):
         floats = check_step_inputs(model, B, x_t, target_t, mask_t, loss, dh_t)
         if mask_t is not None and mask_t.dtype != model.W_out.dtype:
             mask_t = mask_t.to(model.W_out.dtype)  # bool / integer: in the model's dtype
-        if fused:
-            new, out, grads, flag = step(model, state, x_t, target_t, mask_t, dh_t, loss)
-            if not math.isfinite(flag.item()):
-                check_step_finite(name, floats, out, grads)
-        else:
-            new, out, grads = step(model, state, x_t, target_t, mask_t=mask_t, loss=loss,
-                                   dh_t=dh_t)
-            check_step_finite(name, floats, out, grads)
+        new, out, grads = step(model, state, x_t, target_t, mask_t=mask_t, loss=loss, dh_t=dh_t)
+        check_step_finite(name, floats, out, grads)
         _record(name, model, new)
+        return new, out, grads
+
+    def fused_step(model, state, x_t, target_t, mask_t, loss, dh_t):
+        # a compiled step: where the state is, untouched, the one this step last returned for
+        # this model and the inputs' key was validated in full with it (step.trusts), the
+        # checks of the model, the state and the inputs' shapes, dtypes and devices are
+        # skipped (they cannot fail); the refusals stay: a consumed or hand-made state, a
+        # state of another algorithm or of another model is not the last one returned, a new
+        # input shape or dtype is a new key, and the finiteness flag is read at every step
+        if loss is None:
+            readout = getattr(model, "readout", None)
+            if isinstance(readout, str):
+                loss = default_loss(readout)
+        key = None
+        if isinstance(loss, str) and isinstance(x_t, Tensor):
+            key = step.key(x_t, target_t, mask_t, dh_t, loss)
+        floats = None
+        trusted = key is not None and step.trusts(model, state, key)
+        if not trusted:
+            _check_model(model, name)
+            B = _check_state(name, init, model, state)
+            if loss is None:
+                loss = default_loss(model.readout)
+            floats = check_step_inputs(model, B, x_t, target_t, mask_t, loss, dh_t)
+            if key is None:
+                key = step.key(x_t, target_t, mask_t, dh_t, loss)
+        elif target_t is not None and loss == "cross_entropy":
+            floats = check_step_inputs(model, x_t.shape[0], x_t, target_t, mask_t, loss,
+                                       dh_t)  # the class range: a value, not in the key
+        if mask_t is not None and mask_t.dtype != x_t.dtype:
+            mask_t = mask_t.to(x_t.dtype)  # bool / integer: in the model's dtype (= x_t's)
+        new, out, grads, flag = step(model, state, x_t, target_t, mask_t, dh_t, loss, key,
+                                     trusted)
+        if not math.isfinite(flag.item()):
+            if floats is None:
+                floats = check_step_inputs(model, x_t.shape[0], x_t, target_t, mask_t, loss,
+                                           dh_t)
+            check_step_finite(name, floats, out, grads)
+        step.remember(model, new, key, _record(name, model, new))
         return new, out, grads
 
     def c_flush(model, state):
