@@ -62,3 +62,25 @@ def test_forward_differentiable_in_its_inputs_with_frozen_weights():
     y, _ = m(x)
     (gx,) = torch.autograd.grad(y.sum(), x)
     assert gx.shape == x.shape and torch.isfinite(gx).all()
+
+
+def test_setting_alpha_changes_what_every_algorithm_computes():
+    # rnngrad.RNN's alpha is its cell's: setting it after construction (or after online
+    # steps) is what the next call uses, never a stale copy
+    torch.manual_seed(0)
+    net = rnngrad.RNN(3, 4, 2, alpha=0.5, dtype=torch.float64)
+    ref = rnngrad.RNN(3, 4, 2, alpha=0.8, dtype=torch.float64)
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    y = torch.randn(5, 2, 2, dtype=torch.float64)
+    algo = rnngrad.eprop()
+    state = algo.init(net, 2)
+    algo.step(net, state, x[0], y[0])  # the step path has seen alpha 0.5
+    net.alpha = 0.8
+    assert net.alpha == 0.8 and net.cells[0].alpha == 0.8
+    for a in (rnngrad.bptt(), rnngrad.eprop(), rnngrad.snap1()):
+        _, g = rnngrad.gradient(net, x, y, algorithm=a)
+        _, r = rnngrad.gradient(ref, x, y, algorithm=a)
+        assert all(torch.allclose(g[n], r[n], rtol=1e-12, atol=1e-14) for n in r), a.name
+    with pytest.raises(ValueError, match=r"alpha must be a float in \(0, 1\], got 0"):
+        net.alpha = 0
