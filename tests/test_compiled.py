@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from cell_zoo import MGU
@@ -95,7 +97,7 @@ def grads_err(g, ref) -> float:
     return max(rel(g[n], ref[n]) for n in ref if isinstance(ref[n], torch.Tensor))
 
 
-PIECES = {"uoro", "kf_rtrl"}  # their draws from a torch.Generator: compiled in pieces
+PIECES: set = set()  # UORO and KF-RTRL draw outside the graph (_signs.compile_io): whole
 
 
 def compare(rule, kind, dtype, backend, *, T=6, B=2):
@@ -123,11 +125,9 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
 @pytest.mark.parametrize("rule,kind", SUBSET)
 def test_compiled_equals_eager_subset(rule, kind):
     with warnings.catch_warnings():
-        # UORO in pieces recompiles at every step (its position in its buffer of random
-        # signs is a Python number) and so runs eagerly after a few, saying so
-        warnings.simplefilter("ignore" if rule == "uoro" else "error", CompileWarning)
+        warnings.simplefilter("error", CompileWarning)
         err, info = compare(rule, kind, torch.float64, "aot_eager")
-    assert info.mode in ("whole", "pieces") or (rule == "uoro" and "recompiled" in info.reason)
+    assert info.mode == "whole", info
     assert err <= TOL[torch.float64], (rule, kind, err)
     # the later steps called the graph directly, but where the state holds lists (TBPTT's
     # pending steps) or the step runs in pieces
@@ -511,20 +511,61 @@ def test_a_models_constant_changed_in_place_is_seen():
     assert comp.compiled.direct and comp.compiled.graphs == 2
 
 
+class _Counting(NamedTuple):
+    h: torch.Tensor
+    n: int  # a Python number that changes from step to step
+
+
+def _counting_rule():
+    """A rule whose state holds a Python number that changes at every step (as UORO's
+    position in its block of signs did before the draws moved outside the graph)."""
+    from rnngrad.algorithms.base import Algorithm, StepOutput
+
+    def init(model, batch_size, *, h0=None):
+        return _Counting(torch.zeros(batch_size, model.hidden_size, dtype=model.W_out.dtype), 0)
+
+    def step(model, state, x_t, target_t=None, *, mask_t=None, loss="mse", dh_t=None):
+        with torch.no_grad():
+            h = torch.tanh(x_t @ model.W_in.T + state.h @ model.W_rec.T + model.b_rec) * (
+                1.0 + 0.0 * state.n)
+            z = h @ model.W_out.T + model.b_out
+        return state._replace(h=h, n=state.n + 1), StepOutput(h, z, z.sum() * 0.0), None
+
+    return Algorithm("counting", init, step, lambda m, s: (s, None), False, True, "", None)
+
+
 def test_a_step_that_recompiles_at_every_step_runs_eagerly_saying_so():
-    # UORO keeps its position in a buffer of random signs as a Python number: in pieces,
-    # each position is a new graph; after a few, the eager step, with the reason
-    torch._dynamo.reset()  # (the pieces' resume functions are shared: their counts with them)
+    # each value of the number is a new graph; after a few, the eager step, with the reason
+    torch._dynamo.reset()
     net = make("rnn")
-    comp = rnngrad.compile(rnngrad.uoro(seed=1), backend="aot_eager", pieces=True)
-    eager = rnngrad.uoro(seed=1)
+    comp, eager = rnngrad.compile(_counting_rule(), backend="aot_eager"), _counting_rule()
     x, y, _ = data(12, 2, torch.float64)
     sc, se = comp.init(net, 2), eager.init(net, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
         for t in range(12):
-            sc, oc, gc = comp.step(net, sc, x[t], y[t])
-            se, oe, ge = eager.step(net, se, x[t], y[t])
-            assert grads_err(gc, ge) <= 1e-10
+            sc, oc, _ = comp.step(net, sc, x[t], y[t])
+            se, oe, _ = eager.step(net, se, x[t], y[t])
+            assert rel(oc.h, oe.h) <= 1e-12
     assert comp.compiled.mode == "eager" and "recompiled" in comp.compiled.reason
     assert sum("runs eagerly from now" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("rule", ["uoro", "kf_rtrl"])
+def test_random_draws_outside_the_graph_one_compilation_over_blocks(rule):
+    # UORO and KF-RTRL draw their signs a block of 32 steps at a time from a
+    # torch.Generator, outside the compiled graph: one graph over 70 steps (three blocks),
+    # called directly, the eager step's draws and numbers
+    net = make("rnn")
+    comp, eager = rnngrad.compile(RULES[rule](), backend="aot_eager"), RULES[rule]()
+    x, y, _ = data(70, 2, torch.float64)
+    sc, se = comp.init(net, 2), eager.init(net, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        for t in range(70):
+            sc, oc, gc = comp.step(net, sc, x[t], y[t])
+            se, oe, ge = eager.step(net, se, x[t], y[t])
+            assert rel(oc.h, oe.h) <= 1e-12 and grads_err(gc, ge) <= 1e-12, t
+    info = comp.compiled
+    assert info.mode == "whole" and info.graphs == 1 and info.direct, info
+    assert sc.sign_pos == se.sign_pos and torch.equal(sc.signs, se.signs)

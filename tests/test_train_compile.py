@@ -30,9 +30,7 @@ def _losses(out):
         return [(float(r["train_loss"]), float(r["test_loss"])) for r in csv.DictReader(f)]
 
 
-# UORO draws its signs from a torch.Generator, which the compiler cannot trace: the step
-# runs eagerly with a CompileWarning, and the report says so
-@pytest.mark.filterwarnings("ignore::rnngrad.algorithms.compiled.CompileWarning")
+# UORO draws its signs from a torch.Generator outside the compiled graph (a block at a time)
 @pytest.mark.parametrize("algorithm", ["eprop", "uoro"])
 def test_compiled_run_gives_the_eager_runs_numbers(tmp_path, capsys, aot_eager, algorithm):
     assert main([*TINY, "--algorithm", algorithm, "--out", str(tmp_path / "eager")]) == 0
@@ -41,7 +39,7 @@ def test_compiled_run_gives_the_eager_runs_numbers(tmp_path, capsys, aot_eager, 
                  "--out", str(tmp_path / "compiled")]) == 0
     err = capsys.readouterr().err
     assert err.count("rnngrad train: the online step") == 1, err  # reported once
-    assert ("compiled in" in err) if algorithm == "eprop" else ("runs eagerly" in err), err
+    assert "compiled in" in err, err
     eager, comp = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert len(eager) == len(comp) == 3
     for (a, b), (c, d) in zip(eager, comp):

@@ -18,7 +18,7 @@ import sys
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "draw", "take", "blocks"]
+__all__ = ["BLOCK", "draw", "take", "blocks", "compile_io"]
 
 BLOCK = 32  # steps per draw
 _BYTES = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the 56 random bits
@@ -64,3 +64,30 @@ def blocks(gen: torch.Generator, T: int, shape: tuple[int, ...], like: Tensor) -
     """(T, *shape): the signs ``T`` online steps after ``init`` take, block by block."""
     parts = [draw(gen, BLOCK, shape, like) for _ in range(-(-T // BLOCK))]
     return torch.cat(parts)[:T] if len(parts) > 1 else parts[0][:T]
+
+
+def compile_io(generator):
+    """The ``(before, after)`` pair ``rnngrad.compile`` runs around a compiled step of a rule
+    whose state holds a block of signs (``signs``, ``sign_pos``): ``before`` draws a fresh
+    block when the last is used up (eagerly: a ``torch.Generator`` is not traced) and hands
+    the step the one row it takes, as a one-row block at position 0, so that the compiled
+    graph sees the same Python number at every step (no recompilation per position);
+    ``after`` puts the whole block and the next position back. The draws, and so the
+    numbers, are the eager step's. ``generator(state)``: the rule's generator."""
+
+    def before(state):
+        buf, pos = state.signs, state.sign_pos
+        if buf is None:
+            return state, None  # refused by the step itself (an older state)
+        if pos >= buf.shape[0]:
+            buf.copy_(draw(generator(state), buf.shape[0], tuple(buf.shape[1:]), buf))
+            pos = 0
+        return state._replace(signs=buf.narrow(0, pos, 1), sign_pos=0), (buf, pos)
+
+    def after(new, ctx):
+        if ctx is None:
+            return new
+        buf, pos = ctx
+        return new._replace(signs=buf, sign_pos=pos + 1)
+
+    return before, after

@@ -309,6 +309,17 @@ class CompiledStep:
 
     def __call__(self, model, state, x_t, target_t, mask_t, dh_t, loss, key=None,
                  trusted=False):
+        io = getattr(self.raw, "__rnngrad_compile_io__", None)
+        if io is None:
+            return self._call(model, state, x_t, target_t, mask_t, dh_t, loss, key, trusted)
+        # a rule that draws random numbers (UORO, KF-RTRL): drawn outside the graph, the
+        # step given what it takes of them (see _signs.compile_io)
+        before, after = io
+        inner, ctx = before(state)
+        new, *rest = self._call(model, inner, x_t, target_t, mask_t, dh_t, loss, key, trusted)
+        return (after(new, ctx), *rest)
+
+    def _call(self, model, state, x_t, target_t, mask_t, dh_t, loss, key, trusted):
         info = self.info
         args = (model, state, x_t, target_t, mask_t, dh_t, loss)
         if info.mode == "eager":

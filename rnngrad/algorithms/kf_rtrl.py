@@ -131,8 +131,9 @@ def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
             f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
             d = f.dphi if alpha == 1.0 else f.dphi * alpha  # alpha phi'(a_t)
             B, H = f.h.shape
-            signs, pos, c = _signs.take(generator_for(gens, f.h.device, seed), state.signs,
-                                        state.sign_pos, f.h)
+            gen = None if torch.compiler.is_compiling() else \
+                generator_for(gens, f.h.device, seed)  # compiled: the block filled outside
+            signs, pos, c = _signs.take(gen, state.signs, state.sign_pos, f.h)
             A = state.A
             # W_rec A for the whole batch: one (H, H) x (H, B H) GEMM into the spare buffer
             JA = torch.mm(model.W_rec, A.view(H, B * H), out=state.A_spare.view(H, B * H))
@@ -161,6 +162,8 @@ def kf_rtrl(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
     def flush(model, state: KFState):
         return state, None
 
+    step.__rnngrad_compile_io__ = _signs.compile_io(
+        lambda state: generator_for(gens, state.signs.device, seed))
     return Algorithm(
         name=f"kf_rtrl(seed={seed})",
         init=init,

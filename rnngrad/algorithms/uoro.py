@@ -120,7 +120,9 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
     def step(model, state: UOROState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
         if not _is_elman(model):
-            gen = generator_for(gens, model.W_out.device, seed)
+            # compiled (rnngrad.compile): the block of signs was filled outside, see compile_io
+            gen = None if torch.compiler.is_compiling() else \
+                generator_for(gens, model.W_out.device, seed)
             return _net.step(model, gen, eps, state, x_t, target_t, mask_t, loss, dh_t)
         model = ElmanView(model)
         alpha = model.alpha
@@ -128,8 +130,9 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
             f = forward(model, state.h, x_t, target_t, mask_t, loss, state.work)
             d = f.dphi if alpha == 1.0 else f.dphi * alpha  # alpha phi'(a_t)
             B, H = f.h.shape
-            signs, pos, nu = _signs.take(generator_for(gens, f.h.device, seed), state.signs,
-                                         state.sign_pos, f.h)
+            gen = None if torch.compiler.is_compiling() else \
+                generator_for(gens, f.h.device, seed)  # compiled: the block filled outside
+            signs, pos, nu = _signs.take(gen, state.signs, state.sign_pos, f.h)
             h_t, th = state.h_tilde, state.theta_tilde
             Jh = d * (h_t @ model.W_rec.T)  # J_t h~ = (1 - alpha) h~ + alpha phi' W_rec h~
             if alpha != 1.0:
@@ -186,6 +189,8 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
             return _step_loop(algo, model, inputs, targets, mask, h0, loss, reward, False)
         return out
 
+    step.__rnngrad_compile_io__ = _signs.compile_io(
+        lambda state: generator_for(gens, state.signs.device, seed))
     algo = Algorithm(
         name=f"uoro(seed={seed})",
         init=init,
