@@ -35,6 +35,8 @@ class Bound(NamedTuple):
     params: list  # per layer: dict own name -> detached tensor
     names: list  # per layer: the network names of its parameters, in order
     offsets: list  # per layer: first column of its parameters in a flat influence; + total
+    memo: dict  # what an algorithm derives from the binding alone, kept with it (per step
+    #             plans: ``_traces_network``); rebuilt with it
 
     @property
     def L(self) -> int:
@@ -151,7 +153,7 @@ def bind(model) -> Bound:
     offsets.append(off)
     if any(t.is_complex() for p in params for t in p.values()) or model.W_out.is_complex():
         check_real(model)  # raises, naming the parameter
-    bound = Bound(cells, prefixes, params, names, offsets)
+    bound = Bound(cells, prefixes, params, names, offsets, {})
     if not compiling:
         import weakref
 

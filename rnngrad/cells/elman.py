@@ -174,7 +174,7 @@ class Elman(Cell):
             D = d.view(B, 1, 1, H)
             out["immediate"] = {"W_in": Immediate(D, x.unsqueeze(1)),
                                 "W_rec": Immediate(D, h_prev.unsqueeze(1)),
-                                "b_rec": Immediate(D, h.new_ones(B, 1, 1))}
+                                "b_rec": Immediate(D, _ones(B, h))}
         if "jacobian" in need:
             J = d.unsqueeze(2) * W_rec
             if alpha != 1.0:
@@ -280,6 +280,21 @@ class Elman(Cell):
         if sensitivities:
             grads["u"] = u
         return grads, d_inputs, ElmanState(dh0)
+
+
+_ONES: dict = {}  # (B, dtype, device) -> (B, 1, 1) ones: b_rec's row of an online step
+
+
+def _ones(B: int, like: Tensor) -> Tensor:
+    """b_rec's row (B, 1, 1), made once per batch size, dtype and device (a step's
+    ``linearize`` hands it out read-only; a traced step makes its own)."""
+    if torch.compiler.is_compiling():
+        return like.new_ones(B, 1, 1)
+    key = (B, like.dtype, like.device)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = like.new_ones(B, 1, 1)
+    return t
 
 
 def _buffer(workspace: dict, name: str, shape: tuple, like: Tensor) -> Tensor:
