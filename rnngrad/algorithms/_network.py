@@ -134,7 +134,8 @@ def bind(model) -> Bound:
                 continue
             break
         else:
-            if not model.W_out.is_complex():
+            W_out = model._parameters.get("W_out")  # not nn.Module's __getattr__ per step
+            if not (model.W_out if W_out is None else W_out).is_complex():
                 return bound
     cells, prefixes, params, names, offsets = [], [], [], [], []
     sig = []

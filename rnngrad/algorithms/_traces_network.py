@@ -144,6 +144,12 @@ class NetTraceState(NamedTuple):
     #                             be regrouped from ``traces``, as a chunk leaves them)
     h0_tensor: bool = False  # h0 came as a tensor: grads["h0"] goes back as one
 
+    def stamped(self) -> tuple:
+        """What the validation's stamp of version counters reads (``base._stamp``): the
+        buffers a step updates in place. ``groups`` is left out: a formed group's tensor is
+        the base of the views in ``traces`` (one version counter), ``modes`` never change."""
+        return (self.traces, self.feedback, self.c, self.leak)
+
 
 def check_owned(model, who: str) -> None:
     """Every parameter that enters ``step`` must be owned by units (a parameter owned by

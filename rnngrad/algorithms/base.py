@@ -349,7 +349,10 @@ def _versions(v, out: list) -> None:
 
 def _stamp(state) -> tuple:
     out: list = []
-    _versions(state[1:], out)  # not h: a caller may reset it in place between sequences
+    # not h: a caller may reset it in place between sequences. A state type may name the
+    # fields that hold its buffers (``stamped``: the rest never change in place)
+    own = getattr(type(state), "stamped", None)
+    _versions(state[1:] if own is None else own(state), out)
     return tuple(out)
 
 

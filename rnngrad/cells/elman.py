@@ -157,8 +157,11 @@ class Elman(Cell):
         alpha = self.alpha
         W_rec = params["W_rec"]
         h_prev = state.h
-        h, a, fa = cell_step(params["W_in"], W_rec, params["b_rec"], h_prev, x,
-                             activation=act, alpha=alpha)
+        # cell_step's operations, without its two calls (an online step calls this each step)
+        W_inT, W_recT = _transposed(self, params["W_in"], W_rec)
+        a = torch.addmm(torch.addmm(params["b_rec"], x, W_inT), h_prev, W_recT)
+        fa = act.fn(a)
+        h = fa if alpha == 1.0 else torch.lerp(h_prev, fa, alpha)
         d = act.deriv(a, fa)
         if alpha != 1.0:
             d = d * alpha  # alpha phi'(a_t): dh_t/da_t
@@ -280,6 +283,19 @@ class Elman(Cell):
         if sensitivities:
             grads["u"] = u
         return grads, d_inputs, ElmanState(dh0)
+
+
+def _transposed(cell, W_in: Tensor, W_rec: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W_in.T, W_rec.T)``, the views kept on the cell while ``linearize`` is handed the
+    same tensors (an online step's binding: views follow in-place updates)."""
+    if torch.compiler.is_compiling():
+        return W_in.T, W_rec.T
+    got = cell.__dict__.get("_linearize_T")
+    if got is not None and got[0] is W_in and got[1] is W_rec:
+        return got[2], got[3]
+    got = (W_in, W_rec, W_in.T, W_rec.T)
+    object.__setattr__(cell, "_linearize_T", got)
+    return got[2], got[3]
 
 
 _ONES: dict = {}  # (B, dtype, device) -> (B, 1, 1) ones: b_rec's row of an online step
