@@ -96,7 +96,7 @@ class Plan:
     """Which parameters share a ``Group``, their columns, and the group's tensor viewed as
     rows (not a tuple, so that the state's stamp of version counters does not walk it)."""
 
-    __slots__ = ("names", "cols", "widths", "rows", "owner", "whole", "slots")
+    __slots__ = ("names", "cols", "widths", "rows", "dims", "owner", "whole", "slots")
 
     def __init__(self, names: tuple, cols: tuple, rows: Tensor | None = None) -> None:
         self.names = names  # the parameters, in ``named_parameters`` order
@@ -105,6 +105,7 @@ class Plan:
         # the tensor is updated and contracted whole (else block by block of rows)
         self.whole = rows is None or rows.numel() * rows.element_size() <= BLOCKED_ABOVE
         self.rows = rows  # the group's X viewed as (B C, G U, P_total); None: not formed
+        self.dims = None if rows is None else tuple(rows.shape)
         self.owner = None  # the layer's traces dict these views were handed out in
         self.slots = None  # the gradients' keys and shapes, for one binding (``_slots``)
 
@@ -352,7 +353,7 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
     batched outer product, with the decay as its beta) and contracted while in cache."""
     plan = grp.plan
     X3 = plan.rows  # (B C, G U, P)
-    BC, GU, P = X3.shape
+    BC, GU, P = plan.dims
     G = GU // U
     imms = list(map(imm.__getitem__, plan.names))
     row = _shared_row(imms)
@@ -528,7 +529,8 @@ def _slots(plan: Plan, prefix: str, prm: dict) -> list:
     for n, (_, w) in zip(plan.names, plan.cols):
         shape = prm[n].shape
         out.append((prefix + n, None if shape == (shape.numel() // w, w) else shape))
-    plan.slots = (prm, prefix, out)
+    if not torch.compiler.is_compiling():  # a traced step: an attribute set is a guard
+        plan.slots = (prm, prefix, out)
     return out
 
 
@@ -605,7 +607,11 @@ def _step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, d
                             groups, state.h0_tensor)
         return new, StepOutput(h, z, value), grads
     z, value, dz = readout_step(model, h, target_t, mask_t, loss)
-    fb = model.W_out if state.feedback is None else state.feedback  # no_grad: no graph
+    fb = state.feedback  # no_grad: no graph
+    if fb is None:
+        fb = model._parameters.get("W_out")  # not nn.Module's __getattr__
+        if fb is None:
+            fb = model.W_out
     L = None if dz is None else dz @ fb
     if dh_t is not None:
         L = dh_t if L is None else L + dh_t

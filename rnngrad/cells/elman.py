@@ -158,7 +158,7 @@ class Elman(Cell):
         W_rec = params["W_rec"]
         h_prev = state.h
         # cell_step's operations, without its two calls (an online step calls this each step)
-        W_inT, W_recT = _transposed(self, params["W_in"], W_rec)
+        W_inT, W_recT, diag = _transposed(self, params["W_in"], W_rec)
         a = torch.addmm(torch.addmm(params["b_rec"], x, W_inT), h_prev, W_recT)
         fa = act.fn(a)
         h = fa if alpha == 1.0 else torch.lerp(h_prev, fa, alpha)
@@ -166,26 +166,24 @@ class Elman(Cell):
         if alpha != 1.0:
             d = d * alpha  # alpha phi'(a_t): dh_t/da_t
         B, H = h.shape
-        out = {}
+        loc = elig = imm = J = Jx = None
         if "local" in need:
-            loc = d * W_rec.diagonal()
-            out["local"] = (loc if alpha == 1.0 else loc.add_(1.0 - alpha)).view(B, H, 1, 1)
+            loc = d * diag
+            loc = (loc if alpha == 1.0 else loc.add_(1.0 - alpha)).view(B, H, 1, 1)
         if "eligibility" in need:
-            out["eligibility"] = torch.full((B, H, 1, 1), 1.0 - alpha, dtype=h.dtype,
-                                            device=h.device)
+            elig = torch.full((B, H, 1, 1), 1.0 - alpha, dtype=h.dtype, device=h.device)
         if "immediate" in need:
             D = d.view(B, 1, 1, H)
-            out["immediate"] = {"W_in": Immediate(D, x.unsqueeze(1)),
-                                "W_rec": Immediate(D, h_prev.unsqueeze(1)),
-                                "b_rec": Immediate(D, _ones(B, h))}
+            imm = {"W_in": Immediate(D, x.unsqueeze(1)),
+                   "W_rec": Immediate(D, h_prev.unsqueeze(1)),
+                   "b_rec": Immediate(D, _ones(B, h))}
         if "jacobian" in need:
             J = d.unsqueeze(2) * W_rec
             if alpha != 1.0:
                 J.diagonal(dim1=1, dim2=2).add_(1.0 - alpha)
-            out["jacobian"] = J
         if "input_jacobian" in need:
-            out["input_jacobian"] = d.unsqueeze(2) * params["W_in"]
-        return Linearization(ElmanState(h), **out)
+            Jx = d.unsqueeze(2) * params["W_in"]
+        return Linearization(ElmanState(h), loc, elig, imm, J, Jx)
 
     def linearize_sequence(self, params, inputs: Tensor, state0: ElmanState, *, need=()):
         """The forward pass (one GEMM for every step's input) and ``linearize`` at every
@@ -285,17 +283,22 @@ class Elman(Cell):
         return grads, d_inputs, ElmanState(dh0)
 
 
-def _transposed(cell, W_in: Tensor, W_rec: Tensor) -> tuple[Tensor, Tensor]:
-    """``(W_in.T, W_rec.T)``, the views kept on the cell while ``linearize`` is handed the
-    same tensors (an online step's binding: views follow in-place updates)."""
-    if torch.compiler.is_compiling():
-        return W_in.T, W_rec.T
-    got = cell.__dict__.get("_linearize_T")
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # inside vmap / grad
+
+
+def _transposed(cell, W_in: Tensor, W_rec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W_in.T, W_rec.T, W_rec.diagonal())``, the views kept on the cell while
+    ``linearize`` is handed the same tensors (an online step's binding; a view follows the
+    in-place updates of its parameter). Kept without autograd only (a view made without
+    it records no graph), never for a traced or transformed call."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _wrapped(W_in):
+        return W_in.T, W_rec.T, W_rec.diagonal()
+    got = cell.__dict__.get("_linearize_views")
     if got is not None and got[0] is W_in and got[1] is W_rec:
-        return got[2], got[3]
-    got = (W_in, W_rec, W_in.T, W_rec.T)
-    object.__setattr__(cell, "_linearize_T", got)
-    return got[2], got[3]
+        return got[2]
+    views = (W_in.T, W_rec.T, W_rec.diagonal())
+    object.__setattr__(cell, "_linearize_views", (W_in, W_rec, views))
+    return views
 
 
 _ONES: dict = {}  # (B, dtype, device) -> (B, 1, 1) ones: b_rec's row of an online step
@@ -303,8 +306,8 @@ _ONES: dict = {}  # (B, dtype, device) -> (B, 1, 1) ones: b_rec's row of an onli
 
 def _ones(B: int, like: Tensor) -> Tensor:
     """b_rec's row (B, 1, 1), made once per batch size, dtype and device (a step's
-    ``linearize`` hands it out read-only; a traced step makes its own)."""
-    if torch.compiler.is_compiling():
+    ``linearize`` hands it out read-only; a traced or transformed call makes its own)."""
+    if torch.compiler.is_compiling() or _wrapped(like):
         return like.new_ones(B, 1, 1)
     key = (B, like.dtype, like.device)
     t = _ONES.get(key)
