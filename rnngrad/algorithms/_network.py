@@ -121,11 +121,9 @@ def bind(model) -> Bound:
     hit = None if compiling else _BOUND.get(id(model))
     if hit is not None and hit[0]() is model and len(hit[1]) == len(layers):
         _, sig, bound = hit
-        for i, (prefix, cell) in enumerate(layers):
-            c, own = sig[i]
+        for (prefix, cell), (c, own), bp in zip(layers, sig, bound.prefixes):
             ps = cell._parameters
-            if cell is not c or prefix != bound.prefixes[i] or cell._modules \
-                    or len(ps) != len(own):
+            if cell is not c or prefix != bp or cell._modules or len(ps) != len(own):
                 break
             for n, t, ptr, shape in own:
                 if ps.get(n) is not t or t.data_ptr() != ptr or t.shape != shape:

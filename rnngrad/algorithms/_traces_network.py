@@ -534,6 +534,10 @@ def _slots(plan: Plan, prefix: str, prm: dict) -> list:
     return out
 
 
+_NO_TERMS: dict = {}  # emit's same-step terms of a cell whose output is its state: none
+#                       (read only: ``pop`` of an absent name, ``items``)
+
+
 def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh_t):
     if torch.compiler.is_compiling():
         with torch.no_grad():
@@ -633,9 +637,9 @@ def _step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, d
             cell, s, prm = lay.cell, states[l], lay.p
             C, U = len(s), lay.U
             if g is None:
-                dp, qs, dx = {}, None, None
+                dp, qs, dx = _NO_TERMS, None, None
             elif not lay.emits and C == 1 and cell.output(s) is s[0]:
-                dp, qs, dx = {}, g, None  # the output is the state: the signal is q
+                dp, qs, dx = _NO_TERMS, g, None  # the output is the state: the signal is q
             else:
                 dp, qs, dx = emit_vjp(cell, prm, s, ins[l], g)
             if lay.dense:  # a dense layer: q^T M over its own columns
