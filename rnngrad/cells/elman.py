@@ -312,6 +312,8 @@ def _ones(B: int, like: Tensor) -> Tensor:
     key = (B, like.dtype, like.device)
     t = _ONES.get(key)
     if t is None:
+        if len(_ONES) >= 64:  # a sweep over many batch sizes keeps the last few
+            _ONES.clear()
         t = _ONES[key] = like.new_ones(B, 1, 1)
     return t
 
