@@ -144,12 +144,13 @@ def main():
                 f"{worst['alpha']}, H = {worst['H']}, B = {worst['B']}); {len(within)} of "
                 f"{len(rows)} rows within 1.1; the largest absolute difference "
                 f"{gap:.1f} us/step.\n\n"
-                "Both columns do the same tensor operations per step (the trace updated by one "
-                "batched outer product, contracted by one batched GEMV, e-prop at alpha = 1 by "
-                "one GEMM per parameter without a trace); what remains is the Python of the "
-                "generic step (binding the layers, the cell's linearize, the state's groups), "
-                "a constant tens of microseconds that shows as a ratio where the arithmetic is "
-                "small (H = 64, or B = 1).\n")
+                "Both columns do the same tensor operations per step, within one or two small "
+                "view ops (the trace updated by one batched outer product, contracted by one "
+                "batched GEMV, e-prop at alpha = 1 by one GEMM per parameter without a trace); "
+                "what remains is the Python of the generic step (the binding's check of the "
+                "parameters, the cell's Linearization and Immediate terms, the state's groups "
+                "and per-layer lists), about 10 to 30 us per step, which shows as a ratio where "
+                "the arithmetic is small (H = 64, or B = 1).\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class Bound(NamedTuple):
     params: list  # per layer: dict own name -> detached tensor
     names: list  # per layer: the network names of its parameters, in order
     offsets: list  # per layer: first column of its parameters in a flat influence; + total
+    memo: dict  # what an algorithm derives from the binding alone, kept with it (per step
+    #             plans: ``_traces_network``); rebuilt with it
 
     @property
     def L(self) -> int:
@@ -119,11 +121,9 @@ def bind(model) -> Bound:
     hit = None if compiling else _BOUND.get(id(model))
     if hit is not None and hit[0]() is model and len(hit[1]) == len(layers):
         _, sig, bound = hit
-        for i, (prefix, cell) in enumerate(layers):
-            c, own = sig[i]
+        for (prefix, cell), (c, own), bp in zip(layers, sig, bound.prefixes):
             ps = cell._parameters
-            if cell is not c or prefix != bound.prefixes[i] or cell._modules \
-                    or len(ps) != len(own):
+            if cell is not c or prefix != bp or cell._modules or len(ps) != len(own):
                 break
             for n, t, ptr, shape in own:
                 if ps.get(n) is not t or t.data_ptr() != ptr or t.shape != shape:
@@ -132,7 +132,8 @@ def bind(model) -> Bound:
                 continue
             break
         else:
-            if not model.W_out.is_complex():
+            W_out = model._parameters.get("W_out")  # not nn.Module's __getattr__ per step
+            if not (model.W_out if W_out is None else W_out).is_complex():
                 return bound
     cells, prefixes, params, names, offsets = [], [], [], [], []
     sig = []
@@ -151,7 +152,7 @@ def bind(model) -> Bound:
     offsets.append(off)
     if any(t.is_complex() for p in params for t in p.values()) or model.W_out.is_complex():
         check_real(model)  # raises, naming the parameter
-    bound = Bound(cells, prefixes, params, names, offsets)
+    bound = Bound(cells, prefixes, params, names, offsets, {})
     if not compiling:
         import weakref
 

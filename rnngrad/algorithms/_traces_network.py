@@ -96,7 +96,7 @@ class Plan:
     """Which parameters share a ``Group``, their columns, and the group's tensor viewed as
     rows (not a tuple, so that the state's stamp of version counters does not walk it)."""
 
-    __slots__ = ("names", "cols", "widths", "rows", "owner", "whole")
+    __slots__ = ("names", "cols", "widths", "rows", "dims", "owner", "whole", "slots")
 
     def __init__(self, names: tuple, cols: tuple, rows: Tensor | None = None) -> None:
         self.names = names  # the parameters, in ``named_parameters`` order
@@ -105,7 +105,9 @@ class Plan:
         # the tensor is updated and contracted whole (else block by block of rows)
         self.whole = rows is None or rows.numel() * rows.element_size() <= BLOCKED_ABOVE
         self.rows = rows  # the group's X viewed as (B C, G U, P_total); None: not formed
+        self.dims = None if rows is None else tuple(rows.shape)
         self.owner = None  # the layer's traces dict these views were handed out in
+        self.slots = None  # the gradients' keys and shapes, for one binding (``_slots``)
 
 
 class Group(NamedTuple):
@@ -142,6 +144,12 @@ class NetTraceState(NamedTuple):
     groups: list | None = None  # per layer: tuple of Group (None: dense; the list None: to
     #                             be regrouped from ``traces``, as a chunk leaves them)
     h0_tensor: bool = False  # h0 came as a tensor: grads["h0"] goes back as one
+
+    def stamped(self) -> tuple:
+        """What the validation's stamp of version counters reads (``base._stamp``): the
+        buffers a step updates in place. ``groups`` is left out: a formed group's tensor is
+        the base of the views in ``traces`` (one version counter), ``modes`` never change."""
+        return (self.traces, self.feedback, self.c, self.leak)
 
 
 def check_owned(model, who: str) -> None:
@@ -345,7 +353,7 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
     batched outer product, with the decay as its beta) and contracted while in cache."""
     plan = grp.plan
     X3 = plan.rows  # (B C, G U, P)
-    BC, GU, P = X3.shape
+    BC, GU, P = plan.dims
     G = GU // U
     imms = list(map(imm.__getitem__, plan.names))
     row = _shared_row(imms)
@@ -430,25 +438,25 @@ def _immediate_only(grp: Group, imm: dict, qs: Tensor, C: int, U: int, params: d
     the batch (Elman: ``(q alpha phi')^T [x_t | h_{t-1} | 1]``), never a (B, H, P) tensor.
     ``qs`` (B, C U): the signal on the layer's state."""
     B = qs.shape[0]
-    memo: dict = {}
-    for name in grp.names:
-        d, shape = imm[name], params[name].shape
-        if d.inp is None:
+    Dw = wT = None  # w^T of the last factor D (the parameters of a group often share it)
+    plan = grp.plan
+    for name, (key, shape) in zip(plan.names, _slots(plan, prefix, params)):
+        d = imm[name]
+        inp = d.inp
+        if inp is None:
             g = torch.einsum("bci,bcgij->gij", qs.view(B, C, U), d.D)
         else:
-            key = id(d.D)
-            w = memo.get(key)
-            if w is None:
-                w = _weighted(qs, d.D, C, U)  # (B, G U)
-                memo[key] = w = (w, w.T)
-            w, wT = w
-            if d.inp.shape[1] == 1:
-                g = torch.mm(wT, d.inp.reshape(B, -1))  # (G U, P)
+            if d.D is not Dw:
+                Dw = d.D
+                w = _weighted(qs, Dw, C, U)  # (B, G U)
+                wT = w.T
+            if inp.shape[1] == 1:
+                g = torch.mm(wT, inp.reshape(B, -1))  # (G U, P)
                 if d.mask is not None:
                     g = g.view(-1, U, g.shape[1]) * d.mask
             else:
                 g = torch.einsum("bgi,bij->gij", w.view(B, -1, U), d.rows())
-        grads[prefix + name] = g if g.shape == shape else g.view(shape)
+        grads[key] = g if shape is None or g.shape == shape else g.view(shape)
 
 
 def _weighted(qs: Tensor, D: Tensor, C: int, U: int) -> Tensor:
@@ -458,7 +466,7 @@ def _weighted(qs: Tensor, D: Tensor, C: int, U: int) -> Tensor:
     G = D.shape[2]
     if C == 1:
         if G == 1:
-            return D.reshape(B, U) * qs
+            return D.view(B, U) * qs  # (B, 1, 1, U): a view for any strides
         return (D.reshape(B, G, U) * qs.view(B, 1, U)).view(B, G * U)
     q = qs.view(B, C, U)
     w = D[:, 0] * q[:, 0].unsqueeze(1)
@@ -489,169 +497,228 @@ def as_given(model, before: NetTraceState, after: NetTraceState, grads):
     return after, grads
 
 
+class _Layer:
+    """What a layer's online step takes from its cell and mode alone, not from the step's
+    values: derived once per binding (kept in ``Bound.memo``, rebuilt with it)."""
+
+    __slots__ = ("cell", "p", "prefix", "mode", "dense", "generic", "local", "has_decay",
+                 "emits", "U", "needs")
+
+    def __init__(self, cell, p: dict, prefix: str, mode: str, l: int) -> None:
+        self.cell, self.p, self.prefix, self.mode = cell, p, prefix, mode
+        self.dense = mode[0] == "d"  # "dense", "dense_generic"
+        self.generic = mode == "dense_generic"
+        self.local = mode == "local"
+        # a declared constant eligibility Jacobian (its value read at every step)
+        self.has_decay = mode == "eligibility" and eligibility_decay(cell) is not None
+        self.emits = cell.emits
+        self.U = cell.n_units
+        jx = ("input_jacobian",) if l else ()
+        self.needs = (("immediate",) + jx, ("immediate", mode) + jx)  # [decay is None]
+
+
+def _layers(model, net, modes: tuple | None, mode: str) -> tuple:
+    """``(per-layer _Layer list, flat_state)`` for this binding and modes."""
+    key = ("traces", modes if modes is not None else mode)
+    got = net.memo.get(key)
+    if got is None:
+        ms = modes if modes is not None else (mode,) * net.L
+        got = ([_Layer(c, p, pre, m, l) for l, (c, p, pre, m)
+                in enumerate(zip(net.cells, net.params, net.prefixes, ms))],
+               getattr(model, "flat_state", False))
+        net.memo[key] = got
+    return got
+
+
+def _slots(plan: Plan, prefix: str, prm: dict) -> list:
+    """Per parameter of a group: its gradient's key and, where a (G U, P) block is not its
+    shape, that shape (kept on the plan for this binding's parameters)."""
+    got = plan.slots
+    if got is not None and got[0] is prm and got[1] == prefix:
+        return got[2]
+    out = []
+    for n, (_, w) in zip(plan.names, plan.cols):
+        shape = prm[n].shape
+        out.append((prefix + n, None if shape == (shape.numel() // w, w) else shape))
+    if not torch.compiler.is_compiling():  # a traced step: an attribute set is a guard
+        plan.slots = (prm, prefix, out)
+    return out
+
+
+_NO_TERMS: dict = {}  # emit's same-step terms of a cell whose output is its state: none
+#                       (read only: ``pop`` of an absent name, ``items``)
+
+
 def step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh_t):
-    with torch.no_grad():
-        net = bind(model)
-        modes = state.modes if state.modes is not None else (mode,) * net.L
-        leaky = state.leak is not None
-        h_prev = (ElmanState(state.h),) if isinstance(state.h, Tensor) else state.h  # unshown
-        x = x_t
-        B = x_t.shape[0]
-        states, traces, groups, lins, jxs, cs, ins, emits = [], [], [], [], [], [], [], []
-        for l, (cell, p) in enumerate(zip(net.cells, net.params)):
-            m = modes[l]
-            if m[0] == "d":  # "dense", "dense_generic"
-                G0 = None if state.c is None else state.c[l]
-                new, tr, c, Jx = _dense_layer(cell, p, h_prev[l], x, state.traces[l], G0,
-                                              m == "dense_generic", l > 0)
-                traces.append(tr)
-                groups.append(None)
-                lins.append(None)
-            else:
-                decay = getattr(cell, "eligibility_decay", None) if m == "eligibility" else None
-                if l:
-                    need = ("immediate", "input_jacobian") if decay is not None else \
-                        ("immediate", m, "input_jacobian")
-                else:
-                    need = ("immediate",) if decay is not None else ("immediate", m)
-                lin = cell.linearize(p, h_prev[l], x, need=need)
-                new, Jx = lin.state, lin.input_jacobian
-                J = None if decay is not None else (lin.local if m == "local" else lin.eligibility)
-                tr = state.traces[l]
-                grp = None if state.groups is None else state.groups[l]
-                if not (grp and grp[0].plan.owner is tr and (grp[0].X is not None
-                                                             or decay == 0.0)):
-                    grp, tr = _current_groups(state, l, cell, len(new), cell.n_units, B, leaky,
-                                              m, decay)
-                traces.append(tr)
-                groups.append(grp)
-                lins.append((lin.immediate, J, decay))
-                c = None
-                if state.c is not None:
-                    c = state.c[l] * decay if J is None else torch.matmul(J, state.c[l])
-            jxs.append(Jx)
-            cs.append(c)
-            states.append(new)
-            ins.append(x)
-            em = cell.emits
-            emits.append(em)
-            x = cell.emit(p, new, x) if em else cell.output(new)
-        h = x
-        if leaky:  # a leaky readout: Bellec's filtered traces, one layer
-            for l in range(net.L):
-                if lins[l] is not None:
-                    for grp in groups[l]:
-                        _advance(grp, lins[l][0], lins[l][1], lins[l][2], None, len(states[l]),
-                                     net.cells[l].n_units)
-            leak, z, value, g, d0, ro = _leak.traces_step(
-                model, state.leak, net.cells[0], states[0], traces[0], cs[0], h,
-                state.feedback, target_t, mask_t, loss, dh_t)
-            grads = None
-            if target_t is not None or dh_t is not None:
-                grads = {net.prefixes[0] + n: g[n].reshape(v.shape) if n in g
-                         else v.new_zeros(v.shape) for n, v in net.params[0].items()}
-                grads.update(ro)
-                if d0 is not None:
-                    grads["h0"] = state_grad_form((type(states[0])(*d0.unbind(1)),),
-                                                  state.h0_tensor)
-            new = NetTraceState(shown(model, tuple(states)), traces, state.feedback,
-                                cs if state.c is not None else None, state.modes, leak,
-                                groups, state.h0_tensor)
-            return new, StepOutput(h, z, value), grads
-        z, value, dz = readout_step(model, h, target_t, mask_t, loss)
-        fb = model.W_out if state.feedback is None else state.feedback  # no_grad: no graph
-        L = None if dz is None else dz @ fb
-        if dh_t is not None:
-            L = dh_t if L is None else L + dh_t
-        grads: Grads | None = None
-        if L is None and dz is None:  # no signal: the traces move on, nothing is emitted
-            for l in range(net.L):
-                if lins[l] is not None:
-                    for grp in groups[l]:
-                        if grp.X is not None:
-                            _advance(grp, lins[l][0], lins[l][1], lins[l][2], None, len(states[l]),
-                                     net.cells[l].n_units)
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            return _step(model, mode, state, x_t, target_t, mask_t, loss, dh_t)
+    prev = torch.is_grad_enabled()  # no_grad's context manager costs a microsecond a step
+    torch._C._set_grad_enabled(False)
+    try:
+        return _step(model, mode, state, x_t, target_t, mask_t, loss, dh_t)
+    finally:
+        torch._C._set_grad_enabled(prev)
+
+
+def _step(model, mode: str, state: NetTraceState, x_t, target_t, mask_t, loss, dh_t):
+    net = bind(model)
+    lays, flat = _layers(model, net, state.modes, mode)
+    leaky = state.leak is not None
+    h_prev = (ElmanState(state.h),) if isinstance(state.h, Tensor) else state.h  # unshown
+    x = x_t
+    B = x_t.shape[0]
+    sc, sgroups, straces = state.c, state.groups, state.traces
+    states, traces, groups, lins, jxs, cs, ins = [], [], [], [], [], [], []
+    for l, lay in enumerate(lays):
+        cell, p = lay.cell, lay.p
+        tr = straces[l]
+        c = None
+        if lay.dense:
+            new, tr, c, Jx = _dense_layer(cell, p, h_prev[l], x, tr,
+                                          None if sc is None else sc[l], lay.generic, l > 0)
+            grp = lin = None
         else:
-            grads = {}
-            nl = len(states)
-            d0 = [None] * nl
-            g = L  # dL/dh^l_t arriving at layer l's output: the signal, then passed down
-            for l in range(nl - 1, -1, -1):
-                cell, s, prm = net.cells[l], states[l], net.params[l]
-                C, U = len(s), s[0].shape[1]
-                if g is None:
-                    dp, qs, dx = {}, None, None
-                elif not emits[l] and len(s) == 1 and cell.output(s) is s[0]:
-                    dp, qs, dx = {}, g, None  # the output is the state: the signal is q
-                else:
-                    dp, qs, dx = emit_vjp(cell, prm, s, ins[l], g)
-                if isinstance(traces[l], Tensor):  # a dense layer: q^T M over its own columns
-                    flat = (qs.reshape(1, -1) @ traces[l].reshape(-1, traces[l].shape[2])
-                            ).squeeze(0) if qs is not None else None
-                    off = 0
-                    for name, v in prm.items():
-                        k = v.numel()
-                        grads[net.prefixes[l] + name] = (v.new_zeros(v.shape) if flat is None
-                                                         else flat[off:off + k].view(v.shape))
-                        off += k
-                else:
-                    imm, J, decay = lins[l]
-                    prefix, done = net.prefixes[l], 0
-                    for grp in groups[l]:
-                        if grp.X is None:  # never formed: the immediate term alone
-                            if qs is not None:
-                                _immediate_only(grp, imm, qs, C, U, prm, prefix, grads)
-                                done += len(grp.names)
-                            continue
-                        gm = _advance(grp, imm, J, decay, qs, C, U)
-                        if gm is None:
-                            continue
-                        plan = grp.plan
-                        names = plan.names
-                        parts = gm.split(plan.widths, 1)  # (G U, P) column blocks, views
-                        for i in range(len(names)):
-                            t, shape = parts[i], prm[names[i]].shape
-                            grads[prefix + names[i]] = t if t.shape == shape else t.view(shape)
-                        done += len(names)
-                    if done < len(prm):
-                        for name, v in prm.items():
-                            key = prefix + name
-                            if key not in grads:  # owned by no unit: emit's term alone
-                                d = dp.pop(name, None)
-                                grads[key] = v.new_zeros(v.shape) if d is None \
-                                    else d.reshape(v.shape)
-                for name, v in dp.items():  # emit's same-step term, of owned parameters
-                    gp = grads[net.prefixes[l] + name]
-                    gp.add_(v.reshape(gp.shape))
-                if state.c is not None:
-                    ref = s[0]
-                    if isinstance(traces[l], Tensor):
-                        S = cs[l].shape[1]
-                        dc = (ref.new_zeros(ref.shape[0], S) if qs is None else
-                              torch.bmm(qs.unsqueeze(1), cs[l]).squeeze(1))
-                        d0[l] = unflatten_state(dc, s)
-                    else:
-                        if qs is None:
-                            dc = ref.new_zeros(ref.shape[0], C, U)
-                        elif C == 1:
-                            dc = (qs * cs[l].view(-1, U)).unsqueeze(1)
-                        else:
-                            dc = torch.einsum("bci,bicd->bdi", qs.view(-1, C, U), cs[l])
-                        d0[l] = type(s)(*dc.unbind(1))
-                if l > 0 and qs is not None:  # the same step's error, passed down
-                    g = torch.bmm(qs.unsqueeze(1), jxs[l]).squeeze(1)
-                    if dx is not None:
-                        g = g + dx
-            if dz is None:
-                grads["W_out"] = torch.zeros_like(model.W_out.detach())
-                grads["b_out"] = torch.zeros_like(model.b_out.detach())
+            decay = cell.eligibility_decay if lay.has_decay else None
+            lin = cell.linearize(p, h_prev[l], x, need=lay.needs[decay is None])
+            new, Jx = lin.state, lin.input_jacobian
+            J = None if decay is not None else (lin.local if lay.local else lin.eligibility)
+            grp = None if sgroups is None else sgroups[l]
+            if not (grp and grp[0].plan.owner is tr and (grp[0].X is not None
+                                                         or decay == 0.0)):
+                grp, tr = _current_groups(state, l, cell, len(new), lay.U, B, leaky,
+                                          lay.mode, decay)
+            lin = (lin.immediate, J, decay)
+            if sc is not None:
+                c = sc[l] * decay if J is None else torch.matmul(J, sc[l])
+        traces.append(tr)
+        groups.append(grp)
+        lins.append(lin)
+        jxs.append(Jx)
+        cs.append(c)
+        states.append(new)
+        ins.append(x)
+        x = cell.emit(p, new, x) if lay.emits else cell.output(new)
+    h = x
+    if leaky:  # a leaky readout: Bellec's filtered traces, one layer
+        for l in range(net.L):
+            if lins[l] is not None:
+                for grp in groups[l]:
+                    _advance(grp, lins[l][0], lins[l][1], lins[l][2], None, len(states[l]),
+                                 net.cells[l].n_units)
+        leak, z, value, g, d0, ro = _leak.traces_step(
+            model, state.leak, net.cells[0], states[0], traces[0], cs[0], h,
+            state.feedback, target_t, mask_t, loss, dh_t)
+        grads = None
+        if target_t is not None or dh_t is not None:
+            grads = {net.prefixes[0] + n: g[n].reshape(v.shape) if n in g
+                     else v.new_zeros(v.shape) for n, v in net.params[0].items()}
+            grads.update(ro)
+            if d0 is not None:
+                grads["h0"] = state_grad_form((type(states[0])(*d0.unbind(1)),),
+                                              state.h0_tensor)
+        new = NetTraceState(shown(model, tuple(states)), traces, state.feedback,
+                            cs if state.c is not None else None, state.modes, leak,
+                            groups, state.h0_tensor)
+        return new, StepOutput(h, z, value), grads
+    z, value, dz = readout_step(model, h, target_t, mask_t, loss)
+    fb = state.feedback  # no_grad: no graph
+    if fb is None:
+        fb = model._parameters.get("W_out")  # not nn.Module's __getattr__
+        if fb is None:
+            fb = model.W_out
+    L = None if dz is None else dz @ fb
+    if dh_t is not None:
+        L = dh_t if L is None else L + dh_t
+    grads: Grads | None = None
+    if L is None and dz is None:  # no signal: the traces move on, nothing is emitted
+        for l in range(net.L):
+            if lins[l] is not None:
+                for grp in groups[l]:
+                    if grp.X is not None:
+                        _advance(grp, lins[l][0], lins[l][1], lins[l][2], None, len(states[l]),
+                                 net.cells[l].n_units)
+    else:
+        grads = {}
+        nl = len(states)
+        d0 = [None] * nl
+        g = L  # dL/dh^l_t arriving at layer l's output: the signal, then passed down
+        for l in range(nl - 1, -1, -1):
+            lay = lays[l]
+            cell, s, prm = lay.cell, states[l], lay.p
+            C, U = len(s), lay.U
+            if g is None:
+                dp, qs, dx = _NO_TERMS, None, None
+            elif not lay.emits and C == 1 and cell.output(s) is s[0]:
+                dp, qs, dx = _NO_TERMS, g, None  # the output is the state: the signal is q
             else:
-                grads.update(output_grads(dz, h))
-            if state.c is not None:
-                grads["h0"] = state_grad_form(tuple(d0), state.h0_tensor)
-        hs = tuple(states)
-        new = NetTraceState(hs[0].h if getattr(model, "flat_state", False) else hs, traces,
-                            state.feedback, cs if state.c is not None else None, state.modes,
-                            None, groups,
-                            state.h0_tensor)
+                dp, qs, dx = emit_vjp(cell, prm, s, ins[l], g)
+            if lay.dense:  # a dense layer: q^T M over its own columns
+                flat_g = (qs.reshape(1, -1) @ traces[l].reshape(-1, traces[l].shape[2])
+                          ).squeeze(0) if qs is not None else None
+                off = 0
+                for name, v in prm.items():
+                    k = v.numel()
+                    grads[lay.prefix + name] = (v.new_zeros(v.shape) if flat_g is None
+                                                else flat_g[off:off + k].view(v.shape))
+                    off += k
+            else:
+                imm, J, decay = lins[l]
+                prefix, done = lay.prefix, 0
+                for grp in groups[l]:
+                    if grp.X is None:  # never formed: the immediate term alone
+                        if qs is not None:
+                            _immediate_only(grp, imm, qs, C, U, prm, prefix, grads)
+                            done += len(grp.plan.names)
+                        continue
+                    gm = _advance(grp, imm, J, decay, qs, C, U)
+                    if gm is None:
+                        continue
+                    plan = grp.plan
+                    slots = _slots(plan, prefix, prm)
+                    # (G U, P) column blocks, views
+                    parts = torch.split_with_sizes(gm, plan.widths, 1) \
+                        if len(slots) > 1 else (gm,)
+                    for (key, shape), t in zip(slots, parts):
+                        grads[key] = t if shape is None else t.view(shape)
+                    done += len(slots)
+                if done < len(prm):
+                    for name, v in prm.items():
+                        key = prefix + name
+                        if key not in grads:  # owned by no unit: emit's term alone
+                            d = dp.pop(name, None)
+                            grads[key] = v.new_zeros(v.shape) if d is None \
+                                else d.reshape(v.shape)
+            for name, v in dp.items():  # emit's same-step term, of owned parameters
+                gp = grads[lay.prefix + name]
+                gp.add_(v.reshape(gp.shape))
+            if sc is not None:
+                ref = s[0]
+                if lay.dense:
+                    S = cs[l].shape[1]
+                    dc = (ref.new_zeros(ref.shape[0], S) if qs is None else
+                          torch.bmm(qs.unsqueeze(1), cs[l]).squeeze(1))
+                    d0[l] = unflatten_state(dc, s)
+                else:
+                    if qs is None:
+                        dc = ref.new_zeros(ref.shape[0], C, U)
+                    elif C == 1:
+                        dc = (qs * cs[l].view(-1, U)).unsqueeze(1)
+                    else:
+                        dc = torch.einsum("bci,bicd->bdi", qs.view(-1, C, U), cs[l])
+                    d0[l] = type(s)(*dc.unbind(1))
+            if l > 0 and qs is not None:  # the same step's error, passed down
+                g = torch.bmm(qs.unsqueeze(1), jxs[l]).squeeze(1)
+                if dx is not None:
+                    g = g + dx
+        if dz is None:
+            grads["W_out"] = torch.zeros_like(model.W_out.detach())
+            grads["b_out"] = torch.zeros_like(model.b_out.detach())
+        else:
+            grads.update(output_grads(dz, h))
+        if sc is not None:
+            grads["h0"] = state_grad_form(tuple(d0), state.h0_tensor)
+    new = NetTraceState(states[0].h if flat else tuple(states), traces, state.feedback,
+                        cs if sc is not None else None, state.modes, None, groups,
+                        state.h0_tensor)
     return new, StepOutput(h, z, value), grads

@@ -334,24 +334,26 @@ def _h_leaf(state):
 
 def _versions(v, out: list) -> None:
     # a module-level function, not a closure: a recursive closure is a reference cycle, and
-    # one per step keeps the garbage collector busy
-    if isinstance(v, Tensor):
-        out.append(v._version)
-    elif isinstance(v, (tuple, list)):
-        if isinstance(v, list):
-            out.append(-1 - len(v))
-        for x in v:
-            _versions(x, out)
-    elif isinstance(v, dict):  # per-layer traces keyed by parameter name
+    # one per step keeps the garbage collector busy. A container's leaves are read in its
+    # loop (one call per container, not per leaf: a step's state has tens of them)
+    if isinstance(v, dict):  # per-layer traces keyed by parameter name
         out.append(-1 - len(v))
-        for x in v.values():
+        v = v.values()
+    elif isinstance(v, list):
+        out.append(-1 - len(v))
+    for x in v:
+        if isinstance(x, Tensor):
+            out.append(x._version)
+        elif isinstance(x, (tuple, list, dict)):
             _versions(x, out)
 
 
 def _stamp(state) -> tuple:
     out: list = []
-    for v in state[1:]:  # not h: a caller may reset it in place between sequences
-        _versions(v, out)
+    # not h: a caller may reset it in place between sequences. A state type may name the
+    # fields that hold its buffers (``stamped``: the rest never change in place)
+    own = getattr(type(state), "stamped", None)
+    _versions(state[1:] if own is None else own(state), out)
     return tuple(out)
 
 

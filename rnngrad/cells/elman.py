@@ -157,32 +157,33 @@ class Elman(Cell):
         alpha = self.alpha
         W_rec = params["W_rec"]
         h_prev = state.h
-        h, a, fa = cell_step(params["W_in"], W_rec, params["b_rec"], h_prev, x,
-                             activation=act, alpha=alpha)
+        # cell_step's operations, without its two calls (an online step calls this each step)
+        W_inT, W_recT, diag = _transposed(self, params["W_in"], W_rec)
+        a = torch.addmm(torch.addmm(params["b_rec"], x, W_inT), h_prev, W_recT)
+        fa = act.fn(a)
+        h = fa if alpha == 1.0 else torch.lerp(h_prev, fa, alpha)
         d = act.deriv(a, fa)
         if alpha != 1.0:
             d = d * alpha  # alpha phi'(a_t): dh_t/da_t
         B, H = h.shape
-        out = {}
+        loc = elig = imm = J = Jx = None
         if "local" in need:
-            loc = d * W_rec.diagonal()
-            out["local"] = (loc if alpha == 1.0 else loc.add_(1.0 - alpha)).view(B, H, 1, 1)
+            loc = d * diag
+            loc = (loc if alpha == 1.0 else loc.add_(1.0 - alpha)).view(B, H, 1, 1)
         if "eligibility" in need:
-            out["eligibility"] = torch.full((B, H, 1, 1), 1.0 - alpha, dtype=h.dtype,
-                                            device=h.device)
+            elig = torch.full((B, H, 1, 1), 1.0 - alpha, dtype=h.dtype, device=h.device)
         if "immediate" in need:
             D = d.view(B, 1, 1, H)
-            out["immediate"] = {"W_in": Immediate(D, x.unsqueeze(1)),
-                                "W_rec": Immediate(D, h_prev.unsqueeze(1)),
-                                "b_rec": Immediate(D, h.new_ones(B, 1, 1))}
+            imm = {"W_in": Immediate(D, x.unsqueeze(1)),
+                   "W_rec": Immediate(D, h_prev.unsqueeze(1)),
+                   "b_rec": Immediate(D, _ones(B, h))}
         if "jacobian" in need:
             J = d.unsqueeze(2) * W_rec
             if alpha != 1.0:
                 J.diagonal(dim1=1, dim2=2).add_(1.0 - alpha)
-            out["jacobian"] = J
         if "input_jacobian" in need:
-            out["input_jacobian"] = d.unsqueeze(2) * params["W_in"]
-        return Linearization(ElmanState(h), **out)
+            Jx = d.unsqueeze(2) * params["W_in"]
+        return Linearization(ElmanState(h), loc, elig, imm, J, Jx)
 
     def block_zeros(self, field: str, C: int) -> frozenset:
         """e-prop's and RFLO's block ``1 - alpha`` is zero at alpha = 1: the sequence forms'
@@ -304,6 +305,41 @@ class Elman(Cell):
         if sensitivities:
             grads["u"] = u
         return grads, d_inputs, ElmanState(dh0)
+
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # inside vmap / grad
+
+
+def _transposed(cell, W_in: Tensor, W_rec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W_in.T, W_rec.T, W_rec.diagonal())``, the views kept on the cell while
+    ``linearize`` is handed the same tensors (an online step's binding; a view follows the
+    in-place updates of its parameter). Kept without autograd only (a view made without
+    it records no graph), never for a traced or transformed call."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _wrapped(W_in):
+        return W_in.T, W_rec.T, W_rec.diagonal()
+    got = cell.__dict__.get("_linearize_views")
+    if got is not None and got[0] is W_in and got[1] is W_rec:
+        return got[2]
+    views = (W_in.T, W_rec.T, W_rec.diagonal())
+    object.__setattr__(cell, "_linearize_views", (W_in, W_rec, views))
+    return views
+
+
+_ONES: dict = {}  # (B, dtype, device) -> (B, 1, 1) ones: b_rec's row of an online step
+
+
+def _ones(B: int, like: Tensor) -> Tensor:
+    """b_rec's row (B, 1, 1), made once per batch size, dtype and device (a step's
+    ``linearize`` hands it out read-only; a traced or transformed call makes its own)."""
+    if torch.compiler.is_compiling() or _wrapped(like):
+        return like.new_ones(B, 1, 1)
+    key = (B, like.dtype, like.device)
+    t = _ONES.get(key)
+    if t is None:
+        if len(_ONES) >= 64:  # a sweep over many batch sizes keeps the last few
+            _ONES.clear()
+        t = _ONES[key] = like.new_ones(B, 1, 1)
+    return t
 
 
 def _buffer(workspace: dict, name: str, shape: tuple, like: Tensor) -> Tensor:
