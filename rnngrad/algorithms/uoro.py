@@ -152,7 +152,12 @@ def uoro(*, seed: int = 0, eps: float = 1e-7) -> Algorithm:
             if blocks is None:
                 # theta~_t = theta~_{t-1} / rho0 + u pre^T in place; its norm (the next step's
                 # rho0); sum_b (q_t . h~_t) theta~_t: one GEMV over the batch
-                th.mul_(inv_rho0).baddbmm_(u3, pre3)
+                if B > 1 and torch.compiler.is_compiling():
+                    # rnngrad.compile: one broadcast multiply-add inductor fuses in place (a
+                    # baddbmm_ stays an extern call into a new buffer copied back)
+                    th.mul_(inv_rho0).addcmul_(u3, pre3)
+                else:
+                    th.mul_(inv_rho0).baddbmm_(u3, pre3)
                 norm_th = torch.linalg.vector_norm(th.view(B, -1), dim=1)
                 if s is not None:
                     G = torch.mm(s, th.view(B, -1)).view(H, -1)
