@@ -73,6 +73,8 @@ def tbptt(k: int) -> Algorithm:
     def sequence(model, inputs, targets, mask, h0, loss, reward):
         return _net.truncated_sequence(model, k, inputs, targets, mask, h0, loss, reward)
 
+    step.__rnngrad_compile_io__ = _compile_io(k)
+
     return Algorithm(
         name=f"tbptt(k={k})",
         init=init,
@@ -83,3 +85,40 @@ def tbptt(k: int) -> Algorithm:
         cost=f"time O(B H (D + H)) per step; memory O(k B (D + H)) with k={k}, constant in T",
         sequence=sequence,
     )
+
+
+_PENDING = ("xs", "dz", "dh", "steps")  # the chunk's lists that grow by one entry a step
+
+
+def _compile_io(k: int):
+    """The ``(before, after)`` pair ``rnngrad.compile`` runs around a compiled step: a step
+    that only stores (fewer than k - 1 steps pending) is handed the chunk with its pending
+    lists empty, and ``after`` appends the one entry it stored to the lists kept outside the
+    graph; the step that emits (k - 1 pending) is handed the chunk whole. The compiled step
+    so sees two list lengths, 0 and k - 1, at every position: two graphs, whatever k. The
+    numbers are the eager step's."""
+
+    def before(state):
+        chunk = state.chunk if isinstance(state, TBPTTState) else None
+        if not isinstance(chunk, NetBPTTState) or len(chunk.xs) >= k - 1:
+            return state, None  # the emitting step (or a state the step itself refuses)
+        kept = {f: getattr(chunk, f) for f in _PENDING if getattr(chunk, f) is not None}
+        if any(len(v) != len(chunk.xs) for v in kept.values()):
+            return state, None
+        # what a storing step does not read, kept out too: h_start and the checkpoint are h
+        # itself at a chunk's first step and not after (another graph, for the aliasing)
+        handed = {f: [] for f in kept}
+        kept["h_start"], kept["ckpt"] = chunk.h_start, chunk.ckpt
+        handed["h_start"], handed["ckpt"] = (), []
+        return state._replace(chunk=chunk._replace(**handed)), kept
+
+    def after(new, ctx):
+        if ctx is None:
+            return new
+        chunk = new.chunk
+        for f in _PENDING:  # in place, as the eager step appends
+            if f in ctx:
+                ctx[f].extend(getattr(chunk, f))
+        return new._replace(chunk=chunk._replace(**ctx))
+
+    return before, after
