@@ -59,11 +59,12 @@ def tbptt(k: int) -> Algorithm:
 
     def step(model, state: TBPTTState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
-        chunk, out, _ = inner.step(model, state.chunk, x_t, target_t, mask_t=mask_t, loss=loss,
-                                   dh_t=dh_t)
+        # BPTT's own step and flush, unchecked: this step's validation covers the chunk (and
+        # a compiled step hands the chunk rebuilt, see _compile_io)
+        chunk, out, _ = _net.step(model, None, state.chunk, x_t, target_t, mask_t, loss, dh_t)
         grads = None
         if len(chunk.xs) == k:
-            chunk, grads = inner.flush(model, chunk)  # cuts the state: h_start := h_t
+            chunk, grads = _net.flush(model, None, chunk)  # cuts the state: h_start := h_t
         return TBPTTState(chunk.h, chunk), out, grads
 
     def flush(model, state: TBPTTState):
@@ -106,10 +107,11 @@ def _compile_io(k: int):
         if any(len(v) != len(chunk.xs) for v in kept.values()):
             return state, None
         # what a storing step does not read, kept out too: h_start and the checkpoint are h
-        # itself at a chunk's first step and not after (another graph, for the aliasing)
+        # itself at a chunk's first step and not after (another graph, for the aliasing);
+        # handed as h at every step (a fresh chunk's layout)
         handed = {f: [] for f in kept}
         kept["h_start"], kept["ckpt"] = chunk.h_start, chunk.ckpt
-        handed["h_start"], handed["ckpt"] = (), []
+        handed["h_start"], handed["ckpt"] = chunk.h, [chunk.h]
         return state._replace(chunk=chunk._replace(**handed)), kept
 
     def after(new, ctx):
