@@ -107,11 +107,12 @@ def _compile_io(k: int):
         if any(len(v) != len(chunk.xs) for v in kept.values()):
             return state, None
         # what a storing step does not read, kept out too: h_start and the checkpoint are h
-        # itself at a chunk's first step and not after (another graph, for the aliasing);
-        # handed as h at every step (a fresh chunk's layout)
+        # itself at a chunk's first step and not after (another graph, for the aliasing), so
+        # handed as h at every step (a fresh chunk's layout); track_h0 is True in the first
+        # chunk only (with h0 given)
         handed = {f: [] for f in kept}
-        kept["h_start"], kept["ckpt"] = chunk.h_start, chunk.ckpt
-        handed["h_start"], handed["ckpt"] = chunk.h, [chunk.h]
+        kept.update(h_start=chunk.h_start, ckpt=chunk.ckpt, track_h0=chunk.track_h0)
+        handed.update(h_start=chunk.h, ckpt=[chunk.h], track_h0=False)
         return state._replace(chunk=chunk._replace(**handed)), kept
 
     def after(new, ctx):
