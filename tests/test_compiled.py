@@ -569,3 +569,48 @@ def test_random_draws_outside_the_graph_one_compilation_over_blocks(rule):
     info = comp.compiled
     assert info.mode == "whole" and info.graphs == 1 and info.direct, info
     assert sc.sign_pos == se.sign_pos and torch.equal(sc.signs, se.signs)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "elman", "mgu"])
+def test_tbptt_compiles_two_graphs_whatever_k(kind):
+    """Issue 14: TBPTT's pending steps are kept outside the compiled graph (tbptt._compile_io),
+    so a long window compiles one graph that stores and one that emits, not one per position."""
+    net = make(kind)
+    k, T, B = 12, 40, 2
+    eager = rnngrad.tbptt(k)
+    comp = rnngrad.compile(rnngrad.tbptt(k), backend="aot_eager")
+    x, y, mask = data(T, B, torch.float64)
+    se, sc = eager.init(net, B), comp.init(net, B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)  # no fallback, no recompilation warned
+        for t in range(T):
+            se, oe, ge = eager.step(net, se, x[t], y[t], mask_t=mask[t])
+            sc, oc, gc = comp.step(net, sc, x[t], y[t], mask_t=mask[t])
+            assert rel(oc.h, oe.h) <= 1e-10 and rel(oc.loss, oe.loss) <= 1e-10
+            assert (gc is None) == (t % k != k - 1)
+            assert grads_err(gc, ge) <= 1e-10
+    assert len(sc.chunk.xs) == len(se.chunk.xs) == T % k
+    se, ge = eager.flush(net, se)
+    sc, gc = comp.flush(net, sc)
+    assert grads_err(gc, ge) <= 1e-10
+    info = comp.compiled
+    assert info.mode == "whole" and info.graphs <= 2, info
+
+
+def test_tbptt_compiled_with_h0_and_dh_keeps_the_eager_numbers_in_three_graphs():
+    """With h0 given, the first chunk emits grads["h0"]: one more emitting graph, no more."""
+    net = make("rnn")
+    k, T, B = 5, 23, 2
+    eager = rnngrad.tbptt(k)
+    comp = rnngrad.compile(rnngrad.tbptt(k), backend="aot_eager")
+    x, y, _ = data(T, B, torch.float64)
+    dh = torch.randn(T, B, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    h0 = torch.randn(B, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    se, sc = eager.init(net, B, h0=h0), comp.init(net, B, h0=h0)
+    for t in range(T):
+        se, oe, ge = eager.step(net, se, x[t], y[t], dh_t=dh[t])
+        sc, oc, gc = comp.step(net, sc, x[t], y[t], dh_t=dh[t])
+        assert grads_err(gc, ge) <= 1e-10
+        assert (gc is not None and "h0" in gc) == (t == k - 1)
+    assert grads_err(comp.flush(net, sc)[1], eager.flush(net, se)[1]) <= 1e-10
+    assert comp.compiled.mode == "whole" and comp.compiled.graphs <= 3, comp.compiled

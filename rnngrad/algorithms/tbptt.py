@@ -59,11 +59,12 @@ def tbptt(k: int) -> Algorithm:
 
     def step(model, state: TBPTTState, x_t: Tensor, target_t: Tensor | None = None, *,
              mask_t: Tensor | None = None, loss: str = "mse", dh_t: Tensor | None = None):
-        chunk, out, _ = inner.step(model, state.chunk, x_t, target_t, mask_t=mask_t, loss=loss,
-                                   dh_t=dh_t)
+        # BPTT's own step and flush, unchecked: this step's validation covers the chunk (and
+        # a compiled step hands the chunk rebuilt, see _compile_io)
+        chunk, out, _ = _net.step(model, None, state.chunk, x_t, target_t, mask_t, loss, dh_t)
         grads = None
         if len(chunk.xs) == k:
-            chunk, grads = inner.flush(model, chunk)  # cuts the state: h_start := h_t
+            chunk, grads = _net.flush(model, None, chunk)  # cuts the state: h_start := h_t
         return TBPTTState(chunk.h, chunk), out, grads
 
     def flush(model, state: TBPTTState):
@@ -72,6 +73,8 @@ def tbptt(k: int) -> Algorithm:
 
     def sequence(model, inputs, targets, mask, h0, loss, reward):
         return _net.truncated_sequence(model, k, inputs, targets, mask, h0, loss, reward)
+
+    step.__rnngrad_compile_io__ = _compile_io(k)
 
     return Algorithm(
         name=f"tbptt(k={k})",
@@ -83,3 +86,42 @@ def tbptt(k: int) -> Algorithm:
         cost=f"time O(B H (D + H)) per step; memory O(k B (D + H)) with k={k}, constant in T",
         sequence=sequence,
     )
+
+
+_PENDING = ("xs", "dz", "dh", "steps")  # the chunk's lists that grow by one entry a step
+
+
+def _compile_io(k: int):
+    """The ``(before, after)`` pair ``rnngrad.compile`` runs around a compiled step: a step
+    that only stores (fewer than k - 1 steps pending) is handed the chunk with its pending
+    lists empty, and ``after`` appends the one entry it stored to the lists kept outside the
+    graph; the step that emits (k - 1 pending) is handed the chunk whole. The compiled step
+    so sees two list lengths, 0 and k - 1, at every position: two graphs, whatever k. The
+    numbers are the eager step's."""
+
+    def before(state):
+        chunk = state.chunk if isinstance(state, TBPTTState) else None
+        if not isinstance(chunk, NetBPTTState) or len(chunk.xs) >= k - 1:
+            return state, None  # the emitting step (or a state the step itself refuses)
+        kept = {f: getattr(chunk, f) for f in _PENDING if getattr(chunk, f) is not None}
+        if any(len(v) != len(chunk.xs) for v in kept.values()):
+            return state, None
+        # what a storing step does not read, kept out too: h_start and the checkpoint are h
+        # itself at a chunk's first step and not after (another graph, for the aliasing), so
+        # handed as h at every step (a fresh chunk's layout); track_h0 is True in the first
+        # chunk only (with h0 given)
+        handed = {f: [] for f in kept}
+        kept.update(h_start=chunk.h_start, ckpt=chunk.ckpt, track_h0=chunk.track_h0)
+        handed.update(h_start=chunk.h, ckpt=[chunk.h], track_h0=False)
+        return state._replace(chunk=chunk._replace(**handed)), kept
+
+    def after(new, ctx):
+        if ctx is None:
+            return new
+        chunk = new.chunk
+        for f in _PENDING:  # in place, as the eager step appends
+            if f in ctx:
+                ctx[f].extend(getattr(chunk, f))
+        return new._replace(chunk=chunk._replace(**ctx))
+
+    return before, after
