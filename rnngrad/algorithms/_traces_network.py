@@ -400,6 +400,8 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
         return _update_and_contract(X3, update, L)
     X = grp.X
     B = X.shape[0]
+    if row is not None and torch.compiler.is_compiling():
+        return _advance_fused(X, imms[0].D, row, J, decay, L, C, G, U, P)
     if decay is not None:
         if decay != 1.0:
             X.mul_(decay)
@@ -419,6 +421,42 @@ def _advance(grp: Group, imm: dict, J: Tensor | None, decay: float | None,
     if L is None:
         return None
     return _update_and_contract(X3, _unchanged, L)
+
+
+def _advance_fused(X: Tensor, D: Tensor, row: Tensor, J: Tensor | None, decay: float | None,
+                   L: Tensor | None, C: int, G: int, U: int, P: int) -> Tensor | None:
+    """``_advance`` of several components with a shared row, under ``rnngrad.compile``: the
+    unit blocks and the outer products as one broadcast expression that inductor fuses into
+    one pass over X, copied back (``unit_mix``'s in-place steps and a ``baddbmm_`` per
+    component become strided kernels and external calls into new buffers copied back: LSTM
+    e-prop at B = 1, H = 64 measured 134-139 us a step against 114 before the group
+    layout). One example: the contraction (a row scaling) fused into the same pass; several:
+    the batched GEMV of ``_advance`` over the updated X (a reduction over the batch in the
+    fused pass measured 1354 against 869 us at B = 16, H = 64)."""
+    B = X.shape[0]
+    Dv = D.reshape(B, C, G, U, 1)
+    rv = row.view(B, 1, 1, P)
+    Jb = None if J is None else J.reshape(B, U, C, C)
+    Lv = None if L is None else L.reshape(B, C, G, U, 1)
+    comps, gm = [], None
+    for c in range(C):  # each component a (B, G, U, P) expression of X's components
+        acc = Dv[:, c] * rv
+        if decay is not None:
+            if decay != 0.0:
+                acc = acc + X[:, c] * decay
+        else:
+            for d in range(C):
+                acc = acc + Jb[:, :, c, d].reshape(B, 1, U, 1) * X[:, d]
+        comps.append(acc)
+        if Lv is not None and B == 1:
+            gm = acc * Lv[:, c] if gm is None else gm + acc * Lv[:, c]
+    X.copy_(torch.stack(comps, 1))
+    if L is None:
+        return None
+    if B == 1:
+        return gm.view(G * U, P)
+    return torch.bmm(L.T.contiguous().unsqueeze(1), X.view(B * C, G * U, P).transpose(0, 1)) \
+        .view(G * U, P)
 
 
 def _update_and_contract(X: Tensor, update, L: Tensor | None) -> Tensor | None:
