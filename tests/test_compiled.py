@@ -614,3 +614,20 @@ def test_tbptt_compiled_with_h0_and_dh_keeps_the_eager_numbers_in_three_graphs()
         assert (gc is not None and "h0" in gc) == (t == k - 1)
     assert grads_err(comp.flush(net, sc)[1], eager.flush(net, se)[1]) <= 1e-10
     assert comp.compiled.mode == "whole" and comp.compiled.graphs <= 3, comp.compiled
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("rule", ["eprop", "snap1"])
+def test_lstm_fused_trace_update_keeps_the_eager_numbers(rule, B, monkeypatch):
+    # under compilation the LSTM's two-component trace update is one fused expression
+    # (_traces_network._advance_fused; at B > 1 the contraction a bmm): the eager numbers
+    from rnngrad.algorithms import _traces_network as tn
+
+    calls = []
+    real = tn._advance_fused
+    monkeypatch.setattr(tn, "_advance_fused", lambda *a: calls.append(1) or real(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        err, info = compare(rule, "lstm", torch.float64, "aot_eager", B=B)
+    assert info.mode == "whole" and err <= TOL[torch.float64], (err, info)
+    assert calls, "the fused path was not taken"
